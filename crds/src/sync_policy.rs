@@ -1,0 +1,342 @@
+//! `SyncPolicy`: how parameter servers synchronise inside and between datacenters.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How the parameter servers of a TrainingJob synchronise: inside one
+/// datacenter (BSP, SSP or asynchronous) and between datacenters (Gaia's ASP,
+/// naive BSP/SSP over the WAN, federated averaging, centralized, isolated,
+/// or Cartel's collaborative learning). Editing it reaches running jobs.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "geoml.io",
+    version = "v1alpha1",
+    kind = "SyncPolicy",
+    doc = "How the parameter servers of TrainingJobs synchronise, inside and between datacenters.",
+    namespaced,
+    shortname = "sp",
+    category = "geoml",
+    printcolumn = r#"{"name":"Intra","type":"string","jsonPath":".spec.intraDatacenter.model"}"#,
+    printcolumn = r#"{"name":"Inter","type":"string","jsonPath":".spec.interDatacenter.model"}"#,
+    printcolumn = r#"{"name":"Threshold","type":"number","jsonPath":".spec.significance.threshold"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.significance.schedule != 'BandwidthBudget' || has(self.wanBudgetMbps)")
+    .message("significance schedule BandwidthBudget needs wanBudgetMbps")
+    .field_path(".wanBudgetMbps"))]
+pub struct SyncPolicySpec {
+    /// Consistency among the workers and parameter servers of one datacenter.
+    #[serde(default)]
+    pub intra_datacenter: IntraDatacenterSync,
+
+    /// How datacenters exchange what they learn.
+    #[serde(default)]
+    pub inter_datacenter: InterDatacenterSync,
+
+    /// Gaia's significance filter (model `ASP`): which accumulated updates are
+    /// worth sending to the mirrors in other datacenters.
+    #[serde(default)]
+    pub significance: Significance,
+
+    /// Gaia's ASP selective barrier: when significant updates pile up faster
+    /// than the WAN carries them, first send the indexes on a control channel
+    /// so that mirrors block reads of exactly those parameters until the
+    /// values arrive.
+    #[serde(default = "default_true")]
+    pub selective_barrier: bool,
+
+    /// Mirror-clock bound DS: a datacenter more than this many clocks ahead of
+    /// the slowest one blocks its workers until it catches up.
+    #[serde(default = "default_mirror_clock_bound")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub mirror_clock_bound: i32,
+
+    /// WAN bandwidth each link may use for model updates, in megabits per
+    /// second. Required by the `BandwidthBudget` threshold schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("must be greater than 0"))]
+    pub wan_budget_mbps: Option<f64>,
+
+    /// Federated averaging (model `FedAvg`).
+    #[serde(default)]
+    pub federated_averaging: FederatedAveraging,
+
+    /// Cartel collaborative learning (model `Collaborative`).
+    #[serde(default)]
+    pub collaborative: Collaborative,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_mirror_clock_bound() -> i32 {
+    1
+}
+
+/// Consistency inside one datacenter.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.model == 'SSP' || !has(self.staleness)")
+        .message("staleness is only allowed with model SSP")
+        .field_path(".staleness"),
+    validation = Rule::new("self.model != 'SSP' || has(self.staleness)")
+        .message("model SSP needs a staleness bound")
+        .field_path(".staleness"),
+)]
+pub struct IntraDatacenterSync {
+    /// `BSP` (every worker waits for all others each clock), `SSP` (a worker
+    /// may run up to `staleness` clocks ahead of the slowest) or `Async` (no
+    /// waiting). Default `BSP`.
+    #[serde(default)]
+    pub model: ConsistencyModel,
+
+    /// SSP staleness bound s in clocks; only with model `SSP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub staleness: Option<i32>,
+}
+
+/// Consistency model among workers of one datacenter.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConsistencyModel {
+    /// Bulk synchronous parallel.
+    #[default]
+    #[serde(rename = "BSP")]
+    Bsp,
+    /// Stale synchronous parallel.
+    #[serde(rename = "SSP")]
+    Ssp,
+    /// Fully asynchronous.
+    Async,
+}
+
+/// Synchronisation between datacenters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.model == 'SSP' || !has(self.staleness)")
+        .message("staleness is only allowed with model SSP")
+        .field_path(".staleness"),
+    validation = Rule::new("self.model != 'SSP' || has(self.staleness)")
+        .message("model SSP needs a staleness bound")
+        .field_path(".staleness"),
+)]
+pub struct InterDatacenterSync {
+    /// `ASP` (Gaia: each datacenter holds a full model; only significant
+    /// updates cross the WAN; default), `BSP` or `SSP` (one parameter-server
+    /// system spread naively over the WAN), `FedAvg` (train locally, average
+    /// periodically), `Centralized` (ship the data to one datacenter, train
+    /// there, ship the model back), `Isolated` (each datacenter trains alone),
+    /// `Collaborative` (Cartel: small per-site models that borrow from logical
+    /// neighbours on drift) or `LAN` (all datacenters as one, for comparison
+    /// runs without a WAN).
+    #[serde(default)]
+    pub model: InterDatacenterModel,
+
+    /// SSP staleness bound in clocks across the WAN; only with model `SSP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub staleness: Option<i32>,
+}
+
+/// How datacenters exchange what they learn.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InterDatacenterModel {
+    /// Gaia's Approximate Synchronous Parallel.
+    #[default]
+    #[serde(rename = "ASP")]
+    Asp,
+    /// Bulk synchronous parallel over the WAN.
+    #[serde(rename = "BSP")]
+    Bsp,
+    /// Stale synchronous parallel over the WAN.
+    #[serde(rename = "SSP")]
+    Ssp,
+    /// Federated averaging.
+    FedAvg,
+    /// All data shipped to one datacenter.
+    Centralized,
+    /// Every datacenter trains alone.
+    Isolated,
+    /// Cartel collaborative learning.
+    Collaborative,
+    /// All datacenters as one local network.
+    #[serde(rename = "LAN")]
+    Lan,
+}
+
+/// Gaia's significance filter and the schedule of its threshold.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("(self.schedule == 'LinearToFloor') == has(self.floor)")
+        .message("floor is required with schedule LinearToFloor and allowed only there")
+        .field_path(".floor"),
+    validation = Rule::new("!has(self.floor) || self.floor < self.threshold")
+        .message("floor must be below threshold")
+        .field_path(".floor"),
+    validation = Rule::new("(self.schedule == 'LinearToFloor') == has(self.decayClocks)")
+        .message("decayClocks is required with schedule LinearToFloor and allowed only there")
+        .field_path(".decayClocks"),
+)]
+pub struct Significance {
+    /// How significant an accumulated update is: `RelativeChange`
+    /// (`|accumulated / value|`, always significant when the value is 0;
+    /// default) or `AbsoluteChange` (`|accumulated|`).
+    #[serde(default)]
+    pub function: SignificanceFunction,
+
+    /// Initial threshold, in (0, 1]: an accumulated update is sent to the
+    /// mirrors once its significance exceeds it. Default 0.01 (1%, as in Gaia).
+    #[serde(default = "default_threshold")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be in (0, 1]"))]
+    pub threshold: f64,
+
+    /// How the threshold changes over clocks t: `Constant` (default),
+    /// `InverseSqrt` (`threshold / sqrt(t)`), `LinearToFloor` (linear from
+    /// `threshold` to `floor` over `decayClocks`) or `BandwidthBudget` (nudged
+    /// up or down to keep each link near `wanBudgetMbps`).
+    #[serde(default)]
+    pub schedule: ThresholdSchedule,
+
+    /// Lowest threshold of the `LinearToFloor` schedule; below `threshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("must be greater than 0"))]
+    pub floor: Option<f64>,
+
+    /// Clocks over which `LinearToFloor` reaches its floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub decay_clocks: Option<i64>,
+}
+
+impl Default for Significance {
+    fn default() -> Self {
+        Self {
+            function: SignificanceFunction::default(),
+            threshold: default_threshold(),
+            schedule: ThresholdSchedule::default(),
+            floor: None,
+            decay_clocks: None,
+        }
+    }
+}
+
+fn default_threshold() -> f64 {
+    0.01
+}
+
+/// How the significance of an accumulated update is measured.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SignificanceFunction {
+    /// `|accumulated / value|`, always significant when the value is 0.
+    #[default]
+    RelativeChange,
+    /// `|accumulated|`.
+    AbsoluteChange,
+}
+
+/// How the significance threshold changes over time.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ThresholdSchedule {
+    /// The threshold never changes.
+    #[default]
+    Constant,
+    /// `threshold / sqrt(t)`.
+    InverseSqrt,
+    /// Linear from `threshold` to `floor` over `decayClocks`.
+    LinearToFloor,
+    /// Adapted to keep each WAN link near `wanBudgetMbps`.
+    BandwidthBudget,
+}
+
+/// Federated averaging parameters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FederatedAveraging {
+    /// Clocks each datacenter trains locally between two averaging rounds.
+    #[serde(default = "default_round_clocks")]
+    #[schemars(range(min = 1))]
+    pub round_clocks: i32,
+}
+
+impl Default for FederatedAveraging {
+    fn default() -> Self {
+        Self {
+            round_clocks: default_round_clocks(),
+        }
+    }
+}
+
+fn default_round_clocks() -> i32 {
+    10
+}
+
+/// Cartel collaborative-learning parameters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Collaborative {
+    /// Drift window W: number of recent batches whose error rate is watched.
+    #[serde(default = "default_drift_window")]
+    #[schemars(range(min = 1))]
+    pub drift_window: i32,
+
+    /// Drift limit L: error rate over the window, in (0, 1], above which a
+    /// site asks its logical neighbours for help.
+    #[serde(default = "default_drift_limit")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be in (0, 1]"))]
+    pub drift_limit: f64,
+
+    /// Number k of logical neighbours (smallest Jensen–Shannon divergence)
+    /// to fetch model portions from.
+    #[serde(default = "default_neighbours")]
+    #[schemars(range(min = 1))]
+    pub neighbours: i32,
+
+    /// Refresh a site's metadata in the registry every m batches.
+    #[serde(default = "default_metadata_interval")]
+    #[schemars(range(min = 1))]
+    pub metadata_interval_batches: i32,
+
+    /// Also refresh it when the class priors move by more than this total
+    /// variation distance, in (0, 1].
+    #[serde(default = "default_metadata_change")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be in (0, 1]"))]
+    pub metadata_change_threshold: f64,
+}
+
+impl Default for Collaborative {
+    fn default() -> Self {
+        Self {
+            drift_window: default_drift_window(),
+            drift_limit: default_drift_limit(),
+            neighbours: default_neighbours(),
+            metadata_interval_batches: default_metadata_interval(),
+            metadata_change_threshold: default_metadata_change(),
+        }
+    }
+}
+
+fn default_drift_window() -> i32 {
+    50
+}
+
+fn default_drift_limit() -> f64 {
+    0.3
+}
+
+fn default_neighbours() -> i32 {
+    2
+}
+
+fn default_metadata_interval() -> i32 {
+    20
+}
+
+fn default_metadata_change() -> f64 {
+    0.05
+}

@@ -1,0 +1,301 @@
+//! One Kubernetes control plane: etcd and kube-apiserver as real processes
+//! on loopback, with RBAC on and client-certificate authentication.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use tempfile::TempDir;
+
+use crate::{Error, k8s_bin_dir, pki};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running etcd + kube-apiserver pair. Several can run at once (one per
+/// emulated datacenter cluster); dropping it stops both and deletes their data.
+pub struct ControlPlane {
+    client: kube::Client,
+    server: String,
+    kubeconfig: PathBuf,
+    bin: PathBuf,
+    // Held only to be stopped on drop; declared before `dir` so that the
+    // processes stop before their files are deleted.
+    _apiserver: Process,
+    _etcd: Process,
+    dir: TempDir,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver and waits until the apiserver's
+    /// `/readyz` answers `ok`. `name` labels the kubeconfig context and logs.
+    pub async fn start(name: &str) -> Result<Self, Error> {
+        let bin = k8s_bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("geoml-{name}-"))
+            .tempdir()
+            .map_err(Error::io("creating the control plane's directory"))?;
+        let pki = pki::write(dir.path())?;
+        let [etcd_client, etcd_peer, secure] = free_ports()?;
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_client}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer}");
+        let mut etcd = Process::spawn(
+            "etcd",
+            Command::new(bin.join("etcd")).args([
+                "--name=default".to_owned(),
+                format!("--data-dir={}", dir.path().join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync".to_owned(),
+                "--log-level=warn".to_owned(),
+            ]),
+            dir.path(),
+        )?;
+        etcd.wait_for_port(etcd_client)?;
+
+        let path = |p: &Path| p.display().to_string();
+        let mut apiserver = Process::spawn(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver")).args([
+                format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1".to_owned(),
+                "--advertise-address=127.0.0.1".to_owned(),
+                format!("--secure-port={secure}"),
+                format!("--cert-dir={}", dir.path().join("certs").display()),
+                format!("--tls-cert-file={}", path(&pki.server_cert)),
+                format!("--tls-private-key-file={}", path(&pki.server_key)),
+                format!("--client-ca-file={}", path(&pki.ca_cert)),
+                "--authorization-mode=RBAC".to_owned(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+                format!("--service-account-key-file={}", path(&pki.service_account_pub)),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    path(&pki.service_account_key)
+                ),
+                "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+                "--allow-privileged=true".to_owned(),
+                "--enable-priority-and-fairness=false".to_owned(),
+                "--profiling=false".to_owned(),
+            ]),
+            dir.path(),
+        )?;
+
+        let server = format!("https://127.0.0.1:{secure}");
+        let kubeconfig = dir.path().join("admin.kubeconfig");
+        write_kubeconfig(&kubeconfig, name, &server, &pki)?;
+        let client = client_for(&kubeconfig).await?;
+        wait_ready(&client, &mut apiserver, &mut etcd).await?;
+        Ok(Self {
+            client,
+            server,
+            kubeconfig,
+            bin,
+            _apiserver: apiserver,
+            _etcd: etcd,
+            dir,
+        })
+    }
+
+    /// A client authenticated as a cluster admin (`system:masters`).
+    #[must_use]
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// The apiserver's URL, `https://127.0.0.1:PORT`.
+    #[must_use]
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Path of an admin kubeconfig with the credentials embedded.
+    #[must_use]
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Directory holding the control plane's data, certificates and logs.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Installs the geoml CRDs with server-side apply and waits until each is
+    /// `Established`.
+    pub async fn install_crds(&self) -> Result<(), Error> {
+        let api: Api<CustomResourceDefinition> = Api::all(self.client());
+        for crd in geoml_crds::crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(&name, &PatchParams::apply("geoml-tests").force(), &Patch::Apply(&crd))
+                .await
+                .map_err(|e| Error::Client(format!("applying CRD {name}: {e}")))?;
+            let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+            tokio::time::timeout(READY_TIMEOUT, established)
+                .await
+                .map_err(|_| Error::Client(format!("CRD {name} not Established in time")))?
+                .map_err(|e| Error::Client(format!("watching CRD {name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The real `kubectl`, pointed at this control plane.
+    #[must_use]
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin.join("kubectl"));
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        cmd
+    }
+
+}
+
+/// Waits until the apiserver's `/readyz` answers `ok`, or fails with the log
+/// of whichever process died or hung.
+async fn wait_ready(
+    client: &kube::Client,
+    apiserver: &mut Process,
+    etcd: &mut Process,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let request = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| Error::Client(e.to_string()))?;
+        if matches!(client.request_text(request).await, Ok(body) if body.trim() == "ok") {
+            return Ok(());
+        }
+        if etcd.exited() {
+            return Err(etcd.not_ready());
+        }
+        if Instant::now() > deadline || apiserver.exited() {
+            return Err(apiserver.not_ready());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A child process whose output goes to `<dir>/<name>.log`; killed on drop.
+struct Process {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Result<Self, Error> {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(Error::io("duplicating a log handle"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(Error::io(format!("starting {name}")))?;
+        Ok(Self { name, child, log })
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    fn wait_for_port(&mut self, port: u16) -> Result<(), Error> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || self.exited() {
+                return Err(self.not_ready());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn not_ready(&self) -> Error {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        Error::NotReady {
+            component: self.name,
+            seconds: READY_TIMEOUT.as_secs(),
+            log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Best effort: the process may already be gone.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Free loopback ports, all held open at once so that they are distinct.
+fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::io("finding a free port"))?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener
+            .local_addr()
+            .map_err(Error::io("reading a port"))?
+            .port();
+    }
+    Ok(ports)
+}
+
+fn write_kubeconfig(path: &Path, name: &str, server: &str, pki: &pki::Pki) -> Result<(), Error> {
+    let data = |p: &Path| -> Result<String, Error> {
+        let bytes = std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())))?;
+        Ok(BASE64.encode(bytes))
+    };
+    let mut yaml = String::new();
+    let _ = write!(
+        yaml,
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: {name}
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: {name}-admin
+  user:
+    client-certificate-data: {cert}
+    client-key-data: {key}
+contexts:
+- name: {name}
+  context:
+    cluster: {name}
+    user: {name}-admin
+current-context: {name}
+",
+        ca = data(&pki.ca_cert)?,
+        cert = data(&pki.admin_cert)?,
+        key = data(&pki.admin_key)?,
+    );
+    std::fs::write(path, yaml).map_err(Error::io(format!("writing {}", path.display())))
+}
+
+/// A client for the kubeconfig at `path`.
+pub async fn client_for(path: &Path) -> Result<kube::Client, Error> {
+    let kubeconfig = Kubeconfig::read_from(path).map_err(|e| Error::Client(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| Error::Client(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| Error::Client(e.to_string()))
+}
