@@ -133,7 +133,11 @@ pub struct WanLink {
 
     /// Price of one GiB leaving this datacenter, in the currency the platform
     /// team reports in. Used to report the cost of WAN traffic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "egressCostPerGiB",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(range(min = 0))]
     pub egress_cost_per_gib: Option<f64>,
 }

@@ -27,7 +27,9 @@ pub enum ManifestError {
         source: serde_yaml::Error,
     },
     /// A document is not a geoml object.
-    #[error("document {index}: {api_version} {kind} is not a geoml.io/v1alpha1 Datacenter, SyncPolicy or TrainingJob")]
+    #[error(
+        "document {index}: {api_version} {kind} is not a geoml.io/v1alpha1 Datacenter, SyncPolicy or TrainingJob"
+    )]
     UnknownKind {
         /// Position of the document in the stream, from 1.
         index: usize,
@@ -101,13 +103,19 @@ impl Manifest {
             let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(yaml)?;
             match (meta.api_version.as_str(), meta.kind.as_str()) {
                 ("geoml.io/v1alpha1", "Datacenter") => {
-                    manifest.datacenters.push(serde_yaml::from_value(value).map_err(yaml)?);
+                    manifest
+                        .datacenters
+                        .push(serde_yaml::from_value(value).map_err(yaml)?);
                 }
                 ("geoml.io/v1alpha1", "SyncPolicy") => {
-                    manifest.sync_policies.push(serde_yaml::from_value(value).map_err(yaml)?);
+                    manifest
+                        .sync_policies
+                        .push(serde_yaml::from_value(value).map_err(yaml)?);
                 }
                 ("geoml.io/v1alpha1", "TrainingJob") => {
-                    manifest.training_jobs.push(serde_yaml::from_value(value).map_err(yaml)?);
+                    manifest
+                        .training_jobs
+                        .push(serde_yaml::from_value(value).map_err(yaml)?);
                 }
                 _ => {
                     return Err(ManifestError::UnknownKind {

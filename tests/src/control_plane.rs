@@ -80,7 +80,10 @@ impl ControlPlane {
                 format!("--client-ca-file={}", path(&pki.ca_cert)),
                 "--authorization-mode=RBAC".to_owned(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
-                format!("--service-account-key-file={}", path(&pki.service_account_pub)),
+                format!(
+                    "--service-account-key-file={}",
+                    path(&pki.service_account_pub)
+                ),
                 format!(
                     "--service-account-signing-key-file={}",
                     path(&pki.service_account_key)
@@ -139,9 +142,13 @@ impl ControlPlane {
         let api: Api<CustomResourceDefinition> = Api::all(self.client());
         for crd in geoml_crds::crds() {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            api.patch(&name, &PatchParams::apply("geoml-tests").force(), &Patch::Apply(&crd))
-                .await
-                .map_err(|e| Error::Client(format!("applying CRD {name}: {e}")))?;
+            api.patch(
+                &name,
+                &PatchParams::apply("geoml-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .map_err(|e| Error::Client(format!("applying CRD {name}: {e}")))?;
             let established = await_condition(api.clone(), &name, conditions::is_crd_established());
             tokio::time::timeout(READY_TIMEOUT, established)
                 .await
@@ -158,7 +165,6 @@ impl ControlPlane {
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);
         cmd
     }
-
 }
 
 /// Waits until the apiserver's `/readyz` answers `ok`, or fails with the log
@@ -197,7 +203,9 @@ impl Process {
     fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Result<Self, Error> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
-        let err = out.try_clone().map_err(Error::io("duplicating a log handle"))?;
+        let err = out
+            .try_clone()
+            .map_err(Error::io("duplicating a log handle"))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(out)

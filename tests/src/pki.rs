@@ -26,7 +26,8 @@ pub struct Pki {
 pub fn write(dir: &Path) -> Result<Pki, Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
-    ca.distinguished_name.push(DnType::CommonName, "geoml-test-ca");
+    ca.distinguished_name
+        .push(DnType::CommonName, "geoml-test-ca");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -43,14 +44,18 @@ pub fn write(dir: &Path) -> Result<Pki, Error> {
         "kubernetes".to_owned(),
         "kubernetes.default.svc".to_owned(),
     ])?;
-    server.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server.signed_by(&server_key, &issuer)?;
 
     // system:masters is bound to cluster-admin by the apiserver's bootstrap RBAC.
     let admin_key = KeyPair::generate()?;
     let mut admin = CertificateParams::default();
-    admin.distinguished_name.push(DnType::CommonName, "geoml-admin");
+    admin
+        .distinguished_name
+        .push(DnType::CommonName, "geoml-admin");
     admin
         .distinguished_name
         .push(DnType::OrganizationName, "system:masters");

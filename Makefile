@@ -1,0 +1,30 @@
+# geoml: `make test` is the one command that checks everything on a fresh
+# machine (CI runs exactly it); `make generate` refreshes generated files.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: test deps k8s-tools lint generate control-plane
+
+test: deps k8s-tools lint
+	$(CARGO) test --workspace --all-targets --locked
+
+deps:
+	@bash tests/tools/deps.sh
+
+k8s-tools: deps
+	@bash tests/tools/build.sh >/dev/null
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+generate:
+	$(CARGO) run -q -p geoml-operator -- crd > manifests/crds.yaml
+	mkdir -p charts/geoml/crds
+	cp manifests/crds.yaml charts/geoml/crds/geoml-crds.yaml
+
+# A throwaway control plane for local development: make control-plane KUBECONFIG_OUT=/tmp/geoml.kubeconfig
+KUBECONFIG_OUT ?= $(CURDIR)/target/dev.kubeconfig
+control-plane: k8s-tools
+	$(CARGO) run -q -p geoml-tests --bin control-plane -- --crds --kubeconfig $(KUBECONFIG_OUT)
