@@ -7,7 +7,7 @@ CARGO ?= cargo
 .PHONY: test deps k8s-tools lint generate control-plane
 
 test: deps k8s-tools lint
-	$(CARGO) test --workspace --all-targets --locked
+	$(CARGO) test --workspace --locked
 
 deps:
 	@bash tests/tools/deps.sh
