@@ -1,4 +1,11 @@
-//! The geoml data plane. For now: reading the manifests users apply, so that
-//! `geoml run` can execute the same YAML locally.
+//! The geoml data plane: data sets, models, parameter servers, workers and
+//! the local runner behind the `geoml` CLI.
 
+pub mod data;
 pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod pb;
+pub mod ps;
+pub mod run;
+pub mod worker;

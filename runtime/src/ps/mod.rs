@@ -1,0 +1,155 @@
+//! Parameter servers: a model's rows sharded over processes, consistency
+//! models, the stopping rule, checkpoints, and the gRPC server.
+
+pub mod durability;
+pub mod optimizer;
+pub mod rows;
+pub mod service;
+pub mod shard;
+pub mod stopping;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use geoml_crds::training_job::Optimizer;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use self::durability::Durability;
+use self::rows::{unpack_keys, unpack_values};
+use self::service::{ShardService, State};
+use self::shard::{Consistency, Shard, ShardError};
+use self::stopping::StoppingRule;
+use crate::metrics::PsMetrics;
+use crate::model::Model;
+use crate::pb::parameter_server_server::ParameterServerServer;
+
+/// Largest message a server decodes; larger ones get `ResourceExhausted`
+/// (tonic's limit) before any work is done.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Everything one shard server needs to know.
+#[derive(Clone, Debug)]
+pub struct PsConfig {
+    /// Index of this shard.
+    pub shard: u32,
+    /// Number of shards.
+    pub shards: u32,
+    /// Number of workers that push to it.
+    pub workers: usize,
+    /// Consistency model among the workers.
+    pub consistency: Consistency,
+    /// Update rule.
+    pub optimizer: Optimizer,
+    /// Learning rate of the update rule.
+    pub learning_rate: f32,
+    /// When training stops.
+    pub stopping: StoppingRule,
+    /// Seed of the initial model.
+    pub seed: u64,
+    /// Where to keep checkpoints and the write-ahead log, and how often to
+    /// checkpoint (in clocks); `None` keeps everything in memory.
+    pub checkpoint: Option<(PathBuf, u64)>,
+}
+
+/// What can stop a parameter server.
+#[derive(Debug, thiserror::Error)]
+pub enum PsError {
+    /// Reading or writing checkpoints failed.
+    #[error("checkpoint directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// A checkpoint or log record does not fit the model.
+    #[error("restoring: {0}")]
+    Restore(#[from] ShardError),
+    /// A logged push is malformed.
+    #[error("restoring the write-ahead log: {0}")]
+    Log(#[from] rows::RowsError),
+    /// The gRPC server failed.
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Serves shard `config.shard` of `model` on `listener` until `shutdown`
+/// completes, restoring from and writing checkpoints when configured.
+pub async fn serve(
+    config: PsConfig,
+    model: &dyn Model,
+    listener: TcpListener,
+    registry: &Registry,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), PsError> {
+    let mut shard = Shard::new(
+        model.layout(),
+        config.shard,
+        config.shards,
+        config.workers,
+        config.optimizer,
+        config.learning_rate,
+        |key, out| model.init_row(key, config.seed, out),
+    );
+    let mut stopped = None;
+    let durability = match &config.checkpoint {
+        None => None,
+        Some((dir, interval)) => {
+            let (durability, recovered) = Durability::open(dir, *interval)?;
+            if let Some(checkpoint) = &recovered.checkpoint {
+                shard.restore(checkpoint)?;
+                stopped = checkpoint.stopped.then(|| checkpoint.stop_reason.clone());
+            }
+            for push in &recovered.log {
+                let gradient = push.gradient.clone().unwrap_or_default();
+                let keys = (!gradient.all)
+                    .then(|| unpack_keys(&gradient.keys))
+                    .transpose()?;
+                shard.apply(
+                    push.worker,
+                    push.clock,
+                    keys.as_deref(),
+                    &unpack_values(&gradient.values)?,
+                )?;
+            }
+            info!(
+                shard = config.shard,
+                checkpoint = recovered.checkpoint.is_some(),
+                replayed = recovered.log.len(),
+                min_clock = shard.min_clock(),
+                "restored"
+            );
+            Some(durability)
+        }
+    };
+    let metrics = PsMetrics::new(registry, config.shard)?;
+    let state = Arc::new(Mutex::new(State {
+        shard,
+        durability,
+        stopped,
+        history: Vec::new(),
+        bytes_received: 0,
+        bytes_sent: 0,
+    }));
+    let service = ShardService::new(state.clone(), config.consistency, config.stopping, metrics);
+    tonic::transport::Server::builder()
+        .add_service(
+            ParameterServerServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    let mut state = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    state.checkpoint()?;
+    info!(
+        shard = config.shard,
+        min_clock = state.shard.min_clock(),
+        "stopped"
+    );
+    Ok(())
+}

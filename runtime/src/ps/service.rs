@@ -1,0 +1,308 @@
+//! The gRPC face of a parameter-server shard: decodes requests at the edge,
+//! gates reads by the consistency model, logs and applies pushes.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use prost::Message;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{instrument, warn};
+
+use super::durability::Durability;
+use super::rows::{RowsError, rows, unpack_keys, unpack_values};
+use super::shard::{Consistency, Shard, ShardError};
+use super::stopping::StoppingRule;
+use crate::metrics::PsMetrics;
+use crate::pb;
+use crate::pb::parameter_server_server::ParameterServer;
+
+/// What waiting readers watch: the slowest worker's clock and whether
+/// training stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Lowest clock over all workers.
+    pub min_clock: u64,
+    /// Training has stopped.
+    pub stopped: bool,
+}
+
+/// Mutable state of a shard server, behind one lock.
+pub struct State {
+    /// The rows.
+    pub shard: Shard,
+    /// Checkpoints and the write-ahead log, when enabled.
+    pub durability: Option<Durability>,
+    /// Why training stopped, once it has.
+    pub stopped: Option<String>,
+    /// Reports received (shard 0).
+    pub history: Vec<pb::MetricPoint>,
+    /// Request bytes received.
+    pub bytes_received: u64,
+    /// Response bytes sent.
+    pub bytes_sent: u64,
+}
+
+impl State {
+    /// Writes a checkpoint now, if checkpoints are enabled.
+    pub fn checkpoint(&mut self) -> std::io::Result<()> {
+        let min_clock = self.shard.min_clock();
+        let mut checkpoint = self.shard.checkpoint();
+        checkpoint.stopped = self.stopped.is_some();
+        checkpoint.stop_reason = self.stopped.clone().unwrap_or_default();
+        match &mut self.durability {
+            Some(d) => d.checkpoint(&checkpoint, min_clock),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A parameter-server shard as a gRPC service.
+pub struct ShardService {
+    state: Arc<Mutex<State>>,
+    progress: watch::Sender<Progress>,
+    consistency: Consistency,
+    stopping: StoppingRule,
+    metrics: PsMetrics,
+    started: Instant,
+}
+
+impl ShardService {
+    /// Wraps `state`; readers wait on `progress`.
+    pub fn new(
+        state: Arc<Mutex<State>>,
+        consistency: Consistency,
+        stopping: StoppingRule,
+        metrics: PsMetrics,
+    ) -> Self {
+        let initial = {
+            let s = lock(&state);
+            Progress {
+                min_clock: s.shard.min_clock(),
+                stopped: s.stopped.is_some(),
+            }
+        };
+        Self {
+            state,
+            progress: watch::Sender::new(initial),
+            consistency,
+            stopping,
+            metrics,
+            started: Instant::now(),
+        }
+    }
+
+    fn reject(&self, reason: &str, status: Status) -> Status {
+        self.metrics.rejected.with_label_values(&[reason]).inc();
+        warn!(reason, message = status.message(), "request rejected");
+        status
+    }
+
+    fn count(&self, state: &mut State, received: usize, sent: usize) {
+        state.bytes_received += received as u64;
+        state.bytes_sent += sent as u64;
+        self.metrics.bytes_received.inc_by(received as u64);
+        self.metrics.bytes_sent.inc_by(sent as u64);
+    }
+
+    /// Publishes the clock after a change and stops on the clock budget.
+    fn advance(&self, state: &mut State) {
+        let min_clock = state.shard.min_clock();
+        self.metrics
+            .clock
+            .set(i64::try_from(min_clock).unwrap_or(i64::MAX));
+        if state.stopped.is_none() {
+            state.stopped = self.stopping.on_clock(min_clock);
+        }
+        self.progress.send_replace(Progress {
+            min_clock,
+            stopped: state.stopped.is_some(),
+        });
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave the shard half-updated:
+    // `Shard::apply` validates before it mutates. Keep serving.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl From<ShardError> for Status {
+    fn from(e: ShardError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<RowsError> for Status {
+    fn from(e: RowsError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// The keys of `rows` (`None` for all), checked.
+fn requested_keys(rows: Option<&pb::Rows>) -> Result<Option<Vec<u32>>, Status> {
+    let rows = rows.ok_or_else(|| Status::invalid_argument("rows: missing"))?;
+    if rows.all {
+        if !rows.keys.is_empty() {
+            return Err(Status::invalid_argument("rows: keys given with all = true"));
+        }
+        return Ok(None);
+    }
+    Ok(Some(unpack_keys(&rows.keys)?))
+}
+
+#[tonic::async_trait]
+impl ParameterServer for ShardService {
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let received = request.get_ref().encoded_len();
+        let req = request.into_inner();
+        let keys = requested_keys(req.rows.as_ref()).map_err(|s| self.reject("malformed", s))?;
+        if req.rows.as_ref().is_some_and(|r| !r.values.is_empty()) {
+            return Err(self.reject(
+                "malformed",
+                Status::invalid_argument("rows: a pull sends no values"),
+            ));
+        }
+        {
+            let state = lock(&self.state);
+            state
+                .shard
+                .check_worker(req.worker)
+                .map_err(|e| self.reject("unknown_worker", e.into()))?;
+            if let Some(keys) = &keys
+                && keys.len() > state.shard.keys().len()
+            {
+                return Err(self.reject(
+                    "too_large",
+                    Status::resource_exhausted(format!(
+                        "rows: {} keys asked for, the shard has {}",
+                        keys.len(),
+                        state.shard.keys().len()
+                    )),
+                ));
+            }
+        }
+
+        let waited = Instant::now();
+        let consistency = self.consistency;
+        let clock = req.clock;
+        self.progress
+            .subscribe()
+            .wait_for(|p| p.stopped || consistency.can_read(clock, p.min_clock))
+            .await
+            .map_err(|_| Status::unavailable("parameter server is shutting down"))?;
+        self.metrics
+            .read_wait_seconds
+            .inc_by(waited.elapsed().as_secs_f64());
+
+        let mut state = lock(&self.state);
+        let values = state
+            .shard
+            .read(keys.as_deref())
+            .map_err(|e| self.reject("unknown_key", e.into()))?;
+        let response = pb::PullResponse {
+            rows: Some(rows(keys.as_deref(), &values)),
+            min_clock: state.shard.min_clock(),
+            stop: state.stopped.is_some(),
+        };
+        self.count(&mut state, received, response.encoded_len());
+        Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let received = request.get_ref().encoded_len();
+        let req = request.into_inner();
+        let keys =
+            requested_keys(req.gradient.as_ref()).map_err(|s| self.reject("malformed", s))?;
+        let values = unpack_values(req.gradient.as_ref().map_or(&[][..], |g| &g.values))
+            .map_err(|e| self.reject("malformed", e.into()))?;
+
+        let mut state = lock(&self.state);
+        let rows = state
+            .shard
+            .check(req.worker, req.clock, keys.as_deref(), &values)
+            .map_err(|e| self.reject("invalid_update", e.into()))?;
+        if let Some(rows) = rows {
+            // Logged before it is applied and acknowledged.
+            if let Some(durability) = &mut state.durability {
+                durability
+                    .log(&req)
+                    .map_err(|e| Status::internal(format!("write-ahead log: {e}")))?;
+            }
+            state.shard.commit(req.worker, req.clock, &rows, &values);
+            self.metrics.updates_applied.inc();
+            self.advance(&mut state);
+            let min_clock = state.shard.min_clock();
+            if state.durability.as_ref().is_some_and(|d| d.due(min_clock)) {
+                state
+                    .checkpoint()
+                    .map_err(|e| Status::internal(format!("checkpoint: {e}")))?;
+            }
+        } else {
+            self.metrics.updates_duplicate.inc();
+        }
+        let response = pb::PushResponse {
+            min_clock: state.shard.min_clock(),
+            stop: state.stopped.is_some(),
+        };
+        self.count(&mut state, received, response.encoded_len());
+        Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let req = request.into_inner();
+        if !req.metric.is_finite() {
+            return Err(self.reject("malformed", Status::invalid_argument("metric: not finite")));
+        }
+        let mut state = lock(&self.state);
+        state
+            .shard
+            .check_worker(req.worker)
+            .map_err(|e| self.reject("unknown_worker", e.into()))?;
+        state.history.push(pb::MetricPoint {
+            seconds: self.started.elapsed().as_secs_f64(),
+            clock: req.clock,
+            metric: req.metric,
+        });
+        if state.stopped.is_none() {
+            state.stopped = self.stopping.on_report(req.metric, req.model_change);
+            self.advance(&mut state);
+        }
+        Ok(Response::new(pb::ReportResponse {
+            stop: state.stopped.is_some(),
+            reason: state.stopped.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let state = lock(&self.state);
+        Ok(Response::new(pb::StatusResponse {
+            min_clock: state.shard.min_clock(),
+            worker_clocks: state.shard.worker_clocks().to_vec(),
+            stopped: state.stopped.is_some(),
+            stop_reason: state.stopped.clone().unwrap_or_default(),
+            metrics: state.history.clone(),
+            bytes_received: state.bytes_received,
+            bytes_sent: state.bytes_sent,
+            updates_applied: state.shard.updates_applied(),
+            shard: state.shard.id(),
+        }))
+    }
+}
