@@ -1,6 +1,7 @@
 //! The geoml data plane: data sets, models, parameter servers, workers and
 //! the local runner behind the `geoml` CLI.
 
+pub mod bench;
 pub mod data;
 pub mod manifest;
 pub mod metrics;

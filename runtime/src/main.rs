@@ -33,6 +33,19 @@ enum Command {
     Ps(PsArgs),
     /// Train as one worker.
     Worker(WorkerArgs),
+    /// Measure push+apply throughput of a parameter server against raw
+    /// loopback TCP in the same run (build with --release).
+    Bench {
+        /// Rows of the benchmark model.
+        #[arg(long, default_value_t = 4096)]
+        rows: usize,
+        /// Floats per row.
+        #[arg(long, default_value_t = 64)]
+        width: usize,
+        /// Messages per measurement.
+        #[arg(long, default_value_t = 300)]
+        messages: usize,
+    },
     /// Fetch data sets into the cache (FashionMNIST, MovieLens100K, Digits).
     Data {
         /// Data set names as in a TrainingJob's spec.dataset.name.
@@ -286,5 +299,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Ps(args) => serve_ps(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Data { names, common } => fetch(&names, &common),
+        Command::Bench {
+            rows,
+            width,
+            messages,
+        } => {
+            let report = geoml_runtime::bench::run(rows, width, messages)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            print!("{}", report.table());
+            Ok(())
+        }
     }
 }

@@ -16,6 +16,7 @@ use geoml_crds::training_job::Optimizer;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tower::util::MapResponseLayer;
 use tracing::info;
 
 use self::durability::Durability;
@@ -73,6 +74,24 @@ pub enum PsError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+/// tonic refuses messages over the size limit with `OutOfRange` before a
+/// handler runs; to clients that is a request too large for the server:
+/// `ResourceExhausted`. No handler here answers `OutOfRange` itself.
+fn too_large_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() == out_of_range.as_bytes())
+    {
+        let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&exhausted) {
+            response.headers_mut().insert("grpc-status", value);
+        }
+    }
+    response
 }
 
 /// Serves shard `config.shard` of `model` on `listener` until `shutdown`
@@ -135,6 +154,7 @@ pub async fn serve(
     }));
     let service = ShardService::new(state.clone(), config.consistency, config.stopping, metrics);
     tonic::transport::Server::builder()
+        .layer(MapResponseLayer::new(too_large_is_resource_exhausted))
         .add_service(
             ParameterServerServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

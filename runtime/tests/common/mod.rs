@@ -1,0 +1,67 @@
+//! Helpers shared by the runtime's integration tests: job manifests derived
+//! from the examples, and one local run at a time.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test code; each test file uses a part
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use geoml_runtime::run::RunOptions;
+use serde_yaml::Value;
+
+/// Multi-process runs share two cores; one at a time keeps them comparable.
+pub static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The documents of `manifests/examples/<name>`.
+pub fn example(name: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo_root().join("manifests/examples").join(name)).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// The document of kind `kind`.
+pub fn doc<'a>(docs: &'a mut [Value], kind: &str) -> &'a mut Value {
+    docs.iter_mut()
+        .find(|d| d["kind"] == Value::from(kind))
+        .unwrap()
+}
+
+/// Sets `path` (dot-separated) in `value` to `new`, creating maps on the way.
+pub fn set(value: &mut Value, path: &str, new: Value) {
+    let mut at = value;
+    for key in path.split('.') {
+        if at.get(key).is_none() {
+            at[key] = Value::Mapping(serde_yaml::Mapping::new());
+        }
+        at = &mut at[key];
+    }
+    *at = new;
+}
+
+/// Writes `docs` as a manifest in `dir`.
+pub fn write(dir: &Path, docs: &[Value]) -> PathBuf {
+    let path = dir.join("job.yaml");
+    let text: Vec<String> = docs
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    std::fs::write(&path, text.join("---\n")).unwrap();
+    path
+}
+
+/// Options for running `manifest` with the `geoml` binary under test.
+pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
+    RunOptions {
+        geoml: PathBuf::from(env!("CARGO_BIN_EXE_geoml")),
+        manifest,
+        work_dir: work_dir.to_owned(),
+        data_dir: geoml_runtime::data::default_cache_dir(),
+        eval_every: 20,
+        progress: false,
+    }
+}
