@@ -19,7 +19,7 @@ use crate::metrics::WorkerMetrics;
 use crate::model::{Layout, Model, WorkingSet};
 use crate::pb;
 use crate::pb::parameter_server_client::ParameterServerClient;
-use crate::ps::MAX_MESSAGE_BYTES;
+use crate::ps::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use crate::ps::rows::{pack_keys, rows, unpack_values};
 
 /// Everything a worker needs to know.
@@ -94,6 +94,9 @@ pub fn connect(addresses: &[String]) -> Result<Vec<ParameterServerClient<Channel
                     source,
                 })?
                 .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .initial_stream_window_size(WINDOW_BYTES)
+                .initial_connection_window_size(2 * WINDOW_BYTES)
                 .connect_lazy();
             Ok(ParameterServerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -20,6 +20,30 @@ use tonic::transport::Channel;
 struct Server {
     process: tokio::process::Child,
     client: ParameterServerClient<Channel>,
+    metrics_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    socket.read_to_string(&mut body).await.unwrap();
+    body
 }
 
 /// Shard 0 of 2 for the digits softmax model (65 rows of 10), 2 workers.
@@ -31,14 +55,11 @@ async fn start(dir: &std::path::Path) -> Server {
         "Digits".into(),
     );
     let manifest = write(dir, &docs);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (port, metrics_port) = (free_port(), free_port());
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
         .args(["ps", "--shard=0", "--shards=2", "--workers=2"])
         .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
         .arg(format!("--manifest={}", manifest.display()))
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -50,6 +71,7 @@ async fn start(dir: &std::path::Path) -> Server {
             return Server {
                 process,
                 client: client.max_encoding_message_size(usize::MAX),
+                metrics_port,
             };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

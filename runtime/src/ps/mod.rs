@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use geoml_crds::training_job::Optimizer;
 use prometheus::Registry;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tower::util::MapResponseLayer;
 use tracing::info;
@@ -27,6 +28,9 @@ use self::stopping::StoppingRule;
 use crate::metrics::PsMetrics;
 use crate::model::Model;
 use crate::pb::parameter_server_server::ParameterServerServer;
+
+/// HTTP/2 flow-control window per stream, large enough for a dense push.
+pub const WINDOW_BYTES: u32 = 8 << 20;
 
 /// Largest message a server decodes; larger ones get `ResourceExhausted`
 /// (tonic's limit) before any work is done.
@@ -153,14 +157,23 @@ pub async fn serve(
         bytes_sent: 0,
     }));
     let service = ShardService::new(state.clone(), config.consistency, config.stopping, metrics);
+    // Small messages (acks, pull requests) must not wait for Nagle, and
+    // megabyte pushes must not wait for 64 KiB flow-control windows.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
     tonic::transport::Server::builder()
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(2 * WINDOW_BYTES)
         .layer(MapResponseLayer::new(too_large_is_resource_exhausted))
         .add_service(
             ParameterServerServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     let mut state = state
         .lock()
