@@ -251,13 +251,9 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 async fn run_job(args: RunArgs) -> anyhow::Result<()> {
-    let (work_dir, _temp) = match args.work_dir {
-        Some(dir) => (dir, None),
-        None => {
-            let temp = tempfile::Builder::new().prefix("geoml-run-").tempdir()?;
-            (temp.path().to_owned(), Some(temp))
-        }
-    };
+    // Without --work-dir, logs and checkpoints go to a directory removed at the end.
+    let temp = tempfile::Builder::new().prefix("geoml-run-").tempdir()?;
+    let work_dir = args.work_dir.unwrap_or_else(|| temp.path().to_owned());
     let options = RunOptions {
         geoml: std::env::current_exe()?,
         manifest: args.manifest,

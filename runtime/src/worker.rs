@@ -19,8 +19,8 @@ use crate::metrics::WorkerMetrics;
 use crate::model::{Layout, Model, WorkingSet};
 use crate::pb;
 use crate::pb::parameter_server_client::ParameterServerClient;
-use crate::ps::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use crate::ps::rows::{pack_keys, rows, unpack_values};
+use crate::ps::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
 /// Everything a worker needs to know.
 #[derive(Clone, Debug)]

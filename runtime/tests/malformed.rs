@@ -104,6 +104,7 @@ fn push(keys: &[u32], values: Vec<u8>) -> pb::PushRequest {
 }
 
 #[tokio::test]
+#[allow(clippy::too_many_lines)] // one table of cases
 async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = start(dir.path()).await;
@@ -249,5 +250,24 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
     assert!(
         server.process.try_wait().unwrap().is_none(),
         "the server exited"
+    );
+
+    // Every refusal is counted by reason on the Prometheus endpoint.
+    let metrics = scrape(server.metrics_port).await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for (reason, count) in [
+        ("malformed", 4),
+        ("unknown_key", 2),
+        ("too_large", 1),
+        ("unknown_worker", 1),
+        ("invalid_update", 3),
+    ] {
+        let line =
+            format!("geoml_ps_requests_rejected_total{{reason=\"{reason}\",shard=\"0\"}} {count}");
+        assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
+    }
+    assert!(
+        metrics.contains("geoml_ps_updates_applied_total{shard=\"0\"} 1"),
+        "{metrics}"
     );
 }

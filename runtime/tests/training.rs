@@ -11,9 +11,7 @@ use serde_yaml::Value;
 
 /// The Fashion-MNIST example, changed by `edit`, run to completion.
 async fn run_example(name: &str, edit: impl FnOnce(&mut Vec<Value>)) -> Report {
-    let _one = ONE_RUN_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut docs = example(name);
     edit(&mut docs);
@@ -95,9 +93,7 @@ async fn matrix_factorization_on_movielens_reaches_rmse_0_95() {
 
 #[tokio::test]
 async fn a_killed_parameter_server_restarts_from_its_checkpoint_and_training_finishes() {
-    let _one = ONE_RUN_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let docs = example("fashion-mnist-lan.yaml");
     let manifest = write(dir.path(), &docs);

@@ -4,13 +4,12 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // test code; each test file uses a part
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use geoml_runtime::run::RunOptions;
 use serde_yaml::Value;
 
 /// Multi-process runs share two cores; one at a time keeps them comparable.
-pub static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
+pub static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -27,7 +26,7 @@ pub fn example(name: &str) -> Vec<Value> {
 /// The document of kind `kind`.
 pub fn doc<'a>(docs: &'a mut [Value], kind: &str) -> &'a mut Value {
     docs.iter_mut()
-        .find(|d| d["kind"] == Value::from(kind))
+        .find(|d| d["kind"].as_str() == Some(kind))
         .unwrap()
 }
 
