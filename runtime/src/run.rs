@@ -214,9 +214,9 @@ impl LocalCluster {
         let model = job.sync_policy.spec.inter_datacenter.model;
         if spec.datacenters.len() > 1 && model != InterDatacenterModel::Lan {
             return Err(RunError::Unsupported(format!(
-                "{} datacenters with inter-datacenter model {:?}: local runs support one datacenter, or model LAN",
+                "{} datacenters in mode {}: local runs support one datacenter, or mode lan, for now",
                 spec.datacenters.len(),
-                model
+                mode_name(model)
             )));
         }
         // LAN: all datacenters as one.
