@@ -25,10 +25,12 @@ pub const MAX_RATING: f32 = 5.0;
 
 /// Biased matrix factorization with squared-error loss.
 ///
-/// The loss of a batch of `n` ratings is
-/// `(1/2n) Σ (prediction - rating)² + (l2/2) Σ ||row||²`, the penalty over
-/// the rows (factors and bias) of the batch's users and items, and
-/// [`Model::gradient`] returns its exact gradient on those rows.
+/// The loss of a batch of `n` ratings is the mean over its ratings of
+/// `½ (prediction - rating)² + (l2/2) (||p_u||² + ||q_i||²)` (the rows
+/// include the biases), and [`Model::gradient`] returns its exact gradient on
+/// the batch's rows. The penalty comes with every rating, as in classic
+/// per-rating SGD for matrix factorization, so a row is shrunk in proportion
+/// to how often it is used and `l2` means the same at any batch size.
 #[derive(Clone, Debug)]
 pub struct MatrixFactorization {
     layout: Layout,
@@ -125,26 +127,21 @@ impl MatrixFactorization {
         let data = self.ratings(batch)?;
         let mut total = 0.0;
         let mut n = 0;
+        let squares = |row: &[f32]| {
+            row.iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+        };
         for (u, i, r) in self.known(data) {
             let (p, q) = (self.row(params, u)?, self.row(params, i)?);
             let e = f64::from(self.predict(p, q)) - f64::from(r);
-            total += e * e;
+            total += 0.5 * e * e + 0.5 * f64::from(self.l2) * (squares(p) + squares(q));
             n += 1;
         }
         if n == 0 {
             return Some(0.0);
         }
-        let mut penalty = 0.0;
-        if let WorkingSet::Rows(keys) = self.working_set(batch) {
-            for key in keys {
-                penalty += self
-                    .row(params, key)?
-                    .iter()
-                    .map(|&x| f64::from(x) * f64::from(x))
-                    .sum::<f64>();
-            }
-        }
-        Some(total / (2.0 * to_f64(n)) + 0.5 * f64::from(self.l2) * penalty)
+        Some(total / to_f64(n))
     }
 
     /// The batch as ratings, or `None`.
@@ -251,24 +248,14 @@ impl Model for MatrixFactorization {
                 continue;
             };
             let e = (self.predict(p, q) - rating) * scale;
+            let shrink = self.l2 * scale;
             let gp = &mut values[pu * width..(pu + 1) * width];
-            for (g, &x) in gp[..r].iter_mut().zip(&q[..r]) {
-                *g += e * x;
+            for (g, (&x, &own)) in gp.iter_mut().zip(q[..r].iter().chain([&1.0]).zip(p)) {
+                *g += e * x + shrink * own;
             }
-            gp[r] += e;
             let gq = &mut values[qi * width..(qi + 1) * width];
-            for (g, &x) in gq[..r].iter_mut().zip(&p[..r]) {
-                *g += e * x;
-            }
-            gq[r] += e;
-        }
-        if self.l2 > 0.0 {
-            for (key, g) in keys.iter().zip(values.chunks_exact_mut(width)) {
-                if let Some(row) = self.row(params, *key) {
-                    for (g, &x) in g.iter_mut().zip(row) {
-                        *g += self.l2 * x;
-                    }
-                }
+            for (g, (&x, &own)) in gq.iter_mut().zip(p[..r].iter().chain([&1.0]).zip(q)) {
+                *g += e * x + shrink * own;
             }
         }
         Update {
