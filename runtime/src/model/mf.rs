@@ -272,9 +272,10 @@ impl Model for MatrixFactorization {
         false
     }
 
-    /// Root mean squared error of the predictions, clipped to
-    /// [[`MIN_RATING`], [`MAX_RATING`]]; NaN when `test` is empty or not ratings.
-    /// A user or item the model does not know contributes only what is known.
+    /// Root mean squared error of the predictions, each clipped to between
+    /// [`MIN_RATING`] and [`MAX_RATING`]; NaN when `test` is empty or not
+    /// ratings. A user or item the model does not know contributes only what
+    /// is known (the mean and the other side's bias).
     fn evaluate(&self, params: &[f32], test: &Examples) -> f64 {
         let Some(data) = self.ratings(test) else {
             return f64::NAN;
