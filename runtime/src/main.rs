@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use geoml_runtime::manifest::{Manifest, ResolvedJob};
+use geoml_runtime::manifest::Manifest;
 use geoml_runtime::metrics::{self, WorkerMetrics};
 use geoml_runtime::ps::shard::Consistency;
 use geoml_runtime::ps::stopping::StoppingRule;
@@ -167,13 +167,9 @@ fn serve_metrics(addr: Option<SocketAddr>, registry: &Registry) {
     }
 }
 
-fn load_job(manifest: &Manifest) -> anyhow::Result<ResolvedJob<'_>> {
-    Ok(manifest.job()?)
-}
-
 async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.role.manifest)?;
-    let job = load_job(&manifest)?;
+    let job = manifest.job()?;
     let spec = &job.job.spec;
     let data = data::load(spec.dataset.name, &args.role.data.dir())?;
     let model = model::build(&spec.model, &data)?;
@@ -210,7 +206,7 @@ async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
 
 async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.role.manifest)?;
-    let job = load_job(&manifest)?;
+    let job = manifest.job()?;
     let spec = &job.job.spec;
     let data = data::load(spec.dataset.name, &args.role.data.dir())?;
     let model = model::build(&spec.model, &data)?;

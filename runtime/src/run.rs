@@ -452,6 +452,8 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
     let spec = &job.job.spec;
+    // Loading here fetches the data set once, before the roles start and
+    // load it from the cache, and tells the metric's name and direction.
     let model = crate::model::build(
         &spec.model,
         &crate::data::load(spec.dataset.name, &options.data_dir)
