@@ -13,10 +13,12 @@
 
 pub mod datacenter;
 pub mod sync_policy;
+pub mod topology;
 pub mod training_job;
 
 pub use datacenter::{Datacenter, DatacenterSpec, DatacenterStatus};
 pub use sync_policy::{SyncPolicy, SyncPolicySpec};
+pub use topology::Topology;
 pub use training_job::{TrainingJob, TrainingJobSpec, TrainingJobStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
