@@ -2,11 +2,15 @@
 //! the local runner behind the `geoml` CLI.
 
 pub mod bench;
+pub mod compare;
 pub mod data;
+pub mod gaia;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod pb;
+pub mod placement;
 pub mod ps;
 pub mod run;
+pub mod wan;
 pub mod worker;

@@ -54,10 +54,23 @@ async fn start(dir: &std::path::Path) -> Server {
         "spec.dataset.name",
         "Digits".into(),
     );
+    set(
+        doc(&mut docs, "TrainingJob"),
+        "spec.datacenters",
+        serde_yaml::from_str("[{name: lan, parameterServers: 2, workers: 2}]").unwrap(),
+    );
     let manifest = write(dir, &docs);
     let (port, metrics_port) = (free_port(), free_port());
+    let topology = dir.join("topology.yaml");
+    let other = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(
+        &topology,
+        format!("datacenter: lan\nparameterServers: [http://127.0.0.1:{port}, {other}]\n"),
+    )
+    .unwrap();
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
-        .args(["ps", "--shard=0", "--shards=2", "--workers=2"])
+        .args(["ps", "--shard=0"])
+        .arg(format!("--topology={}", topology.display()))
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
         .arg(format!("--manifest={}", manifest.display()))
