@@ -2,6 +2,7 @@
 //! links on which it sends to its peers (one connection for control messages,
 //! one for data, per peer).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,6 +114,10 @@ impl Mirror for MirrorService {
     }
 }
 
+fn lock_map(map: &Mutex<BTreeMap<u64, Instant>>) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
+    map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A gRPC client of a peer's `Mirror` service on its own connection.
 fn client(address: &str) -> Result<MirrorClient<Channel>, tonic::transport::Error> {
     let channel = Endpoint::from_shared(address.to_owned())?
@@ -129,8 +134,8 @@ fn client(address: &str) -> Result<MirrorClient<Channel>, tonic::transport::Erro
 struct PeerLink {
     control: MirrorClient<Channel>,
     data: MirrorClient<Channel>,
-    /// Bytes of updates sent to the peer and not yet acknowledged.
-    backlog: Arc<AtomicU64>,
+    /// Send times of updates not yet acknowledged, by seq.
+    unacknowledged: Arc<Mutex<BTreeMap<u64, Instant>>>,
 }
 
 /// Connections to the mirrors of one shard, in the order of its
@@ -179,7 +184,7 @@ impl Links {
                 Ok(PeerLink {
                     control: client(a)?,
                     data: client(a)?,
-                    backlog: Arc::new(AtomicU64::new(0)),
+                    unacknowledged: Arc::default(),
                 })
             })
             .collect::<Result<_, tonic::transport::Error>>()?;
@@ -195,12 +200,21 @@ impl Links {
         self.unacknowledged.load(Ordering::SeqCst)
     }
 
-    /// Bytes of updates not yet acknowledged, per peer.
+    /// How long the oldest unacknowledged update has been on its way, per peer.
     #[must_use]
-    pub fn backlog(&self) -> Vec<u64> {
+    pub fn backlog(&self) -> Vec<Duration> {
         self.peers
             .iter()
-            .map(|p| p.backlog.load(Ordering::SeqCst))
+            .map(|p| {
+                let pending = p
+                    .unacknowledged
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                pending
+                    .values()
+                    .next()
+                    .map_or(Duration::ZERO, Instant::elapsed)
+            })
             .collect()
     }
 
@@ -221,12 +235,12 @@ impl Links {
             if let Some(update) = &out.update {
                 let (client, update) = (link.data.clone(), update.clone());
                 let (state, unacknowledged) = (state.clone(), self.unacknowledged.clone());
-                let backlog = link.backlog.clone();
+                let pending = link.unacknowledged.clone();
                 let bytes = update.encoded_len();
+                let sent = Instant::now();
                 unacknowledged.fetch_add(1, Ordering::SeqCst);
-                backlog.fetch_add(bytes as u64, Ordering::SeqCst);
+                lock_map(&pending).insert(update.seq, sent);
                 tokio::spawn(async move {
-                    let sent = Instant::now();
                     if deliver("update", || {
                         let (mut client, message) = (client.clone(), update.clone());
                         async move { client.update(message).await }
@@ -237,7 +251,7 @@ impl Links {
                     {
                         m.record_transfer(p, bytes, sent.elapsed());
                     }
-                    backlog.fetch_sub(bytes as u64, Ordering::SeqCst);
+                    lock_map(&pending).remove(&update.seq);
                     unacknowledged.fetch_sub(1, Ordering::SeqCst);
                 });
             }
