@@ -41,13 +41,28 @@ pub fn parse_mode(name: &str) -> Result<InterDatacenterModel, String> {
 }
 
 /// `manifest` (multi-document YAML) with every SyncPolicy's inter-datacenter
-/// model set to `model`.
-pub fn with_mode(manifest: &str, model: InterDatacenterModel) -> Result<String, RunError> {
+/// model set to `model`, and with `full_budget`, the TrainingJob's target
+/// metric removed (returned, for measuring time to target).
+pub fn with_mode(
+    manifest: &str,
+    model: InterDatacenterModel,
+    full_budget: bool,
+) -> Result<(String, Option<f64>), RunError> {
     let invalid = |e: &dyn std::fmt::Display| RunError::Unsupported(format!("manifest: {e}"));
     let model_value = serde_yaml::to_value(model).map_err(|e| invalid(&e))?;
     let mut out = Vec::new();
+    let mut target = None;
     for document in serde_yaml::Deserializer::from_str(manifest) {
         let mut doc: Value = serde::Deserialize::deserialize(document).map_err(|e| invalid(&e))?;
+        if full_budget
+            && doc["kind"].as_str() == Some("TrainingJob")
+            && let Some(stopping) = doc
+                .get_mut("spec")
+                .and_then(|s| s.get_mut("stopping"))
+                .and_then(Value::as_mapping_mut)
+        {
+            target = stopping.remove("targetMetric").and_then(|t| t.as_f64());
+        }
         if doc["kind"].as_str() == Some("SyncPolicy") {
             let spec = doc
                 .as_mapping_mut()
@@ -64,7 +79,7 @@ pub fn with_mode(manifest: &str, model: InterDatacenterModel) -> Result<String, 
         }
         out.push(serde_yaml::to_string(&doc).map_err(|e| invalid(&e))?);
     }
-    Ok(out.join("---\n"))
+    Ok((out.join("---\n"), target))
 }
 
 /// What `--json` holds.
@@ -84,6 +99,7 @@ pub struct Comparison {
 pub async fn compare(
     options: &RunOptions,
     modes: &[InterDatacenterModel],
+    full_budget: bool,
 ) -> Result<Comparison, RunError> {
     let text = std::fs::read_to_string(&options.manifest).map_err(|source| RunError::Io {
         context: format!("reading {}", options.manifest.display()),
@@ -102,7 +118,8 @@ pub async fn compare(
             source,
         })?;
         let manifest = dir.join("manifest.yaml");
-        std::fs::write(&manifest, with_mode(&text, model)?).map_err(|source| RunError::Io {
+        let (patched, target) = with_mode(&text, model, full_budget)?;
+        std::fs::write(&manifest, patched).map_err(|source| RunError::Io {
             context: format!("writing {}", manifest.display()),
             source,
         })?;
@@ -112,6 +129,7 @@ pub async fn compare(
         let report = run(RunOptions {
             manifest,
             work_dir: dir,
+            target,
             ..options.clone()
         })
         .await?;
@@ -315,12 +333,16 @@ mod tests {
 
     #[test]
     fn sets_the_mode_of_every_sync_policy() {
-        let manifest = "apiVersion: geoml.io/v1alpha1\nkind: SyncPolicy\nmetadata: {name: p}\nspec:\n  interDatacenter: {model: ASP}\n---\nkind: TrainingJob\nspec: {}\n";
-        let text = with_mode(manifest, InterDatacenterModel::Ssp).unwrap();
+        let manifest = "apiVersion: geoml.io/v1alpha1\nkind: SyncPolicy\nmetadata: {name: p}\nspec:\n  interDatacenter: {model: ASP}\n---\nkind: TrainingJob\nspec: {stopping: {targetMetric: 0.8, maxClocks: 9}}\n";
+        let (text, target) = with_mode(manifest, InterDatacenterModel::Ssp, false).unwrap();
         assert!(text.contains("model: SSP"), "{text}");
         assert!(text.contains("staleness: 3"), "{text}");
-        assert!(text.contains("kind: TrainingJob"), "{text}");
-        let text = with_mode(manifest, InterDatacenterModel::FedAvg).unwrap();
+        assert!(text.contains("targetMetric: 0.8"), "{text}");
+        assert_eq!(target, None);
+        let (text, target) = with_mode(manifest, InterDatacenterModel::FedAvg, true).unwrap();
         assert!(text.contains("model: FedAvg"), "{text}");
+        assert!(!text.contains("targetMetric"), "{text}");
+        assert!(text.contains("maxClocks: 9"), "{text}");
+        assert_eq!(target, Some(0.8));
     }
 }

@@ -116,6 +116,11 @@ struct CompareArgs {
     /// Write an SVG plot of the metric over time per mode to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Do not stop at the target metric: every mode uses its whole clock
+    /// budget, and the final metrics compare converged models (time to
+    /// target is still measured).
+    #[arg(long)]
+    full_budget: bool,
 }
 
 #[derive(Args)]
@@ -296,6 +301,7 @@ impl RunArgs {
             data_dir: self.data.dir(),
             eval_every: self.eval_every,
             progress: true,
+            target: None,
         })
     }
 }
@@ -310,7 +316,7 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new()
         .prefix("geoml-compare-")
         .tempdir()?;
-    let comparison = compare::compare(&args.run.options(&temp)?, &modes).await?;
+    let comparison = compare::compare(&args.run.options(&temp)?, &modes, args.full_budget).await?;
     print!("{}", comparison.table());
     if let Some(path) = &args.run.json {
         comparison.write_json(path)?;

@@ -269,6 +269,10 @@ pub struct RunOptions {
     pub eval_every: u64,
     /// Draw progress bars.
     pub progress: bool,
+    /// The target time to target is measured against, when the manifest's
+    /// job has none of its own (`geoml compare --full-budget` removes it so
+    /// that runs use their whole clock budget).
+    pub target: Option<f64>,
 }
 
 /// Seconds since the Unix epoch.
@@ -913,6 +917,7 @@ fn example_bytes(examples: &Examples) -> Vec<u8> {
 /// Runs the manifest's job to completion and returns its report.
 pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let started = Instant::now();
+    let target_override = options.target;
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
     let spec = &job.job.spec;
@@ -980,7 +985,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     if let Some(s) = shipment {
         links.extend(s.finish(&processes).await?);
     }
-    let target = spec.stopping.target_metric;
+    let target = spec.stopping.target_metric.or(target_override);
     let higher = model.higher_is_better();
     let met = |m: f64| target.is_some_and(|t| if higher { m >= t } else { m <= t });
     let history = |status: &pb::StatusResponse| -> Vec<MetricSample> {

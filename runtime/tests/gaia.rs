@@ -36,7 +36,11 @@ fn digits_gaia(latency: i64, slow_latency: i64, period: i64, bound: i64) -> Vec<
     let job = doc(&mut docs, "TrainingJob");
     set(job, "spec.dataset.name", "Digits".into());
     set(job, "spec.model.learningRate", 0.1.into());
-    set(job, "spec.stopping", serde_yaml::from_str("{maxClocks: 150}").unwrap());
+    set(
+        job,
+        "spec.stopping",
+        serde_yaml::from_str("{maxClocks: 150}").unwrap(),
+    );
     docs
 }
 
@@ -74,13 +78,19 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
             break;
         }
         let mirror = |c: u64| c / 2;
-        let gap = mirror(clocks[0]) as i64
-            - clocks[1..].iter().map(|&c| mirror(c) as i64).min().unwrap();
-        assert!(gap <= bound + 1, "us-east ran {gap} mirror clocks ahead: {clocks:?}");
+        let gap =
+            mirror(clocks[0]) as i64 - clocks[1..].iter().map(|&c| mirror(c) as i64).min().unwrap();
+        assert!(
+            gap <= bound + 1,
+            "us-east ran {gap} mirror clocks ahead: {clocks:?}"
+        );
         samples += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(samples > 5, "too few samples ({samples}) to watch the bound");
+    assert!(
+        samples > 5,
+        "too few samples ({samples}) to watch the bound"
+    );
 
     cluster.wait(None).await.unwrap();
     let addresses = cluster.parameter_server_addresses().to_vec();
@@ -113,7 +123,10 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     }
     let mut expected = initial.clone();
     for (_, generated) in &snapshots {
-        assert!(generated.iter().any(|&g| g != 0.0), "a datacenter trained nothing");
+        assert!(
+            generated.iter().any(|&g| g != 0.0),
+            "a datacenter trained nothing"
+        );
         for (e, g) in expected.iter_mut().zip(generated) {
             *e += g;
         }
@@ -130,11 +143,16 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
         let m = status.mirror.as_ref().unwrap();
         assert!(m.drained, "{status:?}");
         assert!(m.max_skew <= bound as u64, "{m:?}");
-        assert!(m.elements_sent < m.elements_updated, "nothing was held back: {m:?}");
+        assert!(
+            m.elements_sent < m.elements_updated,
+            "nothing was held back: {m:?}"
+        );
     }
     // The slow datacenter held the others back.
     assert!(
-        statuses.iter().any(|s| s.mirror.as_ref().unwrap().clock_blocks > 0),
+        statuses
+            .iter()
+            .any(|s| s.mirror.as_ref().unwrap().clock_blocks > 0),
         "the bound never held a read"
     );
 }
@@ -191,7 +209,10 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
         .spawn()
         .unwrap();
     for _ in 0..300 {
-        if ParameterServerClient::connect(address.clone()).await.is_ok() {
+        if ParameterServerClient::connect(address.clone())
+            .await
+            .is_ok()
+        {
             return (child, address);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -203,7 +224,9 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
 async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrives() {
     let dir = tempfile::tempdir().unwrap();
     let (_child, address) = lone_shard(dir.path()).await;
-    let mut ps = ParameterServerClient::connect(address.clone()).await.unwrap();
+    let mut ps = ParameterServerClient::connect(address.clone())
+        .await
+        .unwrap();
     let mut mirror = mirror_client(&address).await;
     let before = ps.pull(pull(&[3])).await.unwrap().into_inner();
     let before = unpack_values(&before.rows.unwrap().values).unwrap();
@@ -230,7 +253,10 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
     let mut blocked_client = ps.clone();
     let blocked = tokio::spawn(async move { blocked_client.pull(pull(&[2, 3])).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!blocked.is_finished(), "a read of an announced row went through");
+    assert!(
+        !blocked.is_finished(),
+        "a read of an announced row went through"
+    );
 
     mirror
         .update(pb::mirror::MirrorUpdate {
@@ -268,7 +294,10 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let again = ps.pull(pull(&[3])).await.unwrap().into_inner();
-    assert_eq!(unpack_values(&again.rows.unwrap().values).unwrap(), values[width as usize..]);
+    assert_eq!(
+        unpack_values(&again.rows.unwrap().values).unwrap(),
+        values[width as usize..]
+    );
 }
 
 #[tokio::test]
@@ -318,8 +347,21 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
         assert_eq!(wan > 0, uses_wan, "{mode}: {wan} WAN bytes");
         assert!(stdout.contains(mode), "{stdout}");
     }
-    assert!(comparison["modes"]["centralized"]["shipping_seconds"].as_f64().unwrap() > 0.0);
-    assert!(comparison["modes"]["gaia"]["updates_sent_fraction"].as_f64().unwrap() < 1.0);
+    assert!(
+        comparison["modes"]["centralized"]["shipping_seconds"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        comparison["modes"]["gaia"]["updates_sent_fraction"]
+            .as_f64()
+            .unwrap()
+            < 1.0
+    );
     let plot = std::fs::read_to_string(&svg).unwrap();
-    assert!(plot.starts_with("<svg") && plot.matches("<polyline").count() == 7, "{plot}");
+    assert!(
+        plot.starts_with("<svg") && plot.matches("<polyline").count() == 7,
+        "{plot}"
+    );
 }

@@ -114,8 +114,11 @@ impl Mirror for MirrorService {
     }
 }
 
-fn lock_map(map: &Mutex<BTreeMap<u64, Instant>>) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
-    map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock_map(
+    map: &Mutex<BTreeMap<u64, Instant>>,
+) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
+    map.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A gRPC client of a peer's `Mirror` service on its own connection.

@@ -231,9 +231,10 @@ impl MirrorState {
     /// waited half an RTT longer than a round trip takes, so data sent now
     /// would arrive well after a control message.
     fn piling_up(&self, backlog: &[Duration]) -> bool {
-        self.peers.iter().zip(backlog).any(|(peer, &age)| {
-            age > peer.rtt.map_or(UNMEASURED_BACKLOG, |rtt| rtt + rtt / 2)
-        })
+        self.peers
+            .iter()
+            .zip(backlog)
+            .any(|(peer, &age)| age > peer.rtt.map_or(UNMEASURED_BACKLOG, |rtt| rtt + rtt / 2))
     }
 
     /// What to send after the slowest local worker completed `min_clock`
@@ -588,7 +589,9 @@ mod tests {
             rows: 4,
             cols: 2,
         }]);
-        Shard::new(&layout, 0, 1, 1, Optimizer::Sgd, 1.0, |_, out| out.fill(1.0))
+        Shard::new(&layout, 0, 1, 1, Optimizer::Sgd, 1.0, |_, out| {
+            out.fill(1.0)
+        })
     }
 
     fn mirror(exchange: Exchange, period: u64, bound: u64) -> MirrorState {
