@@ -173,10 +173,14 @@ impl PsMetrics {
 }
 
 impl PsMetrics {
-    /// Registers the metrics in `registry`, labelled with the shard.
-    pub fn new(registry: &Registry, shard: u32) -> prometheus::Result<Self> {
-        let opts =
-            |name: &str, help: &str| Opts::new(name, help).const_label("shard", shard.to_string());
+    /// Registers the metrics in `registry`, labelled with the shard and its
+    /// datacenter.
+    pub fn new(registry: &Registry, datacenter: &str, shard: u32) -> prometheus::Result<Self> {
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help)
+                .const_label("datacenter", datacenter)
+                .const_label("shard", shard.to_string())
+        };
         let metrics = Self {
             clock: IntGauge::with_opts(opts("geoml_ps_clock", "Lowest clock over all workers"))?,
             updates_applied: IntCounter::with_opts(opts(

@@ -475,6 +475,8 @@ pub struct LocalCluster {
     ps_addresses: Vec<String>,
     workers: Vec<Role>,
     wan: Option<Wan>,
+    /// Prometheus endpoints of the parameter servers.
+    metrics: Vec<SocketAddr>,
     /// When the workers started (Unix seconds).
     started: f64,
 }
@@ -572,6 +574,7 @@ impl LocalCluster {
             ps_addresses: Vec::new(),
             workers: Vec::new(),
             wan,
+            metrics: Vec::new(),
             started: 0.0,
         };
         let mut worker_offset = 0;
@@ -579,12 +582,15 @@ impl LocalCluster {
             let mut shards = Vec::new();
             for (i, &port) in ports[d].iter().enumerate() {
                 let name = format!("{}-ps-{i}", dc.name);
+                let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
                 let mut args = vec![
                     "ps".to_owned(),
                     format!("--shard={i}"),
                     format!("--listen=127.0.0.1:{port}"),
+                    format!("--metrics-listen={metrics}"),
                     format!("--topology={}", topologies[d].display()),
                 ];
+                cluster.metrics.push(metrics);
                 if spec.checkpoint.is_some() {
                     let dir = cluster.processes.options.work_dir.join(&name);
                     args.push(format!("--checkpoint-dir={}", dir.display()));
@@ -655,6 +661,15 @@ impl LocalCluster {
     #[must_use]
     pub fn parameter_server_addresses(&self) -> &[String] {
         &self.ps_addresses
+    }
+
+    /// Every Prometheus endpoint of the run (`http://ADDR/metrics`): the
+    /// parameter servers' and the WAN proxy's.
+    #[must_use]
+    pub fn metrics_endpoints(&self) -> Vec<SocketAddr> {
+        let mut endpoints = self.metrics.clone();
+        endpoints.extend(self.wan.as_ref().map(|w| w.metrics));
+        endpoints
     }
 
     /// The status of parameter server `shard` (an index into

@@ -275,12 +275,13 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("unknown_worker", 1),
         ("invalid_update", 3),
     ] {
-        let line =
-            format!("geoml_ps_requests_rejected_total{{reason=\"{reason}\",shard=\"0\"}} {count}");
+        let line = format!(
+            "geoml_ps_requests_rejected_total{{datacenter=\"lan\",reason=\"{reason}\",shard=\"0\"}} {count}"
+        );
         assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
     }
     assert!(
-        metrics.contains("geoml_ps_updates_applied_total{shard=\"0\"} 1"),
+        metrics.contains("geoml_ps_updates_applied_total{datacenter=\"lan\",shard=\"0\"} 1"),
         "{metrics}"
     );
 }

@@ -156,7 +156,7 @@ pub async fn serve(
             Some(durability)
         }
     };
-    let metrics = PsMetrics::new(registry, config.shard)?;
+    let metrics = PsMetrics::new(registry, &config.datacenter, config.shard)?;
     let (mirror, links) = match config.mirror {
         None => (None, None),
         Some((mirror, addresses)) => (
