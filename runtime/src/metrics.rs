@@ -29,6 +29,8 @@ pub struct PsMetrics {
     pub rejected: IntCounterVec,
     /// Time pulls waited for the consistency model (`geoml_ps_read_wait_seconds_total`).
     pub read_wait_seconds: Counter,
+    /// Latest evaluation reported (`geoml_ps_metric`).
+    pub metric: Gauge,
     /// Mirror synchronisation (`geoml_mirror_*`).
     pub mirror: MirrorMetrics,
 }
@@ -210,6 +212,10 @@ impl PsMetrics {
                 "geoml_ps_read_wait_seconds_total",
                 "Seconds pulls waited for slower workers",
             ))?,
+            metric: Gauge::with_opts(opts(
+                "geoml_ps_metric",
+                "Latest evaluation metric the evaluating worker reported",
+            ))?,
             mirror: MirrorMetrics::new(&opts)?,
         };
         registry.register(Box::new(metrics.clock.clone()))?;
@@ -219,6 +225,7 @@ impl PsMetrics {
         registry.register(Box::new(metrics.bytes_sent.clone()))?;
         registry.register(Box::new(metrics.rejected.clone()))?;
         registry.register(Box::new(metrics.read_wait_seconds.clone()))?;
+        registry.register(Box::new(metrics.metric.clone()))?;
         metrics.mirror.register(registry)?;
         Ok(metrics)
     }

@@ -184,6 +184,9 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
         value(&sent[0]) > 0.0 && value(&sent[0]) < value(&made[0]),
         "{sent:?} {made:?}"
     );
+    // Each datacenter's model was evaluated.
+    let metric = query(prometheus, "geoml_ps_metric").await;
+    assert!(metric.len() == 3 && metric.iter().all(|s| value(s) > 0.3), "{metric:?}");
     let threshold = query(prometheus, "geoml_mirror_threshold").await;
     assert!(
         threshold.iter().all(|s| (value(s) - 0.2).abs() < 1e-9),

@@ -375,6 +375,7 @@ impl ParameterServer for ShardService {
             .shard
             .check_worker(req.worker)
             .map_err(|e| self.reject("unknown_worker", e.into()))?;
+        self.metrics.metric.set(req.metric);
         state.history.push(pb::MetricPoint {
             unix_seconds: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
