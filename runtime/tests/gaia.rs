@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ONE_RUN_AT_A_TIME, doc, example, options, set, write};
+use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
 use geoml_runtime::manifest::Manifest;
 use geoml_runtime::pb;
 use geoml_runtime::pb::mirror::mirror_client::MirrorClient;
@@ -163,14 +163,6 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
             .any(|s| s.mirror.as_ref().unwrap().clock_blocks > 0),
         "the bound never held a read"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn pull(keys: &[u32]) -> pb::PullRequest {

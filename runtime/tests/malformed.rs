@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{doc, example, set, write};
+use common::{doc, example, free_port, set, write};
 use geoml_runtime::pb;
 use geoml_runtime::pb::parameter_server_client::ParameterServerClient;
 use geoml_runtime::ps::rows::{pack_keys, pack_values};
@@ -21,14 +20,6 @@ struct Server {
     process: tokio::process::Child,
     client: ParameterServerClient<Channel>,
     metrics_port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET /metrics` over plain HTTP/1.1.

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ONE_RUN_AT_A_TIME, doc, example, options, repo_root, set, write};
+use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, repo_root, set, write};
 use geoml_runtime::manifest::Manifest;
 use geoml_runtime::run::LocalCluster;
 use serde_json::Value;
@@ -30,14 +30,6 @@ fn prometheus_binary() -> String {
         .unwrap();
     assert!(output.status.success(), "tests/tools/prometheus.sh failed");
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// GET `path` from `addr`; the body.
@@ -186,7 +178,10 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     );
     // Each datacenter's model was evaluated.
     let metric = query(prometheus, "geoml_ps_metric").await;
-    assert!(metric.len() == 3 && metric.iter().all(|s| value(s) > 0.3), "{metric:?}");
+    assert!(
+        metric.len() == 3 && metric.iter().all(|s| value(s) > 0.3),
+        "{metric:?}"
+    );
     let threshold = query(prometheus, "geoml_mirror_threshold").await;
     assert!(
         threshold.iter().all(|s| (value(s) - 0.2).abs() < 1e-9),

@@ -280,7 +280,7 @@ impl MirrorState {
                 if !stopped && round > sent {
                     let own =
                         std::mem::replace(&mut self.changes.accumulated, vec![0.0; values.len()]);
-                    let mut update = self.update_of(&own, |d| d != 0.0);
+                    let mut update = self.update_of(&own);
                     update.round = round;
                     out.update = Some(update);
                     self.own_round = Some((round, own));
@@ -329,38 +329,29 @@ impl MirrorState {
                 *acc = 0.0;
             }
         }
-        if indexes.is_empty() {
-            return None;
-        }
-        self.stats.elements_sent += indexes.len() as u64;
-        self.seq += 1;
-        Some(MirrorUpdate {
-            datacenter: self.config.datacenter.clone(),
-            seq: self.seq,
-            indexes: pack_indexes(&indexes),
-            deltas: pack_values(&deltas),
-            announced: false,
-            round: 0,
-        })
+        (!indexes.is_empty()).then(|| self.update(&indexes, &deltas))
     }
 
-    /// The elements of `dense` that pass `keep`, as a new update.
-    fn update_of(&mut self, dense: &[f32], keep: impl Fn(f32) -> bool) -> MirrorUpdate {
-        let mut indexes = Vec::new();
-        let mut deltas = Vec::new();
-        for (i, &d) in dense.iter().enumerate() {
-            if keep(d) {
-                indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
-                deltas.push(d);
-            }
-        }
+    /// The non-zero elements of `dense` as an update.
+    fn update_of(&mut self, dense: &[f32]) -> MirrorUpdate {
+        let (indexes, deltas): (Vec<u32>, Vec<f32>) = dense
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| **d != 0.0)
+            .map(|(i, &d)| (u32::try_from(i).unwrap_or(u32::MAX), d))
+            .unzip();
+        self.update(&indexes, &deltas)
+    }
+
+    /// The next update, of `deltas` at `indexes`.
+    fn update(&mut self, indexes: &[u32], deltas: &[f32]) -> MirrorUpdate {
         self.stats.elements_sent += indexes.len() as u64;
         self.seq += 1;
         MirrorUpdate {
             datacenter: self.config.datacenter.clone(),
             seq: self.seq,
-            indexes: pack_indexes(&indexes),
-            deltas: pack_values(&deltas),
+            indexes: pack_indexes(indexes),
+            deltas: pack_values(deltas),
             announced: false,
             round: 0,
         }

@@ -65,3 +65,12 @@ pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
         target: None,
     }
 }
+
+/// A loopback port nobody listens on (at the moment of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
