@@ -2,6 +2,7 @@
 //! the local runner behind the `geoml` CLI.
 
 pub mod bench;
+pub mod cartel;
 pub mod data;
 pub mod manifest;
 pub mod metrics;

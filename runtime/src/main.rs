@@ -46,7 +46,14 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         messages: usize,
     },
-    /// Fetch data sets into the cache (FashionMNIST, MovieLens100K, Digits).
+    /// Serve Cartel's metadata registry (Collaborative jobs).
+    Registry(geoml_runtime::cartel::cli::RegistryArgs),
+    /// Run one site of a Collaborative job (Cartel or isolated).
+    Site(geoml_runtime::cartel::cli::SiteArgs),
+    /// Run Collaborative jobs in every mode (cartel, isolated, centralized,
+    /// global) and print the figures with Cartel's ratios (build with --release).
+    CartelBench(geoml_runtime::cartel::cli::BenchArgs),
+    /// Fetch data sets into the cache (FashionMNIST, MovieLens100K, Nycflights13, Digits).
     Data {
         /// Data set names as in a TrainingJob's spec.dataset.name.
         names: Vec<String>,
@@ -291,6 +298,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Ps(args) => serve_ps(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Data { names, common } => fetch(&names, &common),
+        Command::Registry(args) => {
+            Ok(geoml_runtime::cartel::cli::registry(args, shutdown_signal()).await?)
+        }
+        Command::Site(args) => Ok(geoml_runtime::cartel::cli::site(args, shutdown_signal()).await?),
+        Command::CartelBench(args) => {
+            print!("{}", geoml_runtime::cartel::cli::bench(args).await?);
+            Ok(())
+        }
         Command::Bench {
             rows,
             width,

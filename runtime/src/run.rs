@@ -122,6 +122,16 @@ pub struct Report {
     pub workers: usize,
     /// Every evaluation, oldest first.
     pub metric_history: Vec<MetricSample>,
+    /// Collaborative modes: mean over drift events of the batches until
+    /// accuracy is back within 2 points of its pre-drift level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptation_batches: Option<f64>,
+    /// Collaborative modes: model bytes per site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_bytes: Option<u64>,
+    /// Collaborative modes: seconds spent training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_seconds: Option<f64>,
 }
 
 impl Report {
@@ -451,6 +461,11 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let started = Instant::now();
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
+    if job.sync_policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative {
+        return crate::cartel::run(&options, crate::cartel::Mode::Cartel)
+            .await
+            .map_err(|e| RunError::Unsupported(e.to_string()));
+    }
     let spec = &job.job.spec;
     // Loading here fetches the data set once, before the roles start and
     // load it from the cache, and tells the metric's name and direction.
@@ -516,5 +531,8 @@ fn report(
         parameter_servers,
         workers,
         metric_history: history,
+        adaptation_batches: None,
+        model_bytes: None,
+        training_seconds: None,
     }
 }
