@@ -85,9 +85,18 @@ fn free_port() -> u16 {
 }
 
 async fn start_registry(port: u16, state: &Path) -> tokio::process::Child {
+    start_registry_with(port, state, &[]).await
+}
+
+async fn start_registry_with(port: u16, state: &Path, replicas: &[u16]) -> tokio::process::Child {
+    let replicas: Vec<String> = replicas
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
         .args(["registry", &format!("--listen=127.0.0.1:{port}")])
         .arg(format!("--state-dir={}", state.display()))
+        .arg(format!("--replicas={}", replicas.join(",")))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -152,6 +161,21 @@ async fn a_restarted_registry_keeps_its_metadata_and_answers_the_same() {
     assert_eq!(sites_after.sites.len(), 3);
     let after = client.neighbours(ask).await.unwrap().into_inner();
     assert_eq!(after, before);
+}
+
+#[tokio::test]
+async fn a_registry_forwards_updates_to_its_replica() {
+    let (primary_dir, replica_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (primary_port, replica_port) = (free_port(), free_port());
+    let _replica = start_registry(replica_port, replica_dir.path()).await;
+    let _primary = start_registry_with(primary_port, primary_dir.path(), &[replica_port]).await;
+    let mut replica = connect(replica_port).await;
+    let mut primary = connect(primary_port).await;
+    primary.publish(site("a", &[1.0, 0.0], &[0])).await.unwrap();
+    let on_replica = replica.sites(SitesRequest {}).await.unwrap().into_inner();
+    let on_primary = primary.sites(SitesRequest {}).await.unwrap().into_inner();
+    assert_eq!(on_replica, on_primary);
+    assert_eq!(on_replica.sites.len(), 1);
 }
 
 /// The Fashion-MNIST class-swap example on Digits, short.

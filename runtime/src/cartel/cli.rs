@@ -35,7 +35,12 @@ pub async fn registry(
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(CartelError::io(format!("binding {}", args.listen)))?;
-    registry::serve(listener, args.state_dir.as_deref(), args.replicas, shutdown).await
+    let replicas = args
+        .replicas
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .collect();
+    registry::serve(listener, args.state_dir.as_deref(), replicas, shutdown).await
 }
 
 /// `geoml site`: one site of a Collaborative job.

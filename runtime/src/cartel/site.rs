@@ -174,8 +174,9 @@ impl<'a> SiteEngine<'a> {
             .train_rows(&self.scenario.sites[self.index].batches[b]);
         let error = 1.0 - self.model().accuracy(x.view(), &labels);
         // A new model errs on everything: the detector starts once the site
-        // has trained on a full window.
-        let drift = b >= self.config.window && self.detector.observe(error);
+        // has trained for a metadata interval and a full window.
+        let warm_up = self.config.window + self.config.metadata_interval;
+        let drift = b >= warm_up && self.detector.observe(error);
         if drift {
             self.report.detections.push(b);
         }
