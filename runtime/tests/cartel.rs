@@ -3,6 +3,8 @@
 //! Collaborative job whose registry and sites are real processes talking
 //! gRPC over loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -20,6 +22,7 @@ use geoml_runtime::data::rng::SplitMix64;
 use serde_yaml::Value;
 
 /// Error rate of a batch of 32 predictions, each wrong with probability `p`.
+#[allow(clippy::cast_precision_loss)] // small counts
 fn batch_error(rng: &mut SplitMix64, p: f64) -> f64 {
     let wrong = (0..32)
         .filter(|_| (rng.below(1_000_000) as f64) < p * 1e6)
@@ -84,11 +87,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_registry(port: u16, state: &Path) -> tokio::process::Child {
-    start_registry_with(port, state, &[]).await
+fn start_registry(port: u16, state: &Path) -> tokio::process::Child {
+    start_registry_with(port, state, &[])
 }
 
-async fn start_registry_with(port: u16, state: &Path, replicas: &[u16]) -> tokio::process::Child {
+fn start_registry_with(port: u16, state: &Path, replicas: &[u16]) -> tokio::process::Child {
     let replicas: Vec<String> = replicas
         .iter()
         .map(|p| format!("http://127.0.0.1:{p}"))
@@ -131,7 +134,7 @@ fn site(name: &str, priors: &[f32], classes: &[u32]) -> SiteMetadata {
 async fn a_restarted_registry_keeps_its_metadata_and_answers_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut registry = start_registry(port, dir.path()).await;
+    let mut registry = start_registry(port, dir.path());
     let mut client = connect(port).await;
     for s in [
         site("a", &[0.5, 0.5, 0.0], &[0, 1]),
@@ -154,7 +157,7 @@ async fn a_restarted_registry_keeps_its_metadata_and_answers_the_same() {
     // A crash, not a clean stop.
     registry.kill().await.unwrap();
     drop(client);
-    let _registry = start_registry(port, dir.path()).await;
+    let _registry = start_registry(port, dir.path());
     let mut client = connect(port).await;
     let sites_after = client.sites(SitesRequest {}).await.unwrap().into_inner();
     assert_eq!(sites_after, sites_before);
@@ -167,8 +170,8 @@ async fn a_restarted_registry_keeps_its_metadata_and_answers_the_same() {
 async fn a_registry_forwards_updates_to_its_replica() {
     let (primary_dir, replica_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (primary_port, replica_port) = (free_port(), free_port());
-    let _replica = start_registry(replica_port, replica_dir.path()).await;
-    let _primary = start_registry_with(primary_port, primary_dir.path(), &[replica_port]).await;
+    let _replica = start_registry(replica_port, replica_dir.path());
+    let _primary = start_registry_with(primary_port, primary_dir.path(), &[replica_port]);
     let mut replica = connect(replica_port).await;
     let mut primary = connect(primary_port).await;
     primary.publish(site("a", &[1.0, 0.0], &[0])).await.unwrap();
