@@ -46,7 +46,8 @@ pub struct CartelSummary {
     /// Mean over sites and batches of the held-out accuracy.
     pub accuracy_mean: f64,
     /// Mean over drift events of the batches until accuracy is back within
-    /// 2 points of its pre-drift level; `None` without drift events.
+    /// 2 points of its pre-drift level (censored at the next drift); `None`
+    /// without drift events.
     pub adaptation_batches: Option<f64>,
     /// `(site, drift batch, batches to adapt)` of every drift event.
     pub adaptation_by_event: Vec<(String, usize, usize)>,
@@ -71,13 +72,15 @@ pub struct CartelSummary {
 
 /// Batches after `drift` until the mean accuracy of [`RECOVERED_BATCHES`]
 /// batches is back within [`ADAPTED_WITHIN`] of the mean over the
-/// [`PRE_DRIFT_BATCHES`] before it; censored at the end of the stream.
-/// `None` when there is no history before the drift.
+/// [`PRE_DRIFT_BATCHES`] before it; censored at `end` (the next drift or
+/// the end of the stream). `None` when there is no history before the drift.
 #[must_use]
-pub fn adaptation(accuracy: &[f64], drift: usize) -> Option<usize> {
-    if drift == 0 || drift >= accuracy.len() {
+pub fn adaptation(accuracy: &[f64], drift: usize, end: usize) -> Option<usize> {
+    let end = end.min(accuracy.len());
+    if drift == 0 || drift >= end {
         return None;
     }
+    let accuracy = &accuracy[..end];
     let pre = &accuracy[drift.saturating_sub(PRE_DRIFT_BATCHES)..drift];
     #[allow(clippy::cast_precision_loss)] // a handful of batches
     let level = pre.iter().sum::<f64>() / pre.len() as f64;
@@ -110,8 +113,9 @@ pub fn summarise(
 ) -> CartelSummary {
     let mut events = Vec::new();
     for r in reports {
-        for &d in &r.drifts {
-            if let Some(a) = adaptation(&r.accuracy, d) {
+        for (i, &d) in r.drifts.iter().enumerate() {
+            let end = r.drifts.get(i + 1).copied().unwrap_or(r.accuracy.len());
+            if let Some(a) = adaptation(&r.accuracy, d, end) {
                 events.push((r.site.clone(), d, a));
             }
         }
@@ -404,9 +408,11 @@ mod tests {
         let mut acc = vec![0.9; 10];
         acc.extend([0.2, 0.5, 0.8, 0.89, 0.9, 0.9, 0.9]);
         // From batch 10, the first 3-batch mean at >= 0.88 starts at 13.
-        assert_eq!(adaptation(&acc, 10), Some(3));
-        assert_eq!(adaptation(&acc, 0), None);
+        assert_eq!(adaptation(&acc, 10, acc.len()), Some(3));
+        assert_eq!(adaptation(&acc, 0, acc.len()), None);
+        // Censored at the next drift.
+        assert_eq!(adaptation(&acc, 10, 12), Some(2));
         let never = [0.9, 0.9, 0.1, 0.1];
-        assert_eq!(adaptation(&never, 2), Some(2));
+        assert_eq!(adaptation(&never, 2, 4), Some(2));
     }
 }
