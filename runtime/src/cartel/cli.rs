@@ -73,6 +73,9 @@ pub struct SiteArgs {
     /// Detect drift with ADWIN instead of the window W / limit L rule.
     #[arg(long)]
     pub adwin: bool,
+    /// Start training only once the registry knows this many sites.
+    #[arg(long, default_value_t = 0)]
+    pub expect_sites: usize,
     /// Write the site's report (JSON) here when its stream ends.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -126,6 +129,7 @@ pub async fn site(
             .advertise
             .clone()
             .unwrap_or_else(|| format!("http://{}", args.listen)),
+        expect_sites: args.expect_sites,
     };
     if args.mode == Mode::Cartel && links.registry.is_none() {
         return Err(CartelError::Unsupported(

@@ -354,6 +354,7 @@ async fn run_processes(
         ];
         if let Some(url) = &registry_url {
             args.push(format!("--registry={url}"));
+            args.push(format!("--expect-sites={}", sites.len()));
         }
         roles.push(spawn(options, &format!("site-{site}"), &args)?);
         report_paths.push(report);

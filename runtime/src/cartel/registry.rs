@@ -99,6 +99,8 @@ impl RegistryState {
         let summaries: Vec<(&str, Summary)> = self
             .sites
             .values()
+            // A site that has not summarised any data yet is nobody's neighbour.
+            .filter(|s| !s.class_priors.is_empty())
             .map(|s| {
                 (
                     s.site.as_str(),

@@ -295,7 +295,12 @@ impl<'a> SiteEngine<'a> {
 
     /// The metadata to publish now; marks it published.
     pub fn metadata(&mut self, address: &str) -> SiteMetadata {
-        let summary = self.recent_summary();
+        // Before its first batch a site has no summary to offer.
+        let summary = if self.recent.is_empty() {
+            Summary::default()
+        } else {
+            self.recent_summary()
+        };
         self.published = Some(summary.class_priors.clone());
         self.since_publish = 0;
         let model = self.model();
@@ -351,6 +356,34 @@ pub struct Links {
     pub registry: Option<String>,
     /// The URL other sites reach this site's exchange at.
     pub advertise: String,
+    /// Start training only once the registry knows this many sites (0: at once).
+    pub expect_sites: usize,
+}
+
+/// Waits until the registry lists at least `sites` sites.
+async fn wait_for_sites(
+    registry: &mut RegistryClient<Channel>,
+    sites: usize,
+) -> Result<(), CartelError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let known = registry
+            .sites(super::pb::SitesRequest {})
+            .await
+            .map_err(|e| CartelError::Protocol(format!("listing sites: {}", e.message())))?
+            .into_inner()
+            .sites
+            .len();
+        if known >= sites {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CartelError::Protocol(format!(
+                "the registry knows {known} of {sites} sites after 120 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CartelError> {
@@ -413,7 +446,7 @@ async fn borrow(
         let wanted: Vec<u32> = classes
             .iter()
             .map(|c| u32::from(*c))
-            .filter(|c| neighbour.classes.is_empty() || neighbour.classes.contains(c))
+            .filter(|c| neighbour.classes.contains(c))
             .collect();
         if wanted.is_empty() {
             continue;
@@ -442,6 +475,9 @@ async fn borrow(
         let merged = engine.model().merge(&portions.blocks);
         merged_any |= merged > 0;
         tracing::info!(batch, neighbour = %neighbour.site, divergence = neighbour.divergence, merged, "borrowed model portions");
+        if merged == 0 {
+            continue;
+        }
         engine.report.transfers.push(Transfer {
             batch,
             from: neighbour.site,
@@ -492,6 +528,7 @@ pub async fn run_site(
     if let Some(registry) = registry.as_mut() {
         // Announce the site before training, with an empty summary.
         publish(&mut engine, registry, &links.advertise).await?;
+        wait_for_sites(registry, links.expect_sites).await?;
     }
     for b in 0..engine.batches() {
         let observed = engine.observe(b);
