@@ -330,7 +330,7 @@ async fn run_processes(
         registry_url = Some(format!("http://127.0.0.1:{port}"));
         roles.push(spawn(
             options,
-            "registry",
+            &format!("{}-registry", mode.name()),
             &[
                 "registry".to_owned(),
                 format!("--listen=127.0.0.1:{port}"),
@@ -356,7 +356,11 @@ async fn run_processes(
             args.push(format!("--registry={url}"));
             args.push(format!("--expect-sites={}", sites.len()));
         }
-        roles.push(spawn(options, &format!("site-{site}"), &args)?);
+        roles.push(spawn(
+            options,
+            &format!("{}-site-{site}", mode.name()),
+            &args,
+        )?);
         report_paths.push(report);
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
