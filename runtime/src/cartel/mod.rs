@@ -56,7 +56,7 @@ pub enum CartelError {
     /// A process failed; carries the end of its log.
     #[error("{role} exited with {status}; last log lines:\n{log}")]
     Failed {
-        /// `registry`, `site-ewr`, ...
+        /// `cartel-registry`, `cartel-site-ewr`, ...
         role: String,
         /// Its exit status.
         status: std::process::ExitStatus,
