@@ -53,6 +53,14 @@ pub struct SyncPolicySpec {
     #[schemars(range(min = 0, max = 1000))]
     pub mirror_clock_bound: i32,
 
+    /// Clocks per mirror clock: a parameter server tells its mirrors its clock
+    /// every this many of its own clocks, and `mirrorClockBound` counts in
+    /// these mirror clocks. Make a mirror clock last longer than a WAN round
+    /// trip, or the bound holds every datacenter to WAN speed. Default 20.
+    #[serde(default = "default_mirror_clock_period")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub mirror_clock_period: i32,
+
     /// WAN bandwidth each link may use for model updates, in megabits per
     /// second. Required by the `BandwidthBudget` threshold schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +82,10 @@ fn default_true() -> bool {
 
 fn default_mirror_clock_bound() -> i32 {
     1
+}
+
+fn default_mirror_clock_period() -> i32 {
+    20
 }
 
 /// Consistency inside one datacenter.

@@ -139,6 +139,8 @@ pub async fn run(
     let address = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = PsConfig {
+        datacenter: String::new(),
+        mirror: None,
         shard: 0,
         shards: 1,
         workers: 1,

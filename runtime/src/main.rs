@@ -5,14 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use geoml_crds::Topology;
 use geoml_runtime::manifest::Manifest;
 use geoml_runtime::metrics::{self, WorkerMetrics};
-use geoml_runtime::ps::shard::Consistency;
+use geoml_runtime::placement::Placement;
 use geoml_runtime::ps::stopping::StoppingRule;
 use geoml_runtime::ps::{self, PsConfig};
 use geoml_runtime::run::{RunOptions, run};
 use geoml_runtime::worker::{self, WorkerConfig};
-use geoml_runtime::{data, model};
+use geoml_runtime::{compare, data, model, wan};
 use prometheus::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -29,10 +30,23 @@ struct Cli {
 enum Command {
     /// Run a TrainingJob manifest on this machine with real processes on loopback.
     Run(RunArgs),
+    /// Run a manifest's job under several modes and compare them: a ratio
+    /// table, every run's report as JSON, and a plot of the metric over time.
+    Compare(CompareArgs),
     /// Serve one parameter-server shard.
     Ps(PsArgs),
     /// Train as one worker.
     Worker(WorkerArgs),
+    /// Emulate WAN links between datacenters: a TCP proxy adding latency and
+    /// a bandwidth limit per link.
+    WanProxy {
+        /// The links and routes (YAML; see `geoml_runtime::wan::WanConfig`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve Prometheus metrics (bytes per link) at http://ADDR/metrics.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
     /// Measure push+apply throughput of a parameter server against raw
     /// loopback TCP in the same run (build with --release).
     Bench {
@@ -95,10 +109,35 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Modes to run, comma-separated: lan, bsp-wan, ssp-wan, gaia, fedavg,
+    /// centralized, isolated (ratios are against the first).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lan,bsp-wan,ssp-wan,gaia,fedavg,centralized,isolated"
+    )]
+    modes: Vec<String>,
+    /// Write an SVG plot of the metric over time per mode to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Do not stop at the target metric: every mode uses its whole clock
+    /// budget, and the final metrics compare converged models (time to
+    /// target is still measured).
+    #[arg(long)]
+    full_budget: bool,
+}
+
+#[derive(Args)]
 struct RoleArgs {
-    /// The manifest holding the TrainingJob.
+    /// The manifest holding the TrainingJob, its SyncPolicy and Datacenters.
     #[arg(long)]
     manifest: PathBuf,
+    /// The topology file of this role's datacenter: its shards and mirrors.
+    #[arg(long)]
+    topology: PathBuf,
     /// Seed of the initial model and the data order.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -111,15 +150,9 @@ struct RoleArgs {
 
 #[derive(Args)]
 struct PsArgs {
-    /// Index of this shard.
+    /// Index of this shard within its datacenter.
     #[arg(long)]
     shard: u32,
-    /// Number of shards.
-    #[arg(long)]
-    shards: u32,
-    /// Number of workers.
-    #[arg(long)]
-    workers: usize,
     /// Address to serve gRPC on.
     #[arg(long)]
     listen: SocketAddr,
@@ -132,15 +165,9 @@ struct PsArgs {
 
 #[derive(Args)]
 struct WorkerArgs {
-    /// Index of this worker.
+    /// Index of this worker within its datacenter.
     #[arg(long)]
     index: u32,
-    /// Number of workers.
-    #[arg(long)]
-    workers: usize,
-    /// Parameter-server addresses in shard order, comma-separated (http://host:port).
-    #[arg(long, value_delimiter = ',')]
-    ps: Vec<String>,
     /// Evaluate every this many clocks (worker 0).
     #[arg(long, default_value_t = 20)]
     eval_every: u64,
@@ -174,23 +201,35 @@ fn serve_metrics(addr: Option<SocketAddr>, registry: &Registry) {
     }
 }
 
+/// The role's topology file.
+fn topology(args: &RoleArgs) -> anyhow::Result<Topology> {
+    let text = std::fs::read_to_string(&args.topology)
+        .with_context(|| format!("reading {}", args.topology.display()))?;
+    Topology::from_yaml(&text).with_context(|| format!("parsing {}", args.topology.display()))
+}
+
 async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.role.manifest)?;
     let job = manifest.job()?;
+    let topology = topology(&args.role)?;
+    let place = Placement::new(&job, &topology)?;
+    let mirrors = place.mirrors(&topology, args.shard)?;
     let spec = &job.job.spec;
     let data = data::load(spec.dataset.name, &args.role.data.dir())?;
     let model = model::build(&spec.model, &data)?;
     let interval = spec.checkpoint.as_ref().map_or(10, |c| c.interval_clocks);
     #[allow(clippy::cast_possible_truncation)] // learning rates are small
     let config = PsConfig {
-        shard: args.shard,
-        shards: args.shards,
-        workers: args.workers,
-        consistency: Consistency::from_policy(&job.sync_policy.spec.intra_datacenter),
+        shard: place.shard(args.shard)?,
+        shards: place.shards,
+        workers: place.workers,
+        consistency: place.consistency,
         optimizer: spec.model.optimizer,
         learning_rate: spec.model.learning_rate as f32,
         stopping: StoppingRule::new(&spec.stopping, model.higher_is_better()),
         seed: args.role.seed,
+        datacenter: place.datacenter.clone(),
+        mirror: place.exchange.clone().map(|m| (m, mirrors)),
         checkpoint: args
             .checkpoint_dir
             .map(|dir| (dir, u64::try_from(interval).unwrap_or(10))),
@@ -215,29 +254,32 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.role.manifest)?;
     let job = manifest.job()?;
     let spec = &job.job.spec;
+    let place = Placement::new(&job, &topology(&args.role)?)?;
+    let (index, global_index) = place.worker(args.index)?;
     let data = data::load(spec.dataset.name, &args.role.data.dir())?;
     let model = model::build(&spec.model, &data)?;
     let parts = data::partition(
         &data.train,
-        args.workers,
+        place.total_workers,
         &spec.dataset.partitioning,
         args.role.seed,
     );
     let partition = parts
         .into_iter()
-        .nth(args.index as usize)
-        .with_context(|| {
-            format!(
-                "--index {} is not below --workers {}",
-                args.index, args.workers
-            )
-        })?;
+        .nth(global_index)
+        .context("the data set has fewer partitions than workers")?;
     let registry = Registry::new();
-    let metrics = WorkerMetrics::new(&registry, args.index)?;
+    let metrics = WorkerMetrics::new(&registry, index)?;
     serve_metrics(args.role.metrics_listen, &registry);
     let config = WorkerConfig {
-        index: args.index,
-        parameter_servers: args.ps,
+        index,
+        // One evaluator per model: worker 0 of the job, or of each datacenter.
+        evaluates: if place.global {
+            global_index == 0
+        } else {
+            args.index == 0
+        },
+        parameter_servers: place.parameter_servers,
         batch_size: usize::try_from(spec.model.batch_size).unwrap_or(64),
         seed: args.role.seed,
         eval_every: args.eval_every,
@@ -253,19 +295,49 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl RunArgs {
+    /// Run options; without --work-dir, logs and checkpoints go to `temp`.
+    fn options(&self, temp: &tempfile::TempDir) -> anyhow::Result<RunOptions> {
+        Ok(RunOptions {
+            geoml: std::env::current_exe()?,
+            manifest: self.manifest.clone(),
+            work_dir: self
+                .work_dir
+                .clone()
+                .unwrap_or_else(|| temp.path().to_owned()),
+            data_dir: self.data.dir(),
+            eval_every: self.eval_every,
+            progress: true,
+            target: None,
+        })
+    }
+}
+
+async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| compare::parse_mode(m))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
+    let temp = tempfile::Builder::new()
+        .prefix("geoml-compare-")
+        .tempdir()?;
+    let comparison = compare::compare(&args.run.options(&temp)?, &modes, args.full_budget).await?;
+    print!("{}", comparison.table());
+    if let Some(path) = &args.run.json {
+        comparison.write_json(path)?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, comparison.svg())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 async fn run_job(args: RunArgs) -> anyhow::Result<()> {
-    // Without --work-dir, logs and checkpoints go to a directory removed at the end.
     let temp = tempfile::Builder::new().prefix("geoml-run-").tempdir()?;
-    let work_dir = args.work_dir.unwrap_or_else(|| temp.path().to_owned());
-    let options = RunOptions {
-        geoml: std::env::current_exe()?,
-        manifest: args.manifest,
-        work_dir,
-        data_dir: args.data.dir(),
-        eval_every: args.eval_every,
-        progress: true,
-    };
-    let report = run(options).await?;
+    let report = run(args.options(&temp)?).await?;
     print!("{}", report.table());
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -295,9 +367,23 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => run_job(args).await,
+        Command::Compare(args) => compare_modes(args).await,
         Command::Ps(args) => serve_ps(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Data { names, common } => fetch(&names, &common),
+        Command::WanProxy {
+            config,
+            metrics_listen,
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let config: wan::WanConfig = serde_yaml::from_str(&text)
+                .with_context(|| format!("parsing {}", config.display()))?;
+            let registry = Registry::new();
+            serve_metrics(metrics_listen, &registry);
+            wan::serve(&config, &registry, shutdown_signal()).await?;
+            Ok(())
+        }
         Command::Registry(args) => {
             Ok(geoml_runtime::cartel::cli::registry(args, shutdown_signal()).await?)
         }

@@ -8,7 +8,8 @@ use axum::Router;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use prometheus::{
-    Counter, Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Metrics of one parameter-server shard.
@@ -28,13 +29,158 @@ pub struct PsMetrics {
     pub rejected: IntCounterVec,
     /// Time pulls waited for the consistency model (`geoml_ps_read_wait_seconds_total`).
     pub read_wait_seconds: Counter,
+    /// Mirror synchronisation (`geoml_mirror_*`).
+    pub mirror: MirrorMetrics,
+}
+
+/// Metrics of a shard's synchronisation with its mirrors in other datacenters.
+#[derive(Clone)]
+pub struct MirrorMetrics {
+    elements_updated: IntCounter,
+    elements_sent: IntCounter,
+    bytes_sent: IntCounter,
+    threshold: Gauge,
+    barrier_blocks: IntCounter,
+    barrier_wait: Counter,
+    clock_blocks: IntCounter,
+    clock_wait: Counter,
+    mirror_clock: IntGauge,
+    peer_clock: IntGaugeVec,
+    skew: IntGauge,
+    rtt: GaugeVec,
+    throughput: GaugeVec,
+}
+
+fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
+fn catch_up_f(counter: &Counter, total: f64) {
+    let delta = total - counter.get();
+    if delta > 0.0 {
+        counter.inc_by(delta);
+    }
+}
+
+impl MirrorMetrics {
+    fn new(opts: &dyn Fn(&str, &str) -> Opts) -> prometheus::Result<Self> {
+        Ok(Self {
+            elements_updated: IntCounter::with_opts(opts(
+                "geoml_mirror_elements_updated_total",
+                "Parameter updates made by this datacenter's workers",
+            ))?,
+            elements_sent: IntCounter::with_opts(opts(
+                "geoml_mirror_elements_sent_total",
+                "Accumulated parameter updates sent to the mirrors (significant ones)",
+            ))?,
+            bytes_sent: IntCounter::with_opts(opts(
+                "geoml_mirror_sent_bytes_total",
+                "Bytes of mirror messages sent, summed over peers",
+            ))?,
+            threshold: Gauge::with_opts(opts(
+                "geoml_mirror_threshold",
+                "Current significance threshold",
+            ))?,
+            barrier_blocks: IntCounter::with_opts(opts(
+                "geoml_mirror_barrier_blocks_total",
+                "Reads held by the selective barrier",
+            ))?,
+            barrier_wait: Counter::with_opts(opts(
+                "geoml_mirror_barrier_wait_seconds_total",
+                "Seconds reads were held by the selective barrier",
+            ))?,
+            clock_blocks: IntCounter::with_opts(opts(
+                "geoml_mirror_clock_blocks_total",
+                "Reads held by the mirror-clock bound or an averaging round",
+            ))?,
+            clock_wait: Counter::with_opts(opts(
+                "geoml_mirror_clock_wait_seconds_total",
+                "Seconds reads were held by the mirror-clock bound or an averaging round",
+            ))?,
+            mirror_clock: IntGauge::with_opts(opts(
+                "geoml_mirror_clock",
+                "This datacenter's mirror clock",
+            ))?,
+            peer_clock: IntGaugeVec::new(
+                opts(
+                    "geoml_mirror_peer_clock",
+                    "Last mirror clock heard from each peer",
+                ),
+                &["peer"],
+            )?,
+            skew: IntGauge::with_opts(opts(
+                "geoml_mirror_max_skew",
+                "Most mirror clocks this datacenter ran ahead of its slowest peer",
+            ))?,
+            rtt: GaugeVec::new(
+                opts("geoml_mirror_rtt_seconds", "Round-trip time to each peer"),
+                &["peer"],
+            )?,
+            throughput: GaugeVec::new(
+                opts(
+                    "geoml_mirror_throughput_bytes_per_second",
+                    "Throughput acknowledged updates showed, per peer",
+                ),
+                &["peer"],
+            )?,
+        })
+    }
+
+    fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.elements_updated.clone()))?;
+        registry.register(Box::new(self.elements_sent.clone()))?;
+        registry.register(Box::new(self.bytes_sent.clone()))?;
+        registry.register(Box::new(self.threshold.clone()))?;
+        registry.register(Box::new(self.barrier_blocks.clone()))?;
+        registry.register(Box::new(self.barrier_wait.clone()))?;
+        registry.register(Box::new(self.clock_blocks.clone()))?;
+        registry.register(Box::new(self.clock_wait.clone()))?;
+        registry.register(Box::new(self.mirror_clock.clone()))?;
+        registry.register(Box::new(self.peer_clock.clone()))?;
+        registry.register(Box::new(self.skew.clone()))?;
+        registry.register(Box::new(self.rtt.clone()))?;
+        registry.register(Box::new(self.throughput.clone()))
+    }
 }
 
 impl PsMetrics {
-    /// Registers the metrics in `registry`, labelled with the shard.
-    pub fn new(registry: &Registry, shard: u32) -> prometheus::Result<Self> {
-        let opts =
-            |name: &str, help: &str| Opts::new(name, help).const_label("shard", shard.to_string());
+    /// Brings the mirror metrics up to `status`.
+    pub fn observe_mirror(&self, status: &crate::pb::MirrorStatus) {
+        let m = &self.mirror;
+        catch_up(&m.elements_updated, status.elements_updated);
+        catch_up(&m.elements_sent, status.elements_sent);
+        catch_up(&m.bytes_sent, status.bytes_sent);
+        catch_up(&m.barrier_blocks, status.barrier_blocks);
+        catch_up_f(&m.barrier_wait, status.barrier_wait_seconds);
+        catch_up(&m.clock_blocks, status.clock_blocks);
+        catch_up_f(&m.clock_wait, status.clock_wait_seconds);
+        m.threshold.set(status.threshold);
+        m.mirror_clock
+            .set(i64::try_from(status.mirror_clock).unwrap_or(i64::MAX));
+        m.skew
+            .set(i64::try_from(status.max_skew).unwrap_or(i64::MAX));
+        for peer in &status.peers {
+            let name = [peer.datacenter.as_str()];
+            m.peer_clock
+                .with_label_values(&name)
+                .set(i64::try_from(peer.mirror_clock).unwrap_or(i64::MAX));
+            m.rtt.with_label_values(&name).set(peer.rtt_seconds);
+            m.throughput
+                .with_label_values(&name)
+                .set(peer.throughput_bytes_per_second);
+        }
+    }
+}
+
+impl PsMetrics {
+    /// Registers the metrics in `registry`, labelled with the shard and its
+    /// datacenter.
+    pub fn new(registry: &Registry, datacenter: &str, shard: u32) -> prometheus::Result<Self> {
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help)
+                .const_label("datacenter", datacenter)
+                .const_label("shard", shard.to_string())
+        };
         let metrics = Self {
             clock: IntGauge::with_opts(opts("geoml_ps_clock", "Lowest clock over all workers"))?,
             updates_applied: IntCounter::with_opts(opts(
@@ -64,6 +210,7 @@ impl PsMetrics {
                 "geoml_ps_read_wait_seconds_total",
                 "Seconds pulls waited for slower workers",
             ))?,
+            mirror: MirrorMetrics::new(&opts)?,
         };
         registry.register(Box::new(metrics.clock.clone()))?;
         registry.register(Box::new(metrics.updates_applied.clone()))?;
@@ -72,6 +219,7 @@ impl PsMetrics {
         registry.register(Box::new(metrics.bytes_sent.clone()))?;
         registry.register(Box::new(metrics.rejected.clone()))?;
         registry.register(Box::new(metrics.read_wait_seconds.clone()))?;
+        metrics.mirror.register(registry)?;
         Ok(metrics)
     }
 }
@@ -142,4 +290,27 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Fetches `http://addr/metrics` (a plain HTTP/1.0 GET; enough for our own
+/// endpoints) and returns the body.
+pub async fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body))
+            if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") =>
+        {
+            Ok(body.to_owned())
+        }
+        _ => Err(std::io::Error::other(format!(
+            "unexpected answer from {addr}: {}",
+            response.lines().next().unwrap_or_default()
+        ))),
+    }
 }

@@ -1,22 +1,28 @@
 //! `geoml run`: a manifest's TrainingJob on this machine, as real `geoml ps`
-//! and `geoml worker` processes talking gRPC over loopback.
+//! and `geoml worker` processes talking gRPC over loopback, each datacenter's
+//! traffic to the others through a `geoml wan-proxy` that emulates the WAN.
 
 use std::fmt::Write as _;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use geoml_crds::Topology;
 use geoml_crds::sync_policy::InterDatacenterModel;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kube::ResourceExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
+use crate::data::Examples;
 use crate::manifest::{Manifest, ManifestError, ResolvedJob};
 use crate::pb;
+use crate::placement::is_global;
+use crate::wan::{Route, WanConfig};
 use crate::worker::connect;
 
 /// What can go wrong running a job locally.
@@ -82,12 +88,39 @@ pub fn mode_name(model: InterDatacenterModel) -> &'static str {
 /// One evaluation of the model during a run.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct MetricSample {
-    /// Seconds since the parameter servers started serving.
+    /// Seconds since training started (for `centralized`, since the data
+    /// started to move).
     pub seconds: f64,
     /// Clock of the evaluating worker.
     pub clock: u64,
     /// The metric.
     pub metric: f64,
+}
+
+/// Bytes one emulated WAN link carried.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct LinkBytes {
+    /// Sending datacenter.
+    pub from: String,
+    /// Receiving datacenter.
+    pub to: String,
+    /// TCP payload bytes (gRPC with its HTTP/2 framing, or shipped data).
+    pub bytes: u64,
+}
+
+/// How one datacenter's model fared.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DatacenterReport {
+    /// The datacenter.
+    pub name: String,
+    /// Clocks its slowest worker completed.
+    pub clocks: u64,
+    /// Last evaluation of the model its workers read.
+    pub final_metric: Option<f64>,
+    /// When that model first met the target.
+    pub time_to_target_seconds: Option<f64>,
+    /// Every evaluation of that model, oldest first.
+    pub metric_history: Vec<MetricSample>,
 }
 
 /// The `--json` report of a run.
@@ -99,12 +132,12 @@ pub struct Report {
     pub mode: String,
     /// `accuracy` or `rmse`.
     pub metric_name: String,
-    /// Last evaluation.
+    /// Last evaluation; with a model per datacenter, the mean over them.
     pub final_metric: Option<f64>,
     /// The stopping rule's target, if any.
     pub target_metric: Option<f64>,
-    /// Seconds from the start of training to the first evaluation that met
-    /// the target; `None` if it was never met.
+    /// Seconds from the start of training until every datacenter's model
+    /// met the target; `None` if one never did.
     pub time_to_target_seconds: Option<f64>,
     /// Seconds of the whole run, start-up included.
     pub wall_seconds: f64,
@@ -114,13 +147,32 @@ pub struct Report {
     pub stop_reason: String,
     /// Bytes between workers and parameter servers (gRPC payloads, both ways).
     pub lan_bytes_total: u64,
-    /// Bytes between datacenters.
+    /// Bytes between datacenters: everything the emulated WAN links carried.
     pub wan_bytes_total: u64,
+    /// Bytes per directed WAN link.
+    pub wan_links: Vec<LinkBytes>,
+    /// Of the parameter updates workers made, the fraction sent to mirrors
+    /// (modes with mirrors).
+    pub updates_sent_fraction: Option<f64>,
+    /// Reads the selective barrier held, and for how long in total.
+    pub barrier_blocks: u64,
+    /// Seconds reads waited at the selective barrier, summed.
+    pub barrier_wait_seconds: f64,
+    /// Reads the mirror-clock bound (or an averaging round) held.
+    pub clock_blocks: u64,
+    /// Seconds reads waited for the mirror-clock bound or a round, summed.
+    pub clock_wait_seconds: f64,
+    /// Most mirror clocks any datacenter ran ahead of its slowest peer.
+    pub max_mirror_skew: u64,
+    /// Seconds spent shipping the data in (`centralized`).
+    pub shipping_seconds: Option<f64>,
     /// Parameter-server processes.
     pub parameter_servers: usize,
     /// Worker processes.
     pub workers: usize,
-    /// Every evaluation, oldest first.
+    /// Per datacenter.
+    pub per_datacenter: Vec<DatacenterReport>,
+    /// Every evaluation of the first datacenter's model, oldest first.
     pub metric_history: Vec<MetricSample>,
     /// Collaborative modes: mean over drift events of the batches until
     /// accuracy is back within 2 points of its pre-drift level.
@@ -160,6 +212,41 @@ impl Report {
         let _ = writeln!(t, "wall time    {:.1} s", self.wall_seconds);
         let _ = writeln!(t, "LAN bytes    {}", human_bytes(self.lan_bytes_total));
         let _ = writeln!(t, "WAN bytes    {}", human_bytes(self.wan_bytes_total));
+        if let Some(fraction) = self.updates_sent_fraction {
+            let _ = writeln!(t, "sent         {:.2}% of updates", 100.0 * fraction);
+            let _ = writeln!(
+                t,
+                "barrier      {} reads held, {:.1} s",
+                self.barrier_blocks, self.barrier_wait_seconds
+            );
+            let _ = writeln!(
+                t,
+                "clock bound  {} reads held, {:.1} s, max skew {}",
+                self.clock_blocks, self.clock_wait_seconds, self.max_mirror_skew
+            );
+        }
+        if let Some(s) = self.shipping_seconds {
+            let _ = writeln!(t, "shipping     {s:.1} s");
+        }
+        if self.per_datacenter.len() > 1 {
+            let _ = writeln!(
+                t,
+                "\n{:<16} {:>7} {:>9} {:>10}",
+                "datacenter", "clocks", self.metric_name, "to target"
+            );
+            for dc in &self.per_datacenter {
+                let _ = writeln!(
+                    t,
+                    "{:<16} {:>7} {:>9} {:>10}",
+                    dc.name,
+                    dc.clocks,
+                    dc.final_metric
+                        .map_or("-".to_owned(), |m| format!("{m:.4}")),
+                    dc.time_to_target_seconds
+                        .map_or("-".to_owned(), |s| format!("{s:.1} s")),
+                );
+            }
+        }
         t
     }
 }
@@ -184,22 +271,26 @@ pub struct RunOptions {
     pub geoml: PathBuf,
     /// The manifest file.
     pub manifest: PathBuf,
-    /// Where logs and checkpoints go.
+    /// Where logs, topology files and checkpoints go.
     pub work_dir: PathBuf,
     /// Where data sets are cached.
     pub data_dir: PathBuf,
     /// Evaluate every this many clocks.
     pub eval_every: u64,
-    /// Draw a progress bar.
+    /// Draw progress bars.
     pub progress: bool,
+    /// The target time to target is measured against, when the manifest's
+    /// job has none of its own (`geoml compare --full-budget` removes it so
+    /// that runs use their whole clock budget).
+    pub target: Option<f64>,
 }
 
-/// The processes of a job running on this machine.
-pub struct LocalCluster {
-    options: RunOptions,
-    parameter_servers: Vec<(Vec<String>, Child)>,
-    ps_addresses: Vec<String>,
-    workers: Vec<Child>,
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn free_port() -> Result<u16, RunError> {
@@ -216,73 +307,26 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-impl LocalCluster {
-    /// Starts the parameter servers and workers of `job` and waits until
-    /// every parameter server answers.
-    pub async fn start(options: RunOptions, job: &ResolvedJob<'_>) -> Result<Self, RunError> {
-        let spec = &job.job.spec;
-        let model = job.sync_policy.spec.inter_datacenter.model;
-        if spec.datacenters.len() > 1 && model != InterDatacenterModel::Lan {
-            return Err(RunError::Unsupported(format!(
-                "{} datacenters in mode {}: local runs support one datacenter, or mode lan, for now",
-                spec.datacenters.len(),
-                mode_name(model)
-            )));
-        }
-        // LAN: all datacenters as one.
-        let shards: usize = spec
-            .datacenters
-            .iter()
-            .map(|d| usize::try_from(d.parameter_servers).unwrap_or(1))
-            .sum();
-        let workers: usize = spec
-            .datacenters
-            .iter()
-            .map(|d| usize::try_from(d.workers).unwrap_or(1))
-            .sum();
-        std::fs::create_dir_all(options.work_dir.join("logs"))
-            .map_err(io("creating the work directory"))?;
+fn write_yaml(path: &Path, value: &impl Serialize) -> Result<(), RunError> {
+    let text = serde_yaml::to_string(value)
+        .map_err(|e| RunError::Unsupported(format!("serialising {}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(io(format!("writing {}", path.display())))
+}
 
-        let mut cluster = Self {
-            options,
-            parameter_servers: Vec::new(),
-            ps_addresses: Vec::new(),
-            workers: Vec::new(),
-        };
-        for shard in 0..shards {
-            let port = free_port()?;
-            cluster
-                .ps_addresses
-                .push(format!("http://127.0.0.1:{port}"));
-            let mut args = vec![
-                "ps".to_owned(),
-                format!("--shard={shard}"),
-                format!("--shards={shards}"),
-                format!("--workers={workers}"),
-                format!("--listen=127.0.0.1:{port}"),
-            ];
-            if spec.checkpoint.is_some() {
-                let dir = cluster.options.work_dir.join(format!("ps-{shard}"));
-                args.push(format!("--checkpoint-dir={}", dir.display()));
-            }
-            let child = cluster.spawn(&format!("ps-{shard}"), &args)?;
-            cluster.parameter_servers.push((args, child));
-        }
-        cluster.wait_for_parameter_servers().await?;
-        for index in 0..workers {
-            let args = vec![
-                "worker".to_owned(),
-                format!("--index={index}"),
-                format!("--workers={workers}"),
-                format!("--ps={}", cluster.ps_addresses.join(",")),
-                format!("--eval-every={}", cluster.options.eval_every),
-            ];
-            let child = cluster.spawn(&format!("worker-{index}"), &args)?;
-            cluster.workers.push(child);
-        }
-        Ok(cluster)
-    }
+/// A process of a local run.
+struct Role {
+    name: String,
+    args: Vec<String>,
+    child: Child,
+}
 
+/// Starts and watches the processes of a local run; logs go to
+/// `work_dir/logs/<role>.log`.
+struct Processes {
+    options: RunOptions,
+}
+
+impl Processes {
     fn log_path(&self, role: &str) -> PathBuf {
         self.options
             .work_dir
@@ -290,18 +334,23 @@ impl LocalCluster {
             .join(format!("{role}.log"))
     }
 
-    fn spawn(&self, role: &str, args: &[String]) -> Result<Child, RunError> {
-        let log_path = self.log_path(role);
+    /// Starts `geoml ARGS`; `job_role` adds the manifest and data directory.
+    fn spawn(&self, name: &str, args: Vec<String>, job_role: bool) -> Result<Role, RunError> {
+        let log_path = self.log_path(name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
         let err = log.try_clone().map_err(io("duplicating a log handle"))?;
-        Command::new(&self.options.geoml)
-            .args(args)
-            .arg(format!("--manifest={}", self.options.manifest.display()))
-            .arg(format!("--data-dir={}", self.options.data_dir.display()))
+        let mut command = Command::new(&self.options.geoml);
+        command.args(&args);
+        if job_role {
+            command
+                .arg(format!("--manifest={}", self.options.manifest.display()))
+                .arg(format!("--data-dir={}", self.options.data_dir.display()));
+        }
+        let child = command
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
@@ -311,7 +360,283 @@ impl LocalCluster {
             .stderr(err)
             .kill_on_drop(true)
             .spawn()
-            .map_err(io(format!("starting {role}")))
+            .map_err(io(format!("starting {name}")))?;
+        Ok(Role {
+            name: name.to_owned(),
+            args,
+            child,
+        })
+    }
+
+    fn failed(&self, role: &Role, status: std::process::ExitStatus) -> RunError {
+        RunError::Failed {
+            role: role.name.clone(),
+            status,
+            log: log_tail(&self.log_path(&role.name)),
+        }
+    }
+
+    /// Stops `role` with SIGTERM and waits for it to exit successfully.
+    async fn stop(&self, role: &mut Role) -> Result<(), RunError> {
+        if let Some(pid) = role.child.id().and_then(|id| i32::try_from(id).ok()) {
+            // The process may have exited already; then there is nothing to stop.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), role.child.wait())
+            .await
+            .map_err(|_| RunError::Io {
+                context: format!("stopping {}", role.name),
+                source: std::io::Error::other("did not stop within 30 s of SIGTERM"),
+            })?
+            .map_err(io(format!("waiting for {}", role.name)))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(self.failed(role, status))
+        }
+    }
+}
+
+/// The emulated WAN: a `geoml wan-proxy` process.
+struct Wan {
+    role: Role,
+    metrics: SocketAddr,
+}
+
+impl Wan {
+    /// Starts a proxy for `routes` between the job's datacenters and waits
+    /// until it listens.
+    async fn start(
+        processes: &Processes,
+        job: &ResolvedJob<'_>,
+        routes: Vec<Route>,
+    ) -> Result<Self, RunError> {
+        let ends: Vec<(String, f64, Option<f64>)> = job
+            .datacenters
+            .iter()
+            .map(|d| {
+                let wan = d.spec.wan.as_ref();
+                (
+                    d.name_any(),
+                    wan.map_or(0.0, |w| f64::from(w.latency_ms)),
+                    wan.map(|w| w.bandwidth_mbps),
+                )
+            })
+            .collect();
+        let config = WanConfig {
+            links: WanConfig::mesh(&ends),
+            routes,
+        };
+        let path = processes.options.work_dir.join("wan.yaml");
+        write_yaml(&path, &config)?;
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut role = processes.spawn(
+            "wan-proxy",
+            vec![
+                "wan-proxy".to_owned(),
+                format!("--config={}", path.display()),
+                format!("--metrics-listen={metrics}"),
+            ],
+            false,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(metrics).await.is_err() {
+            if let Some(status) = role.child.try_wait().map_err(io("watching wan-proxy"))? {
+                return Err(processes.failed(&role, status));
+            }
+            if Instant::now() > deadline {
+                return Err(RunError::Unsupported(
+                    "wan-proxy did not start within 30 s".to_owned(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self { role, metrics })
+    }
+
+    /// Bytes per link so far.
+    async fn link_bytes(&self) -> Result<Vec<LinkBytes>, RunError> {
+        let text = crate::metrics::scrape(self.metrics)
+            .await
+            .map_err(io("scraping wan-proxy"))?;
+        Ok(crate::wan::link_bytes(&text)
+            .into_iter()
+            .map(|(from, to, bytes)| LinkBytes { from, to, bytes })
+            .collect())
+    }
+}
+
+/// A datacenter of a local run.
+struct Site {
+    name: String,
+    workers: usize,
+    worker_offset: usize,
+    /// Indexes into `LocalCluster::shards` of its own shards.
+    shards: Vec<usize>,
+}
+
+/// The processes of a job running on this machine.
+pub struct LocalCluster {
+    processes: Processes,
+    global: bool,
+    mirrored: bool,
+    sites: Vec<Site>,
+    shards: Vec<Role>,
+    ps_addresses: Vec<String>,
+    workers: Vec<Role>,
+    wan: Option<Wan>,
+    /// Prometheus endpoints of the parameter servers.
+    metrics: Vec<SocketAddr>,
+    /// When the workers started (Unix seconds).
+    started: f64,
+}
+
+impl LocalCluster {
+    /// Starts the job's parameter servers (and, between datacenters, the
+    /// WAN proxy), waits until every shard answers, then starts the workers.
+    pub async fn start(options: RunOptions, job: &ResolvedJob<'_>) -> Result<Self, RunError> {
+        let spec = &job.job.spec;
+        let model = job.sync_policy.spec.inter_datacenter.model;
+        if model == InterDatacenterModel::Collaborative {
+            return Err(RunError::Unsupported(
+                "mode cartel has no parameter servers".to_owned(),
+            ));
+        }
+        let global = is_global(model);
+        // Centralized training happens in one place once the data is there.
+        let over_wan = spec.datacenters.len() > 1
+            && !matches!(
+                model,
+                InterDatacenterModel::Lan
+                    | InterDatacenterModel::Centralized
+                    | InterDatacenterModel::Isolated
+            );
+        std::fs::create_dir_all(options.work_dir.join("logs"))
+            .map_err(io("creating the work directory"))?;
+        let processes = Processes { options };
+
+        let names: Vec<String> = spec.datacenters.iter().map(|d| d.name.clone()).collect();
+        let mut ports: Vec<Vec<u16>> = Vec::new();
+        for dc in &spec.datacenters {
+            ports.push(
+                (0..dc.parameter_servers.max(0))
+                    .map(|_| free_port())
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        let direct = |port: u16| format!("http://127.0.0.1:{port}");
+        let mut routes = Vec::new();
+        let mut route = |from: usize, to: usize, port: u16| -> Result<String, RunError> {
+            let listen = free_port()?;
+            routes.push(Route {
+                from: names[from].clone(),
+                to: names[to].clone(),
+                listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+                target: SocketAddr::from(([127, 0, 0, 1], port)),
+            });
+            Ok(direct(listen))
+        };
+        let mut topologies = Vec::new();
+        for d in 0..names.len() {
+            let mut topology = Topology {
+                datacenter: names[d].clone(),
+                ..Topology::default()
+            };
+            for (e, shard_ports) in ports.iter().enumerate() {
+                for &port in shard_ports {
+                    if e == d || !global {
+                        if e == d {
+                            topology.parameter_servers.push(direct(port));
+                        }
+                    } else if over_wan {
+                        topology.parameter_servers.push(route(d, e, port)?);
+                    } else {
+                        topology.parameter_servers.push(direct(port));
+                    }
+                }
+                if over_wan && !global && e != d {
+                    let mirrors = shard_ports
+                        .iter()
+                        .map(|&port| route(d, e, port))
+                        .collect::<Result<_, _>>()?;
+                    topology.mirrors.insert(names[e].clone(), mirrors);
+                }
+            }
+            let path = processes
+                .options
+                .work_dir
+                .join(format!("topology-{}.yaml", names[d]));
+            write_yaml(&path, &topology)?;
+            topologies.push(path);
+        }
+        let wan = if routes.is_empty() {
+            None
+        } else {
+            Some(Wan::start(&processes, job, routes).await?)
+        };
+
+        let mut cluster = Self {
+            processes,
+            global,
+            mirrored: over_wan && !global,
+            sites: Vec::new(),
+            shards: Vec::new(),
+            ps_addresses: Vec::new(),
+            workers: Vec::new(),
+            wan,
+            metrics: Vec::new(),
+            started: 0.0,
+        };
+        let mut worker_offset = 0;
+        for (d, dc) in spec.datacenters.iter().enumerate() {
+            let mut shards = Vec::new();
+            for (i, &port) in ports[d].iter().enumerate() {
+                let name = format!("{}-ps-{i}", dc.name);
+                let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+                let mut args = vec![
+                    "ps".to_owned(),
+                    format!("--shard={i}"),
+                    format!("--listen=127.0.0.1:{port}"),
+                    format!("--metrics-listen={metrics}"),
+                    format!("--topology={}", topologies[d].display()),
+                ];
+                cluster.metrics.push(metrics);
+                if spec.checkpoint.is_some() {
+                    let dir = cluster.processes.options.work_dir.join(&name);
+                    args.push(format!("--checkpoint-dir={}", dir.display()));
+                }
+                shards.push(cluster.shards.len());
+                cluster
+                    .shards
+                    .push(cluster.processes.spawn(&name, args, true)?);
+                cluster.ps_addresses.push(direct(port));
+            }
+            let workers = usize::try_from(dc.workers).unwrap_or(0);
+            cluster.sites.push(Site {
+                name: dc.name.clone(),
+                workers,
+                worker_offset,
+                shards,
+            });
+            worker_offset += workers;
+        }
+        cluster.wait_for_parameter_servers().await?;
+        cluster.started = unix_now();
+        for (d, dc) in spec.datacenters.iter().enumerate() {
+            for index in 0..dc.workers.max(0) {
+                let args = vec![
+                    "worker".to_owned(),
+                    format!("--index={index}"),
+                    format!("--topology={}", topologies[d].display()),
+                    format!("--eval-every={}", cluster.processes.options.eval_every),
+                ];
+                let name = format!("{}-worker-{index}", dc.name);
+                cluster
+                    .workers
+                    .push(cluster.processes.spawn(&name, args, true)?);
+            }
+        }
+        Ok(cluster)
     }
 
     async fn wait_for_parameter_servers(&mut self) -> Result<(), RunError> {
@@ -321,16 +646,13 @@ impl LocalCluster {
                 if self.status(shard).await.is_ok() {
                     break;
                 }
-                if let Some(status) = self.parameter_servers[shard]
-                    .1
+                let role = &mut self.shards[shard];
+                if let Some(status) = role
+                    .child
                     .try_wait()
                     .map_err(io("watching a parameter server"))?
                 {
-                    return Err(RunError::Failed {
-                        role: format!("ps-{shard}"),
-                        status,
-                        log: log_tail(&self.log_path(&format!("ps-{shard}"))),
-                    });
+                    return Err(self.processes.failed(role, status));
                 }
                 if Instant::now() > deadline {
                     return Err(RunError::Unreachable {
@@ -344,13 +666,24 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Addresses of the parameter servers, in shard order.
+    /// Addresses of every parameter server: each datacenter's shards in
+    /// order, datacenters in the job's order.
     #[must_use]
     pub fn parameter_server_addresses(&self) -> &[String] {
         &self.ps_addresses
     }
 
-    /// The status of shard `shard`.
+    /// Every Prometheus endpoint of the run (`http://ADDR/metrics`): the
+    /// parameter servers' and the WAN proxy's.
+    #[must_use]
+    pub fn metrics_endpoints(&self) -> Vec<SocketAddr> {
+        let mut endpoints = self.metrics.clone();
+        endpoints.extend(self.wan.as_ref().map(|w| w.metrics));
+        endpoints
+    }
+
+    /// The status of parameter server `shard` (an index into
+    /// [`Self::parameter_server_addresses`]).
     pub async fn status(&self, shard: usize) -> Result<pb::StatusResponse, RunError> {
         let unreachable = |message: String| RunError::Unreachable { shard, message };
         let mut client = connect(&self.ps_addresses[shard..=shard])
@@ -366,99 +699,250 @@ impl LocalCluster {
 
     /// Kills parameter server `shard` at once (SIGKILL), as a crash would.
     pub async fn kill_parameter_server(&mut self, shard: usize) -> Result<(), RunError> {
-        let child = &mut self.parameter_servers[shard].1;
-        child
+        let role = &mut self.shards[shard];
+        role.child
             .kill()
             .await
-            .map_err(io(format!("killing ps-{shard}")))
+            .map_err(io(format!("killing {}", role.name)))
     }
 
     /// Starts parameter server `shard` again with the same arguments; it
     /// restores from its checkpoint and write-ahead log.
     pub async fn restart_parameter_server(&mut self, shard: usize) -> Result<(), RunError> {
-        let args = self.parameter_servers[shard].0.clone();
-        self.parameter_servers[shard].1 = self.spawn(&format!("ps-{shard}"), &args)?;
+        let (name, args) = (
+            self.shards[shard].name.clone(),
+            self.shards[shard].args.clone(),
+        );
+        self.shards[shard] = self.processes.spawn(&name, args, true)?;
         self.wait_for_parameter_servers().await
     }
 
-    /// Waits until every worker has exited, watching progress on shard 0.
-    pub async fn wait(&mut self, max_clocks: Option<u64>) -> Result<(), RunError> {
-        let bar = if self.options.progress {
-            let bar = max_clocks.map_or_else(ProgressBar::new_spinner, ProgressBar::new);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:40} clock {pos}/{len} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar
+    /// The clock of site `site`'s slowest worker and its model's last metric.
+    async fn site_progress(&self, site: &Site) -> Option<(u64, Option<f64>)> {
+        let status = self.status(*site.shards.first()?).await.ok()?;
+        let (status, clock) = if self.global {
+            let global = self.status(0).await.ok()?;
+            let clocks = global
+                .worker_clocks
+                .get(site.worker_offset..site.worker_offset + site.workers)?;
+            let clock = clocks.iter().copied().min().unwrap_or(0);
+            (global, clock)
         } else {
-            ProgressBar::hidden()
+            let clock = status.min_clock;
+            (status, clock)
         };
+        Some((clock, status.metrics.last().map(|m| m.metric)))
+    }
+
+    /// Waits until every worker has exited, drawing a progress bar per
+    /// datacenter; then, with mirrors, until every update reached them.
+    pub async fn wait(&mut self, max_clocks: Option<u64>) -> Result<(), RunError> {
+        let bars = MultiProgress::with_draw_target(if self.processes.options.progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let style = ProgressStyle::with_template(
+            "{prefix:>14} [{elapsed_precise}] {bar:30} clock {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let site_bars: Vec<ProgressBar> = self
+            .sites
+            .iter()
+            .map(|site| {
+                let bar =
+                    bars.add(max_clocks.map_or_else(ProgressBar::new_spinner, ProgressBar::new));
+                bar.set_style(style.clone());
+                bar.set_prefix(site.name.clone());
+                bar
+            })
+            .collect();
         let mut exited = vec![false; self.workers.len()];
         while exited.iter().any(|e| !e) {
             for (index, worker) in self.workers.iter_mut().enumerate() {
                 if exited[index] {
                     continue;
                 }
-                if let Some(status) = worker.try_wait().map_err(io("watching a worker"))? {
+                if let Some(status) = worker.child.try_wait().map_err(io("watching a worker"))? {
                     if !status.success() {
-                        bar.abandon();
-                        return Err(RunError::Failed {
-                            role: format!("worker-{index}"),
-                            status,
-                            log: log_tail(&self.log_path(&format!("worker-{index}"))),
-                        });
+                        let _ = bars.clear();
+                        return Err(self.processes.failed(worker, status));
                     }
                     exited[index] = true;
                 }
             }
-            if let Ok(status) = self.status(0).await {
-                bar.set_position(status.min_clock);
-                if let Some(last) = status.metrics.last() {
-                    bar.set_message(format!("metric {:.4}", last.metric));
+            for (site, bar) in self.sites.iter().zip(&site_bars) {
+                if let Some((clock, metric)) = self.site_progress(site).await {
+                    bar.set_position(clock);
+                    if let Some(metric) = metric {
+                        bar.set_message(format!("metric {metric:.4}"));
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        bar.finish();
+        for bar in &site_bars {
+            bar.finish();
+        }
+        if self.mirrored {
+            self.wait_for_mirrors().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every shard has delivered all its updates to its mirrors.
+    async fn wait_for_mirrors(&self) -> Result<(), RunError> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for shard in 0..self.shards.len() {
+            loop {
+                let status = self.status(shard).await?;
+                if status.mirror.is_none_or(|m| m.drained) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(RunError::Unreachable {
+                        shard,
+                        message: "did not deliver its updates to its mirrors within 120 s"
+                            .to_owned(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(())
     }
 
     /// Stops the parameter servers gracefully (SIGTERM: they write a final
-    /// checkpoint) and returns the status of every shard just before.
-    pub async fn shutdown(mut self) -> Result<Vec<pb::StatusResponse>, RunError> {
+    /// checkpoint) and the WAN proxy; returns the status of every shard and
+    /// the bytes per WAN link, taken just before.
+    pub async fn shutdown(mut self) -> Result<(Vec<pb::StatusResponse>, Vec<LinkBytes>), RunError> {
         let mut statuses = Vec::new();
         for shard in 0..self.ps_addresses.len() {
             statuses.push(self.status(shard).await?);
         }
-        for (shard, (_, child)) in self.parameter_servers.iter_mut().enumerate() {
-            if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-                // The process may have exited already; then there is nothing to stop.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
-            let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-                .await
-                .map_err(|_| RunError::Unreachable {
-                    shard,
-                    message: "did not stop within 30 s of SIGTERM".to_owned(),
-                })?
-                .map_err(io(format!("waiting for ps-{shard}")))?;
-            if !status.success() {
-                return Err(RunError::Failed {
-                    role: format!("ps-{shard}"),
-                    status,
-                    log: log_tail(&self.log_path(&format!("ps-{shard}"))),
+        for role in &mut self.shards {
+            self.processes.stop(role).await?;
+        }
+        let mut links = Vec::new();
+        if let Some(mut wan) = self.wan.take() {
+            links = wan.link_bytes().await?;
+            self.processes.stop(&mut wan.role).await?;
+        }
+        Ok((statuses, links))
+    }
+}
+
+/// Ships every datacenter's training examples to the first datacenter over
+/// the emulated WAN, and the trained model back: the `centralized` mode's
+/// cost of moving things, measured on real links.
+struct Shipment {
+    wan: Wan,
+    /// Route addresses from each datacenter to the first, and back.
+    inbound: Vec<SocketAddr>,
+    outbound: Vec<SocketAddr>,
+    sink: tokio::task::JoinHandle<()>,
+}
+
+impl Shipment {
+    async fn start(processes: &Processes, job: &ResolvedJob<'_>) -> Result<Self, RunError> {
+        let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io("listening for shipped data"))?;
+        let target = sink
+            .local_addr()
+            .map_err(io("listening for shipped data"))?;
+        // Reads every connection to its end: the bytes have arrived.
+        let sink = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = sink.accept().await {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+                    let _ = stream.write_all(b"k").await;
                 });
             }
+        });
+        let names: Vec<String> = job.datacenters.iter().map(|d| d.name_any()).collect();
+        let mut routes = Vec::new();
+        let (mut inbound, mut outbound) = (Vec::new(), Vec::new());
+        for name in names.iter().skip(1) {
+            for (from, to, list) in [
+                (name, &names[0], &mut inbound),
+                (&names[0], name, &mut outbound),
+            ] {
+                let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+                routes.push(Route {
+                    from: from.clone(),
+                    to: to.clone(),
+                    listen,
+                    target,
+                });
+                list.push(listen);
+            }
         }
-        Ok(statuses)
+        let wan = Wan::start(processes, job, routes).await?;
+        Ok(Self {
+            wan,
+            inbound,
+            outbound,
+            sink,
+        })
     }
+
+    /// Sends `payloads[i]` through `routes[i]`, all at once; returns when
+    /// every byte has arrived.
+    async fn send(routes: &[SocketAddr], payloads: Vec<Vec<u8>>) -> Result<(), RunError> {
+        let sends = routes
+            .iter()
+            .zip(payloads)
+            .map(|(&route, payload)| async move {
+                let mut stream = tokio::net::TcpStream::connect(route).await?;
+                stream.write_all(&payload).await?;
+                stream.shutdown().await?;
+                let mut ack = [0; 1];
+                stream.read_exact(&mut ack).await?;
+                Ok::<_, std::io::Error>(())
+            });
+        futures::future::try_join_all(sends)
+            .await
+            .map_err(io("shipping over the WAN"))?;
+        Ok(())
+    }
+
+    async fn finish(mut self, processes: &Processes) -> Result<Vec<LinkBytes>, RunError> {
+        let links = self.wan.link_bytes().await?;
+        processes.stop(&mut self.wan.role).await?;
+        self.sink.abort();
+        Ok(links)
+    }
+}
+
+/// Examples as bytes, the way they would be shipped: features as
+/// little-endian f32 and a u16 label, or (user u32, item u32, rating f32).
+fn example_bytes(examples: &Examples) -> Vec<u8> {
+    let mut out = Vec::new();
+    match examples {
+        Examples::Classification(c) => {
+            for (row, label) in c.features.rows().into_iter().zip(&c.labels) {
+                for x in row {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+                out.extend_from_slice(&label.to_le_bytes());
+            }
+        }
+        Examples::Ratings(r) => {
+            for ((u, i), x) in r.users.iter().zip(&r.items).zip(&r.ratings) {
+                out.extend_from_slice(&u.to_le_bytes());
+                out.extend_from_slice(&i.to_le_bytes());
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+    out
 }
 
 /// Runs the manifest's job to completion and returns its report.
 pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let started = Instant::now();
+    let target_override = options.target;
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
     if job.sync_policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative {
@@ -469,70 +953,187 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let spec = &job.job.spec;
     // Loading here fetches the data set once, before the roles start and
     // load it from the cache, and tells the metric's name and direction.
-    let model = crate::model::build(
-        &spec.model,
-        &crate::data::load(spec.dataset.name, &options.data_dir)
-            .map_err(|e| RunError::Unsupported(e.to_string()))?,
-    )
-    .map_err(|e| RunError::Unsupported(e.to_string()))?;
+    let data = crate::data::load(spec.dataset.name, &options.data_dir)
+        .map_err(|e| RunError::Unsupported(e.to_string()))?;
+    let model = crate::model::build(&spec.model, &data)
+        .map_err(|e| RunError::Unsupported(e.to_string()))?;
     let max_clocks = spec.stopping.max_clocks.and_then(|c| u64::try_from(c).ok());
+    let centralized = job.sync_policy.spec.inter_datacenter.model
+        == InterDatacenterModel::Centralized
+        && spec.datacenters.len() > 1;
+    std::fs::create_dir_all(options.work_dir.join("logs"))
+        .map_err(io("creating the work directory"))?;
+    let processes = Processes {
+        options: options.clone(),
+    };
+
+    let mut shipment = None;
+    let shipping_started = unix_now();
+    if centralized {
+        let s = Shipment::start(&processes, &job).await?;
+        let parts = crate::data::partition(
+            &data.train,
+            spec.datacenters.iter().map(|d| count(d.workers)).sum(),
+            &spec.dataset.partitioning,
+            42,
+        );
+        let mut payloads = Vec::new();
+        let mut offset = count(spec.datacenters[0].workers);
+        for dc in spec.datacenters.iter().skip(1) {
+            let indices: Vec<usize> = parts[offset..offset + count(dc.workers)].concat();
+            payloads.push(example_bytes(&data.train.select(&indices)));
+            offset += count(dc.workers);
+        }
+        Shipment::send(&s.inbound, payloads).await?;
+        shipment = Some(s);
+    }
+    let shipping_seconds = centralized.then(|| unix_now() - shipping_started);
+
     let mut cluster = LocalCluster::start(options, &job).await?;
+    if centralized {
+        cluster.started = shipping_started;
+    }
     cluster.wait(max_clocks).await?;
+    let mut model_bytes = Vec::new();
+    if let Some(s) = &shipment {
+        // The trained model, as the parameter servers hold it, goes back.
+        for shard in 0..cluster.ps_addresses.len() {
+            model_bytes.extend(pull_all(&cluster, shard).await?);
+        }
+        Shipment::send(&s.outbound, vec![model_bytes.clone(); s.outbound.len()]).await?;
+    }
     let parameter_servers = cluster.ps_addresses.len();
     let workers = cluster.workers.len();
-    let statuses = cluster.shutdown().await?;
-    Ok(report(
-        &job,
-        &statuses,
-        model.metric_name(),
-        model.higher_is_better(),
-        started.elapsed(),
-        parameter_servers,
-        workers,
-    ))
-}
-
-fn report(
-    job: &ResolvedJob<'_>,
-    statuses: &[pb::StatusResponse],
-    metric_name: &str,
-    higher_is_better: bool,
-    wall: Duration,
-    parameter_servers: usize,
-    workers: usize,
-) -> Report {
-    let shard0 = statuses.first().cloned().unwrap_or_default();
-    let target = job.job.spec.stopping.target_metric;
-    let met = |m: f64| target.is_some_and(|t| if higher_is_better { m >= t } else { m <= t });
-    let history: Vec<MetricSample> = shard0
-        .metrics
+    let training_started = cluster.started;
+    let sites: Vec<(String, Vec<usize>, usize, usize)> = cluster
+        .sites
         .iter()
-        .map(|p| MetricSample {
-            seconds: p.seconds,
-            clock: p.clock,
-            metric: p.metric,
+        .map(|s| (s.name.clone(), s.shards.clone(), s.worker_offset, s.workers))
+        .collect();
+    let global = cluster.global;
+    let (statuses, mut links) = cluster.shutdown().await?;
+    if let Some(s) = shipment {
+        links.extend(s.finish(&processes).await?);
+    }
+    let target = spec.stopping.target_metric.or(target_override);
+    let higher = model.higher_is_better();
+    let met = |m: f64| target.is_some_and(|t| if higher { m >= t } else { m <= t });
+    let history = |status: &pb::StatusResponse| -> Vec<MetricSample> {
+        status
+            .metrics
+            .iter()
+            .map(|p| MetricSample {
+                seconds: p.unix_seconds - training_started,
+                clock: p.clock,
+                metric: p.metric,
+            })
+            .collect()
+    };
+    let per_datacenter: Vec<DatacenterReport> = sites
+        .iter()
+        .map(|(name, shards, offset, count)| {
+            let evaluated = if global {
+                &statuses[0]
+            } else {
+                &statuses[shards[0]]
+            };
+            let clocks = if global {
+                statuses[0]
+                    .worker_clocks
+                    .get(*offset..offset + count)
+                    .and_then(|c| c.iter().copied().min())
+                    .unwrap_or(0)
+            } else {
+                statuses[shards[0]].min_clock
+            };
+            let metric_history = history(evaluated);
+            DatacenterReport {
+                name: name.clone(),
+                clocks,
+                final_metric: metric_history.last().map(|s| s.metric),
+                time_to_target_seconds: metric_history
+                    .iter()
+                    .find(|s| met(s.metric))
+                    .map(|s| s.seconds),
+                metric_history,
+            }
         })
         .collect();
-    Report {
+    let finals: Vec<f64> = per_datacenter
+        .iter()
+        .filter_map(|d| d.final_metric)
+        .collect();
+    let mirrors: Vec<&pb::MirrorStatus> =
+        statuses.iter().filter_map(|s| s.mirror.as_ref()).collect();
+    let updated: u64 = mirrors.iter().map(|m| m.elements_updated).sum();
+    #[allow(clippy::cast_precision_loss)] // counts and sizes are far below 2^52
+    Ok(Report {
         job: job.job.name_any(),
         mode: mode_name(job.sync_policy.spec.inter_datacenter.model).to_owned(),
-        metric_name: metric_name.to_owned(),
-        final_metric: history.last().map(|s| s.metric),
+        metric_name: model.metric_name().to_owned(),
+        final_metric: (!finals.is_empty())
+            .then(|| finals.iter().sum::<f64>() / finals.len() as f64),
         target_metric: target,
-        time_to_target_seconds: history.iter().find(|s| met(s.metric)).map(|s| s.seconds),
-        wall_seconds: wall.as_secs_f64(),
-        clocks: shard0.min_clock,
-        stop_reason: shard0.stop_reason,
+        time_to_target_seconds: per_datacenter
+            .iter()
+            .map(|d| d.time_to_target_seconds)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|t| t.into_iter().reduce(f64::max)),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        clocks: per_datacenter.iter().map(|d| d.clocks).min().unwrap_or(0),
+        stop_reason: statuses
+            .first()
+            .map(|s| s.stop_reason.clone())
+            .unwrap_or_default(),
         lan_bytes_total: statuses
             .iter()
             .map(|s| s.bytes_received + s.bytes_sent)
             .sum(),
-        wan_bytes_total: 0,
+        wan_bytes_total: links.iter().map(|l| l.bytes).sum(),
+        wan_links: links,
+        updates_sent_fraction: (!mirrors.is_empty() && updated > 0)
+            .then(|| mirrors.iter().map(|m| m.elements_sent).sum::<u64>() as f64 / updated as f64),
+        barrier_blocks: mirrors.iter().map(|m| m.barrier_blocks).sum(),
+        barrier_wait_seconds: mirrors.iter().map(|m| m.barrier_wait_seconds).sum(),
+        clock_blocks: mirrors.iter().map(|m| m.clock_blocks).sum(),
+        clock_wait_seconds: mirrors.iter().map(|m| m.clock_wait_seconds).sum(),
+        max_mirror_skew: mirrors.iter().map(|m| m.max_skew).max().unwrap_or(0),
+        shipping_seconds,
         parameter_servers,
         workers,
-        metric_history: history,
+        metric_history: per_datacenter
+            .first()
+            .map(|d| d.metric_history.clone())
+            .unwrap_or_default(),
+        per_datacenter,
         adaptation_batches: None,
         model_bytes: None,
         training_seconds: None,
-    }
+    })
+}
+
+fn count(n: i32) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// Every value parameter server `shard` holds, as packed bytes.
+async fn pull_all(cluster: &LocalCluster, shard: usize) -> Result<Vec<u8>, RunError> {
+    let unreachable = |message: String| RunError::Unreachable { shard, message };
+    let mut client = connect(&cluster.ps_addresses[shard..=shard])
+        .map_err(|e| unreachable(e.to_string()))?
+        .remove(0);
+    // Training has stopped, so any clock may read.
+    let response = client
+        .pull(pb::PullRequest {
+            worker: 0,
+            clock: u64::MAX,
+            rows: Some(pb::Rows {
+                keys: Vec::new(),
+                values: Vec::new(),
+                all: true,
+            }),
+        })
+        .await
+        .map_err(|e| unreachable(e.message().to_owned()))?;
+    Ok(response.into_inner().rows.unwrap_or_default().values)
 }

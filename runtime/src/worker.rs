@@ -1,7 +1,7 @@
 //! A worker: owns a partition of the training data; every iteration it pulls
 //! its working set from the parameter servers, computes a gradient on a
-//! mini-batch and pushes it. Worker 0 also evaluates on held-out data and
-//! reports to shard 0, which applies the stopping rule.
+//! mini-batch and pushes it. One worker per model also evaluates on held-out
+//! data and reports to its shards, which apply the stopping rule.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -25,8 +25,10 @@ use crate::ps::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 /// Everything a worker needs to know.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    /// Index of this worker.
+    /// Index of this worker among the workers of its shards.
     pub index: u32,
+    /// Whether this worker evaluates the model and reports to its shards.
+    pub evaluates: bool,
     /// Addresses of the parameter-server shards, `http://host:port`, in shard order.
     pub parameter_servers: Vec<String>,
     /// Examples per mini-batch.
@@ -305,7 +307,6 @@ pub async fn run(
         config,
         params: vec![0.0; model.layout().len()],
     };
-    let evaluator = config.index == 0;
     let mut clock = session.resume_clock().await?;
     info!(
         worker = config.index,
@@ -346,7 +347,7 @@ pub async fn run(
             .inc_by((started.elapsed().saturating_sub(computed) + pulled).as_secs_f64());
         metrics.clock.set(i64::try_from(clock).unwrap_or(i64::MAX));
 
-        if evaluator && (stop || clock % config.eval_every.max(1) == 0) {
+        if config.evaluates && (stop || clock % config.eval_every.max(1) == 0) {
             stop |= session.pull(clock, &WorkingSet::All).await?;
             let value = model.evaluate(&session.params, &data.test);
             let change = previous

@@ -54,10 +54,23 @@ async fn start(dir: &std::path::Path) -> Server {
         "spec.dataset.name",
         "Digits".into(),
     );
+    set(
+        doc(&mut docs, "TrainingJob"),
+        "spec.datacenters",
+        serde_yaml::from_str("[{name: lan, parameterServers: 2, workers: 2}]").unwrap(),
+    );
     let manifest = write(dir, &docs);
     let (port, metrics_port) = (free_port(), free_port());
+    let topology = dir.join("topology.yaml");
+    let other = format!("http://127.0.0.1:{}", free_port());
+    std::fs::write(
+        &topology,
+        format!("datacenter: lan\nparameterServers: [http://127.0.0.1:{port}, {other}]\n"),
+    )
+    .unwrap();
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
-        .args(["ps", "--shard=0", "--shards=2", "--workers=2"])
+        .args(["ps", "--shard=0"])
+        .arg(format!("--topology={}", topology.display()))
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
         .arg(format!("--manifest={}", manifest.display()))
@@ -262,12 +275,13 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
         ("unknown_worker", 1),
         ("invalid_update", 3),
     ] {
-        let line =
-            format!("geoml_ps_requests_rejected_total{{reason=\"{reason}\",shard=\"0\"}} {count}");
+        let line = format!(
+            "geoml_ps_requests_rejected_total{{datacenter=\"lan\",reason=\"{reason}\",shard=\"0\"}} {count}"
+        );
         assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
     }
     assert!(
-        metrics.contains("geoml_ps_updates_applied_total{shard=\"0\"} 1"),
+        metrics.contains("geoml_ps_updates_applied_total{datacenter=\"lan\",shard=\"0\"} 1"),
         "{metrics}"
     );
 }

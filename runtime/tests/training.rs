@@ -127,9 +127,9 @@ async fn a_killed_parameter_server_restarts_from_its_checkpoint_and_training_fin
     );
 
     cluster.wait(None).await.unwrap();
-    let statuses = cluster.shutdown().await.unwrap();
+    let (statuses, _) = cluster.shutdown().await.unwrap();
     let last = statuses[0].metrics.last().unwrap();
     assert!(last.metric >= 0.83, "final accuracy {}", last.metric);
-    let log = std::fs::read_to_string(dir.path().join("logs/ps-1.log")).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("logs/lan-ps-1.log")).unwrap();
     assert!(log.contains("restored"), "{log}");
 }

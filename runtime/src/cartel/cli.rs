@@ -214,6 +214,7 @@ pub async fn bench(args: BenchArgs) -> Result<String, CartelError> {
                     .unwrap_or_else(crate::data::default_cache_dir),
                 eval_every: 20,
                 progress: false,
+                target: None,
             };
             let (_, summary, _) = super::run_detailed(&options, mode).await?;
             summaries.push(summary);

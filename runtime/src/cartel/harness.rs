@@ -17,7 +17,7 @@ use super::scenario::Scenario;
 use super::site::SiteReport;
 use super::{CartelError, Mode, SiteConfig, baselines};
 use crate::manifest::Manifest;
-use crate::run::{MetricSample, Report, RunOptions};
+use crate::run::{DatacenterReport, MetricSample, Report, RunOptions};
 
 /// Accuracy points within which a site counts as adapted again.
 pub const ADAPTED_WITHIN: f64 = 0.02;
@@ -101,6 +101,27 @@ fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// Mean held-out accuracy over the last tenth of a site's stream.
+fn tail_accuracy(r: &SiteReport) -> Option<f64> {
+    let from = r.accuracy.len() - r.accuracy.len().div_ceil(10);
+    mean(r.accuracy[from..].iter().copied())
+}
+
+/// A site's accuracy after every `every`-th batch.
+fn history(r: &SiteReport, every: usize) -> Vec<MetricSample> {
+    r.accuracy
+        .iter()
+        .zip(&r.seconds)
+        .enumerate()
+        .step_by(every)
+        .map(|(b, (&metric, &seconds))| MetricSample {
+            seconds,
+            clock: b as u64 + 1,
+            metric,
+        })
+        .collect()
+}
+
 /// Sums up the reports of one mode's sites.
 #[must_use]
 pub fn summarise(
@@ -126,10 +147,7 @@ pub fn summarise(
             *bytes_by_type.entry(k.clone()).or_insert(0) += v;
         }
     }
-    let tail = |r: &SiteReport| {
-        let from = r.accuracy.len() - r.accuracy.len().div_ceil(10);
-        mean(r.accuracy[from..].iter().copied()).unwrap_or(0.0)
-    };
+    let tail = |r: &SiteReport| tail_accuracy(r).unwrap_or(0.0);
     #[allow(
         clippy::cast_precision_loss,
         clippy::cast_possible_truncation,
@@ -169,7 +187,7 @@ impl CartelSummary {
     #[must_use]
     pub fn report(&self, reports: &[SiteReport], eval_every: u64) -> Report {
         let every = usize::try_from(eval_every).unwrap_or(20).max(1);
-        let history = (0..self.batches)
+        let mean_history = (0..self.batches)
             .step_by(every)
             .filter_map(|b| {
                 let metric = mean(reports.iter().filter_map(|r| r.accuracy.get(b).copied()))?;
@@ -196,9 +214,29 @@ impl CartelSummary {
             stop_reason: "end of every site's stream".to_owned(),
             lan_bytes_total: 0,
             wan_bytes_total: self.wan_bytes_total,
+            // Bytes are counted by message type at the application level,
+            // not per link; see `CartelSummary::bytes_by_type`.
+            wan_links: Vec::new(),
+            updates_sent_fraction: None,
+            barrier_blocks: 0,
+            barrier_wait_seconds: 0.0,
+            clock_blocks: 0,
+            clock_wait_seconds: 0.0,
+            max_mirror_skew: 0,
+            shipping_seconds: None,
             parameter_servers: 0,
             workers: self.sites,
-            metric_history: history,
+            per_datacenter: reports
+                .iter()
+                .map(|r| DatacenterReport {
+                    name: r.site.clone(),
+                    clocks: r.accuracy.len() as u64,
+                    final_metric: tail_accuracy(r),
+                    time_to_target_seconds: None,
+                    metric_history: history(r, every),
+                })
+                .collect(),
+            metric_history: mean_history,
             adaptation_batches: self.adaptation_batches,
             model_bytes: Some(self.model_bytes),
             training_seconds: Some(self.training_seconds),

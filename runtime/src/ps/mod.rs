@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use geoml_crds::training_job::Optimizer;
 use prometheus::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tower::util::MapResponseLayer;
@@ -22,11 +23,14 @@ use tracing::info;
 
 use self::durability::Durability;
 use self::rows::{unpack_keys, unpack_values};
-use self::service::{ShardService, State};
+use self::service::{Progress, ShardService, State};
 use self::shard::{Consistency, Shard, ShardError};
 use self::stopping::StoppingRule;
+use crate::gaia::service::{Links, MirrorService};
+use crate::gaia::state::{MirrorConfig, MirrorState};
 use crate::metrics::PsMetrics;
 use crate::model::Model;
+use crate::pb::mirror::mirror_server::MirrorServer;
 use crate::pb::parameter_server_server::ParameterServerServer;
 
 /// HTTP/2 flow-control window per stream, large enough for a dense push.
@@ -55,6 +59,11 @@ pub struct PsConfig {
     pub stopping: StoppingRule,
     /// Seed of the initial model.
     pub seed: u64,
+    /// This shard's datacenter.
+    pub datacenter: String,
+    /// The mirrors in other datacenters and their addresses (`http://...`,
+    /// in `MirrorConfig::peers` order), when the mode exchanges updates.
+    pub mirror: Option<(MirrorConfig, Vec<String>)>,
     /// Where to keep checkpoints and the write-ahead log, and how often to
     /// checkpoint (in clocks); `None` keeps everything in memory.
     pub checkpoint: Option<(PathBuf, u64)>,
@@ -147,7 +156,18 @@ pub async fn serve(
             Some(durability)
         }
     };
-    let metrics = PsMetrics::new(registry, config.shard)?;
+    let metrics = PsMetrics::new(registry, &config.datacenter, config.shard)?;
+    let (mirror, links) = match config.mirror {
+        None => (None, None),
+        Some((mirror, addresses)) => (
+            Some(MirrorState::new(
+                mirror,
+                shard.values().len(),
+                shard.num_rows(),
+            )),
+            Some(Links::connect(&addresses)?),
+        ),
+    };
     let state = Arc::new(Mutex::new(State {
         shard,
         durability,
@@ -155,8 +175,19 @@ pub async fn serve(
         history: Vec::new(),
         bytes_received: 0,
         bytes_sent: 0,
+        datacenter: config.datacenter,
+        mirror,
     }));
-    let service = ShardService::new(state.clone(), config.consistency, config.stopping, metrics);
+    let progress = Arc::new(watch::Sender::new(Progress::default()));
+    let service = ShardService::new(
+        state.clone(),
+        progress.clone(),
+        links,
+        config.consistency,
+        config.stopping,
+        metrics,
+    );
+    let mirror_service = MirrorService::new(state.clone(), progress);
     // Small messages (acks, pull requests) must not wait for Nagle, and
     // megabyte pushes must not wait for 64 KiB flow-control windows.
     let incoming = TcpListenerStream::new(listener).map(|stream| {
@@ -170,6 +201,11 @@ pub async fn serve(
         .layer(MapResponseLayer::new(too_large_is_resource_exhausted))
         .add_service(
             ParameterServerServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MirrorServer::new(mirror_service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )

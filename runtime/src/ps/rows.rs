@@ -16,12 +16,61 @@ pub enum RowsError {
     /// Keys are not strictly increasing.
     #[error("keys must be sorted and unique (key {0} is out of order)")]
     Unsorted(u32),
+    /// Varint-coded indexes end mid-number or overflow.
+    #[error("indexes: malformed varint at byte {0}")]
+    Varint(usize),
 }
 
 /// Little-endian bytes of `keys`.
 #[must_use]
 pub fn pack_keys(keys: &[u32]) -> Vec<u8> {
     keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+}
+
+/// Sorted, unique `indexes` as LEB128 varints of their gaps (the first
+/// counted from −1): about one byte each when indexes are dense.
+#[must_use]
+pub fn pack_indexes(indexes: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(indexes.len() + 4);
+    let mut previous: Option<u32> = None;
+    for &i in indexes {
+        let mut gap = previous.map_or(i, |p| i - p - 1);
+        previous = Some(i);
+        loop {
+            let byte = (gap & 0x7f) as u8;
+            gap >>= 7;
+            if gap == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    out
+}
+
+/// Indexes packed by [`pack_indexes`].
+pub fn unpack_indexes(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
+    let mut out = Vec::new();
+    let mut next: u64 = 0;
+    let (mut gap, mut shift) = (0_u64, 0);
+    for (at, &byte) in bytes.iter().enumerate() {
+        if shift > 28 {
+            return Err(RowsError::Varint(at));
+        }
+        gap |= u64::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            next += gap;
+            out.push(u32::try_from(next).map_err(|_| RowsError::Varint(at))?);
+            next += 1;
+            (gap, shift) = (0, 0);
+        }
+    }
+    if shift != 0 {
+        return Err(RowsError::Varint(bytes.len()));
+    }
+    Ok(out)
 }
 
 /// Little-endian bytes of `values`.
@@ -72,6 +121,21 @@ pub fn rows(keys: Option<&[u32]>, values: &[f32]) -> pb::Rows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn indexes_round_trip_as_gap_varints() {
+        let indexes = [0, 1, 2, 130, 131, 100_000, u32::MAX];
+        let packed = pack_indexes(&indexes);
+        assert_eq!(&packed[..3], [0, 0, 0]);
+        assert_eq!(unpack_indexes(&packed).unwrap(), indexes);
+        assert!(unpack_indexes(&[]).unwrap().is_empty());
+        assert!(matches!(unpack_indexes(&[0x80]), Err(RowsError::Varint(1))));
+        assert!(unpack_indexes(&[0xff; 8]).is_err());
+        // Past u32::MAX.
+        let mut over = pack_indexes(&[u32::MAX]);
+        over.push(0);
+        assert!(unpack_indexes(&over).is_err());
+    }
 
     #[test]
     fn round_trips() {

@@ -13,18 +13,49 @@ use super::durability::Durability;
 use super::rows::{RowsError, rows, unpack_keys, unpack_values};
 use super::shard::{Consistency, Shard, ShardError};
 use super::stopping::StoppingRule;
+use crate::gaia::service::Links;
+use crate::gaia::state::MirrorState;
 use crate::metrics::PsMetrics;
 use crate::pb;
 use crate::pb::parameter_server_server::ParameterServer;
 
-/// What waiting readers watch: the slowest worker's clock and whether
-/// training stopped.
+/// What waiting readers watch: the slowest worker's clock, whether training
+/// stopped, and what the mirrors allow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
     /// Lowest clock over all workers.
     pub min_clock: u64,
     /// Training has stopped.
     pub stopped: bool,
+    /// Highest clock at which workers may read (mirror-clock bound or
+    /// averaging round); `u64::MAX` without mirrors.
+    pub read_limit: u64,
+    /// Changes whenever the selective barrier releases rows.
+    pub epoch: u64,
+}
+
+impl Progress {
+    fn of(state: &State) -> Self {
+        Self {
+            min_clock: state.shard.min_clock(),
+            stopped: state.stopped.is_some(),
+            read_limit: state
+                .mirror
+                .as_ref()
+                .map_or(u64::MAX, MirrorState::read_limit),
+            epoch: state.mirror.as_ref().map_or(0, MirrorState::epoch),
+        }
+    }
+}
+
+/// Wakes readers waiting on `progress` if `state` lets them go further.
+pub fn publish(state: &State, progress: &watch::Sender<Progress>) {
+    let now = Progress::of(state);
+    progress.send_if_modified(|p| {
+        let changed = *p != now;
+        *p = now;
+        changed
+    });
 }
 
 /// Mutable state of a shard server, behind one lock.
@@ -41,6 +72,10 @@ pub struct State {
     pub bytes_received: u64,
     /// Response bytes sent.
     pub bytes_sent: u64,
+    /// This shard's datacenter.
+    pub datacenter: String,
+    /// Synchronisation with the mirrors in other datacenters, if any.
+    pub mirror: Option<MirrorState>,
 }
 
 impl State {
@@ -60,35 +95,31 @@ impl State {
 /// A parameter-server shard as a gRPC service.
 pub struct ShardService {
     state: Arc<Mutex<State>>,
-    progress: watch::Sender<Progress>,
+    progress: Arc<watch::Sender<Progress>>,
+    links: Option<Links>,
     consistency: Consistency,
     stopping: StoppingRule,
     metrics: PsMetrics,
-    started: Instant,
 }
 
 impl ShardService {
-    /// Wraps `state`; readers wait on `progress`.
+    /// Wraps `state`; readers wait on `progress`; `links` reach the mirrors.
     pub fn new(
         state: Arc<Mutex<State>>,
+        progress: Arc<watch::Sender<Progress>>,
+        links: Option<Links>,
         consistency: Consistency,
         stopping: StoppingRule,
         metrics: PsMetrics,
     ) -> Self {
-        let initial = {
-            let s = lock(&state);
-            Progress {
-                min_clock: s.shard.min_clock(),
-                stopped: s.stopped.is_some(),
-            }
-        };
+        publish(&lock(&state), &progress);
         Self {
             state,
-            progress: watch::Sender::new(initial),
+            progress,
+            links,
             consistency,
             stopping,
             metrics,
-            started: Instant::now(),
         }
     }
 
@@ -114,14 +145,73 @@ impl ShardService {
         if state.stopped.is_none() {
             state.stopped = self.stopping.on_clock(min_clock);
         }
-        self.progress.send_replace(Progress {
-            min_clock,
-            stopped: state.stopped.is_some(),
-        });
+        if let (
+            Some(links),
+            State {
+                shard,
+                mirror: Some(mirror),
+                stopped,
+                ..
+            },
+        ) = (&self.links, &mut *state)
+        {
+            let out = mirror.on_clock(
+                shard.values(),
+                min_clock,
+                stopped.is_some(),
+                &links.backlog(),
+            );
+            links.send(&out, &self.state);
+            self.metrics
+                .observe_mirror(&mirror.status(links.unacknowledged()));
+        }
+        publish(state, &self.progress);
+    }
+
+    /// Waits until the mirrors let a worker at `clock` read `rows`: the
+    /// mirror-clock bound (or averaging round), then the selective barrier.
+    async fn wait_for_mirrors(&self, clock: u64, rows: &[usize]) -> Result<(), Status> {
+        let shutting_down = |_| Status::unavailable("parameter server is shutting down");
+        let mut progress = self.progress.subscribe();
+        let waited = Instant::now();
+        if progress.borrow_and_update().read_limit < clock {
+            progress
+                .wait_for(|p| p.stopped || clock <= p.read_limit)
+                .await
+                .map_err(shutting_down)?;
+            if let Some(m) = lock(&self.state).mirror.as_mut() {
+                m.stats.clock_blocks += 1;
+                m.stats.clock_wait += waited.elapsed().as_secs_f64();
+            }
+        }
+        let waited = Instant::now();
+        let mut blocked = false;
+        loop {
+            {
+                let mut state = lock(&self.state);
+                let stopped = state.stopped.is_some();
+                let Some(m) = state.mirror.as_mut() else {
+                    return Ok(());
+                };
+                if stopped || !m.blocked(rows) {
+                    if blocked {
+                        m.stats.barrier_blocks += 1;
+                        m.stats.barrier_wait += waited.elapsed().as_secs_f64();
+                    }
+                    if !stopped {
+                        m.stats.max_skew = m.stats.max_skew.max(m.skew(clock));
+                    }
+                    return Ok(());
+                }
+                blocked = true;
+            }
+            progress.changed().await.map_err(shutting_down)?;
+        }
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+/// Locks a shard's state.
+pub fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock cannot leave the shard half-updated:
     // `Shard::apply` validates before it mutates. Keep serving.
     state
@@ -169,7 +259,7 @@ impl ParameterServer for ShardService {
                 Status::invalid_argument("rows: a pull sends no values"),
             ));
         }
-        {
+        let local_rows = {
             let state = lock(&self.state);
             state
                 .shard
@@ -187,7 +277,11 @@ impl ParameterServer for ShardService {
                     )),
                 ));
             }
-        }
+            state
+                .shard
+                .rows_of(keys.as_deref())
+                .map_err(|e| self.reject("unknown_key", e.into()))?
+        };
 
         let waited = Instant::now();
         let consistency = self.consistency;
@@ -200,6 +294,7 @@ impl ParameterServer for ShardService {
         self.metrics
             .read_wait_seconds
             .inc_by(waited.elapsed().as_secs_f64());
+        self.wait_for_mirrors(clock, &local_rows).await?;
 
         let mut state = lock(&self.state);
         let values = state
@@ -239,7 +334,14 @@ impl ParameterServer for ShardService {
                     .log(&req)
                     .map_err(|e| Status::internal(format!("write-ahead log: {e}")))?;
             }
-            state.shard.commit(req.worker, req.clock, &rows, &values);
+            let State { shard, mirror, .. } = &mut *state;
+            shard.commit(
+                req.worker,
+                req.clock,
+                &rows,
+                &values,
+                mirror.as_mut().map(|m| &mut m.changes),
+            );
             self.metrics.updates_applied.inc();
             self.advance(&mut state);
             let min_clock = state.shard.min_clock();
@@ -274,7 +376,10 @@ impl ParameterServer for ShardService {
             .check_worker(req.worker)
             .map_err(|e| self.reject("unknown_worker", e.into()))?;
         state.history.push(pb::MetricPoint {
-            seconds: self.started.elapsed().as_secs_f64(),
+            unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
             clock: req.clock,
             metric: req.metric,
         });
@@ -303,6 +408,11 @@ impl ParameterServer for ShardService {
             bytes_sent: state.bytes_sent,
             updates_applied: state.shard.updates_applied(),
             shard: state.shard.id(),
+            datacenter: state.datacenter.clone(),
+            mirror: state
+                .mirror
+                .as_ref()
+                .map(|m| m.status(self.links.as_ref().map_or(0, Links::unacknowledged))),
         }))
     }
 }

@@ -97,9 +97,52 @@ pub enum ShardError {
         /// Position of the value.
         index: usize,
     },
+    /// An element index is past the shard's values.
+    #[error("element {index} does not exist (the shard holds {elements})")]
+    NoElement {
+        /// The index sent.
+        index: u32,
+        /// Elements the shard holds.
+        elements: usize,
+    },
     /// A checkpoint does not fit this shard.
     #[error("checkpoint does not fit this shard: {0}")]
     Checkpoint(String),
+}
+
+/// The changes a datacenter's own workers made to a shard, element by
+/// element: what Gaia's mirrors accumulate and send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Changes {
+    /// Changes not yet sent to the mirrors.
+    pub accumulated: Vec<f32>,
+    /// Every change ever made, summed in f64 (for checking conservation).
+    pub generated: Vec<f64>,
+    /// Element changes made (non-zero ones).
+    pub count: u64,
+}
+
+impl Changes {
+    /// No changes to a shard of `len` elements.
+    #[must_use]
+    pub fn new(len: usize) -> Self {
+        Self {
+            accumulated: vec![0.0; len],
+            generated: vec![0.0; len],
+            count: 0,
+        }
+    }
+
+    fn add(&mut self, start: usize, before: &[f32], after: &[f32]) {
+        for (j, (old, new)) in before.iter().zip(after).enumerate() {
+            let delta = new - old;
+            if delta != 0.0 {
+                self.accumulated[start + j] += delta;
+                self.generated[start + j] += f64::from(delta);
+                self.count += 1;
+            }
+        }
+    }
 }
 
 /// Whether a push changed the model.
@@ -255,7 +298,7 @@ impl Shard {
     ) -> Result<Applied, ShardError> {
         match self.check(worker, clock, keys, gradient)? {
             Some(rows) => {
-                self.commit(worker, clock, &rows, gradient);
+                self.commit(worker, clock, &rows, gradient, None);
                 Ok(Applied::Fresh)
             }
             None => Ok(Applied::Duplicate),
@@ -283,13 +326,7 @@ impl Shard {
                 got: clock,
             });
         }
-        let rows: Vec<usize> = match keys {
-            None => (0..self.keys.len()).collect(),
-            Some(keys) => keys
-                .iter()
-                .map(|&k| self.local(k))
-                .collect::<Result<_, _>>()?,
-        };
+        let rows = self.rows_of(keys)?;
         let expected: usize = rows
             .iter()
             .map(|&i| self.starts[i + 1] - self.starts[i])
@@ -306,12 +343,25 @@ impl Shard {
         Ok(Some(rows))
     }
 
-    /// Applies a push that [`Self::check`] accepted, with the rows it returned.
-    pub fn commit(&mut self, worker: u32, clock: u64, rows: &[usize], gradient: &[f32]) {
+    /// Applies a push that [`Self::check`] accepted, with the rows it
+    /// returned, adding the changes it makes to `changes` when given.
+    pub fn commit(
+        &mut self,
+        worker: u32,
+        clock: u64,
+        rows: &[usize],
+        gradient: &[f32],
+        mut changes: Option<&mut Changes>,
+    ) {
         let mut at = 0;
+        let mut before = Vec::new();
         for &i in rows {
             let (start, end) = (self.starts[i], self.starts[i + 1]);
             let width = end - start;
+            if changes.is_some() {
+                before.clear();
+                before.extend_from_slice(&self.values[start..end]);
+            }
             self.optimizer.step(
                 self.learning_rate,
                 i,
@@ -319,10 +369,64 @@ impl Shard {
                 &mut self.values[start..end],
                 &gradient[at..at + width],
             );
+            if let Some(changes) = changes.as_deref_mut() {
+                changes.add(start, &before, &self.values[start..end]);
+            }
             at += width;
         }
         self.worker_clocks[worker as usize] = clock;
         self.updates_applied += 1;
+    }
+
+    /// Adds `deltas` to the elements at `indexes` (positions in
+    /// [`Self::values`]): updates made by another datacenter's workers.
+    /// Checks everything before changing anything.
+    pub fn add(&mut self, indexes: &[u32], deltas: &[f32]) -> Result<(), ShardError> {
+        self.check_add(indexes, deltas)?;
+        for (&i, &d) in indexes.iter().zip(deltas) {
+            self.values[i as usize] += d;
+        }
+        Ok(())
+    }
+
+    /// Checks what [`Self::add`] would check, changing nothing.
+    pub fn check_add(&self, indexes: &[u32], deltas: &[f32]) -> Result<(), ShardError> {
+        if indexes.len() != deltas.len() {
+            return Err(ShardError::Shape {
+                expected: indexes.len(),
+                got: deltas.len(),
+            });
+        }
+        if let Some(&index) = indexes.iter().find(|&&i| i as usize >= self.values.len()) {
+            return Err(ShardError::NoElement {
+                index,
+                elements: self.values.len(),
+            });
+        }
+        if let Some(index) = deltas.iter().position(|d| !d.is_finite()) {
+            return Err(ShardError::NotFinite { index });
+        }
+        Ok(())
+    }
+
+    /// The local row holding element `index` of [`Self::values`].
+    #[must_use]
+    pub fn row_of(&self, index: u32) -> usize {
+        self.starts.partition_point(|&s| s <= index as usize) - 1
+    }
+
+    /// The local rows of `keys` (`None`: every row).
+    pub fn rows_of(&self, keys: Option<&[u32]>) -> Result<Vec<usize>, ShardError> {
+        match keys {
+            None => Ok((0..self.keys.len()).collect()),
+            Some(keys) => keys.iter().map(|&k| self.local(k)).collect(),
+        }
+    }
+
+    /// Number of rows this shard owns.
+    #[must_use]
+    pub fn num_rows(&self) -> usize {
+        self.keys.len()
     }
 
     /// The shard's state for a checkpoint.
@@ -466,6 +570,27 @@ mod tests {
         ));
         assert_eq!(s.values(), before);
         assert_eq!(s.worker_clocks(), [0, 0]);
+    }
+
+    #[test]
+    fn tracks_changes_and_adds_remote_deltas() {
+        let mut s = shard(0);
+        let mut changes = Changes::new(s.values().len());
+        let rows = s.check(0, 1, Some(&[2]), &[1.0, 0.0]).unwrap().unwrap();
+        s.commit(0, 1, &rows, &[1.0, 0.0], Some(&mut changes));
+        assert_eq!(changes.accumulated, [0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(changes.count, 1);
+        s.add(&[0, 6], &[0.5, -0.5]).unwrap();
+        assert_eq!(s.values(), [0.5, 0.0, 1.0, 2.0, 4.0, 4.0, 3.5]);
+        assert!(matches!(
+            s.add(&[7], &[1.0]),
+            Err(ShardError::NoElement { index: 7, .. })
+        ));
+        assert!(s.add(&[0], &[f32::NAN]).is_err());
+        assert_eq!(
+            (s.row_of(0), s.row_of(1), s.row_of(2), s.row_of(6)),
+            (0, 0, 1, 2)
+        );
     }
 
     #[test]

@@ -62,5 +62,6 @@ pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
         data_dir: geoml_runtime::data::default_cache_dir(),
         eval_every: 20,
         progress: false,
+        target: None,
     }
 }

@@ -1,0 +1,367 @@
+//! Gaia across emulated datacenters, with real processes: the selective
+//! barrier, the mirror-clock bound, conservation of updates, and every mode
+//! of `geoml compare`. Digits keeps each run to seconds.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{ONE_RUN_AT_A_TIME, doc, example, options, set, write};
+use geoml_runtime::manifest::Manifest;
+use geoml_runtime::pb;
+use geoml_runtime::pb::mirror::mirror_client::MirrorClient;
+use geoml_runtime::pb::parameter_server_client::ParameterServerClient;
+use geoml_runtime::ps::rows::{pack_indexes, pack_keys, pack_values, unpack_values};
+use geoml_runtime::run::LocalCluster;
+use serde_yaml::Value;
+
+/// `gaia-3dc.yaml` on Digits: `latency` ms per datacenter (ap-southeast
+/// `slow_latency`), mirror clocks of `period` clocks, bound `bound`.
+fn digits_gaia(latency: i64, slow_latency: i64, period: i64, bound: i64) -> Vec<Value> {
+    let mut docs = example("gaia-3dc.yaml");
+    for d in docs.iter_mut().filter(|d| d["kind"] == "Datacenter") {
+        let slow = d["metadata"]["name"] == "ap-southeast";
+        set(
+            d,
+            "spec.wan.latencyMs",
+            if slow { slow_latency } else { latency }.into(),
+        );
+    }
+    let policy = doc(&mut docs, "SyncPolicy");
+    set(policy, "spec.significance.threshold", 0.1.into());
+    set(policy, "spec.mirrorClockPeriod", period.into());
+    set(policy, "spec.mirrorClockBound", bound.into());
+    let job = doc(&mut docs, "TrainingJob");
+    set(job, "spec.dataset.name", "Digits".into());
+    set(job, "spec.model.learningRate", 0.1.into());
+    set(
+        job,
+        "spec.stopping",
+        serde_yaml::from_str("{maxClocks: 150}").unwrap(),
+    );
+    docs
+}
+
+async fn mirror_client(address: &str) -> MirrorClient<tonic::transport::Channel> {
+    MirrorClient::connect(address.to_owned()).await.unwrap()
+}
+
+#[tokio::test]
+async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none_runs_ahead() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 1;
+    let manifest = write(dir.path(), &digits_gaia(10, 150, 2, bound));
+    let docs = Manifest::load(&manifest).unwrap();
+    let job = docs.job().unwrap();
+    let mut cluster = LocalCluster::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+    let shards = cluster.parameter_server_addresses().len();
+    assert_eq!(shards, 3, "one shard per datacenter");
+
+    // Watch the clocks while it trains: a datacenter is never more than DS
+    // mirror clocks (of 2 clocks) ahead, give or take the one in progress.
+    // Each one is read before the others, which only move forward.
+    let mut samples = 0;
+    while samples < 400 {
+        let mut clocks = Vec::new();
+        for shard in 0..shards {
+            match cluster.status(shard).await {
+                Ok(s) if !s.stopped => clocks.push(s.min_clock),
+                _ => break,
+            }
+        }
+        if clocks.len() < shards {
+            break;
+        }
+        let mirror = |c: u64| c / 2;
+        let gap =
+            mirror(clocks[0]) as i64 - clocks[1..].iter().map(|&c| mirror(c) as i64).min().unwrap();
+        assert!(
+            gap <= bound + 1,
+            "us-east ran {gap} mirror clocks ahead: {clocks:?}"
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        samples > 5,
+        "too few samples ({samples}) to watch the bound"
+    );
+
+    cluster.wait(None).await.unwrap();
+    let addresses = cluster.parameter_server_addresses().to_vec();
+    let mut snapshots = Vec::new();
+    for address in &addresses {
+        let s = mirror_client(address)
+            .await
+            .snapshot(pb::mirror::SnapshotRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        snapshots.push((
+            unpack_values(&s.values).unwrap(),
+            unpack_values(&s.generated).unwrap(),
+        ));
+    }
+    let (statuses, _) = cluster.shutdown().await.unwrap();
+
+    // The initial model, as every shard builds it.
+    let data = geoml_runtime::data::load(
+        job.job.spec.dataset.name,
+        &geoml_runtime::data::default_cache_dir(),
+    )
+    .unwrap();
+    let model = geoml_runtime::model::build(&job.job.spec.model, &data).unwrap();
+    let mut initial = vec![0.0; model.layout().len()];
+    for key in 0..model.layout().num_rows() as u32 {
+        let range = model.layout().row(key).unwrap();
+        model.init_row(key, 42, &mut initial[range]);
+    }
+    let mut expected = initial.clone();
+    for (_, generated) in &snapshots {
+        assert!(
+            generated.iter().any(|&g| g != 0.0),
+            "a datacenter trained nothing"
+        );
+        for (e, g) in expected.iter_mut().zip(generated) {
+            *e += g;
+        }
+    }
+    for (d, (values, _)) in snapshots.iter().enumerate() {
+        for (i, (v, e)) in values.iter().zip(&expected).enumerate() {
+            assert!(
+                (v - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                "datacenter {d}, element {i}: {v} != initial + all updates = {e}"
+            );
+        }
+    }
+    for status in &statuses {
+        let m = status.mirror.as_ref().unwrap();
+        assert!(m.drained, "{status:?}");
+        assert!(m.max_skew <= bound as u64, "{m:?}");
+        assert!(
+            m.elements_sent < m.elements_updated,
+            "nothing was held back: {m:?}"
+        );
+    }
+    // The slow datacenter held the others back.
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.mirror.as_ref().unwrap().clock_blocks > 0),
+        "the bound never held a read"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn pull(keys: &[u32]) -> pb::PullRequest {
+    pb::PullRequest {
+        worker: 0,
+        clock: 0,
+        rows: Some(pb::Rows {
+            keys: pack_keys(keys),
+            values: Vec::new(),
+            all: false,
+        }),
+    }
+}
+
+/// One shard of us-east in a two-datacenter ASP job; this test plays eu-west.
+async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
+    let mut docs = digits_gaia(10, 10, 1000, 1);
+    docs.retain(|d| d["metadata"]["name"] != "ap-southeast");
+    let job = doc(&mut docs, "TrainingJob");
+    let dcs = job["spec"]["datacenters"].as_sequence_mut().unwrap();
+    dcs.retain(|d| d["name"] != "ap-southeast");
+    let manifest = write(dir, &docs);
+    let port = free_port();
+    let address = format!("http://127.0.0.1:{port}");
+    let topology = dir.join("topology.yaml");
+    // eu-west's mirror address leads nowhere: what us-east sends is lost,
+    // which this test does not look at.
+    std::fs::write(
+        &topology,
+        format!(
+            "datacenter: us-east\nparameterServers: [{address}]\nmirrors:\n  eu-west: [http://127.0.0.1:{}]\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(["ps", "--shard=0"])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--topology={}", topology.display()))
+        .arg(format!("--manifest={}", manifest.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..300 {
+        if ParameterServerClient::connect(address.clone())
+            .await
+            .is_ok()
+        {
+            return (child, address);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("geoml ps did not start");
+}
+
+#[tokio::test]
+async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_child, address) = lone_shard(dir.path()).await;
+    let mut ps = ParameterServerClient::connect(address.clone())
+        .await
+        .unwrap();
+    let mut mirror = mirror_client(&address).await;
+    let before = ps.pull(pull(&[3])).await.unwrap().into_inner();
+    let before = unpack_values(&before.rows.unwrap().values).unwrap();
+    let width = before.len() as u32;
+
+    // eu-west announces an update of row 3 (the shard holds every row, so
+    // row 3's elements are 3·width .. 4·width).
+    let indexes: Vec<u32> = (3 * width..4 * width).collect();
+    mirror
+        .announce(pb::mirror::Announcement {
+            datacenter: "eu-west".into(),
+            seq: 1,
+            indexes: pack_indexes(&indexes),
+        })
+        .await
+        .unwrap();
+
+    // Other rows stay readable.
+    tokio::time::timeout(Duration::from_secs(5), ps.pull(pull(&[0, 1, 2, 4])))
+        .await
+        .expect("a read of rows nobody announced was held")
+        .unwrap();
+    // Row 3 waits.
+    let mut blocked_client = ps.clone();
+    let blocked = tokio::spawn(async move { blocked_client.pull(pull(&[2, 3])).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !blocked.is_finished(),
+        "a read of an announced row went through"
+    );
+
+    mirror
+        .update(pb::mirror::MirrorUpdate {
+            datacenter: "eu-west".into(),
+            seq: 1,
+            indexes: pack_indexes(&indexes),
+            deltas: pack_values(&vec![1.0; indexes.len()]),
+            announced: true,
+            round: 0,
+        })
+        .await
+        .unwrap();
+    let released = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("the read stayed blocked after the data arrived")
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    let values = unpack_values(&released.rows.unwrap().values).unwrap();
+    for (after, before) in values[width as usize..].iter().zip(&before) {
+        assert!((after - before - 1.0).abs() < 1e-6, "{after} vs {before}");
+    }
+
+    // A stranger's update is refused and changes nothing.
+    let refused = mirror
+        .update(pb::mirror::MirrorUpdate {
+            datacenter: "mars".into(),
+            seq: 2,
+            indexes: pack_indexes(&indexes),
+            deltas: pack_values(&vec![1.0; indexes.len()]),
+            announced: false,
+            round: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let again = ps.pull(pull(&[3])).await.unwrap().into_inner();
+    assert_eq!(
+        unpack_values(&again.rows.unwrap().values).unwrap(),
+        values[width as usize..]
+    );
+}
+
+#[tokio::test]
+async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_used() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(10, 10, 5, 1);
+    set(
+        doc(&mut docs, "TrainingJob"),
+        "spec.stopping",
+        serde_yaml::from_str("{maxClocks: 40}").unwrap(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let (json, svg) = (dir.path().join("out.json"), dir.path().join("out.svg"));
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .arg("compare")
+        .arg(&manifest)
+        .arg("--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,centralized,isolated")
+        .arg(format!("--json={}", json.display()))
+        .arg(format!("--plot={}", svg.display()))
+        .arg(format!("--work-dir={}", dir.path().join("runs").display()))
+        .arg("--eval-every=10")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let comparison: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for (mode, uses_wan) in [
+        ("lan", false),
+        ("bsp-wan", true),
+        ("ssp-wan", true),
+        ("gaia", true),
+        ("fedavg", true),
+        ("centralized", true),
+        ("isolated", false),
+    ] {
+        let report = &comparison["modes"][mode];
+        assert_eq!(report["mode"], mode, "{comparison}");
+        assert!(report["final_metric"].as_f64().unwrap() > 0.3, "{report}");
+        let wan = report["wan_bytes_total"].as_u64().unwrap();
+        assert_eq!(wan > 0, uses_wan, "{mode}: {wan} WAN bytes");
+        assert!(stdout.contains(mode), "{stdout}");
+    }
+    assert!(
+        comparison["modes"]["centralized"]["shipping_seconds"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        comparison["modes"]["gaia"]["updates_sent_fraction"]
+            .as_f64()
+            .unwrap()
+            < 1.0
+    );
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.matches("<polyline").count() == 7,
+        "{plot}"
+    );
+}

@@ -1,0 +1,202 @@
+//! A real Prometheus server (Debian's package, fetched by
+//! `tests/tools/prometheus.sh`) scrapes a Gaia run across three emulated
+//! datacenters, and the metrics the issue names answer its queries.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{ONE_RUN_AT_A_TIME, doc, example, options, repo_root, set, write};
+use geoml_runtime::manifest::Manifest;
+use geoml_runtime::run::LocalCluster;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn prometheus_binary() -> String {
+    let output = std::process::Command::new("bash")
+        .arg(repo_root().join("tests/tools/prometheus.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "tests/tools/prometheus.sh failed");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` from `addr`; the body.
+async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_owned())
+}
+
+/// The result vector of PromQL `query`.
+async fn query(prometheus: SocketAddr, query: &str) -> Vec<Value> {
+    let encoded: String = query
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let body = get(prometheus, &format!("/api/v1/query?query={encoded}"))
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["status"], "success", "{answer}");
+    answer["data"]["result"].as_array().unwrap().clone()
+}
+
+fn value(sample: &Value) -> f64 {
+    sample["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
+    let binary = prometheus_binary();
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = example("gaia-3dc.yaml");
+    for d in docs.iter_mut().filter(|d| d["kind"] == "Datacenter") {
+        set(d, "spec.wan.latencyMs", 10.into());
+    }
+    set(
+        doc(&mut docs, "SyncPolicy"),
+        "spec.mirrorClockPeriod",
+        5.into(),
+    );
+    let job = doc(&mut docs, "TrainingJob");
+    set(job, "spec.dataset.name", "Digits".into());
+    set(job, "spec.model.learningRate", 0.1.into());
+    set(
+        job,
+        "spec.stopping",
+        serde_yaml::from_str("{maxClocks: 300}").unwrap(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let loaded = Manifest::load(&manifest).unwrap();
+    let job = loaded.job().unwrap();
+    let mut cluster = LocalCluster::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+
+    let targets: Vec<String> = cluster
+        .metrics_endpoints()
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    assert_eq!(
+        targets.len(),
+        4,
+        "three parameter servers and the WAN proxy"
+    );
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 200ms, scrape_timeout: 150ms}}\n\
+             scrape_configs:\n- job_name: geoml\n  static_configs:\n  - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let prometheus = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let _server = tokio::process::Command::new(&binary)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={prometheus}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..300 {
+        if get(prometheus, "/-/ready").await.is_some() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "prometheus did not become ready");
+
+    cluster.wait(None).await.unwrap();
+    // The parameter servers serve until shutdown: wait for scrapes of all
+    // four endpoints that see the final counts.
+    let mut up = Vec::new();
+    for _ in 0..100 {
+        up = query(prometheus, "up == 1").await;
+        if up.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let targets = get(prometheus, "/api/v1/targets").await;
+    assert_eq!(up.len(), 4, "{up:?}\n{targets:?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // WAN bytes per directed link: six links among three datacenters.
+    let links = query(prometheus, "geoml_wan_bytes_total").await;
+    assert_eq!(links.len(), 6, "{links:?}");
+    assert!(links.iter().all(|s| value(s) > 0.0), "{links:?}");
+    // LAN bytes per datacenter and direction.
+    let lan = query(
+        prometheus,
+        "sum by (datacenter) (geoml_ps_lan_received_bytes_total)",
+    )
+    .await;
+    assert_eq!(lan.len(), 3, "{lan:?}");
+    // Updates filtered vs sent: the filter held some back.
+    let sent = query(prometheus, "sum(geoml_mirror_elements_sent_total)").await;
+    let made = query(prometheus, "sum(geoml_mirror_elements_updated_total)").await;
+    assert!(
+        value(&sent[0]) > 0.0 && value(&sent[0]) < value(&made[0]),
+        "{sent:?} {made:?}"
+    );
+    let threshold = query(prometheus, "geoml_mirror_threshold").await;
+    assert!(
+        threshold.iter().all(|s| (value(s) - 0.2).abs() < 1e-9),
+        "{threshold:?}"
+    );
+    // Mirror clocks per datacenter, and what each heard from its peers.
+    let clocks = query(prometheus, "geoml_mirror_clock").await;
+    assert_eq!(clocks.len(), 3, "{clocks:?}");
+    assert!(clocks.iter().all(|s| value(s) >= 59.0), "{clocks:?}");
+    let heard = query(prometheus, "geoml_mirror_peer_clock").await;
+    assert_eq!(heard.len(), 6, "{heard:?}");
+    let skew = query(prometheus, "max(geoml_mirror_max_skew)").await;
+    assert!(value(&skew[0]) <= 1.0, "{skew:?}");
+    let rtt = query(prometheus, "min(geoml_mirror_rtt_seconds)").await;
+    assert!(
+        value(&rtt[0]) >= 0.01,
+        "RTT below the emulated 20 ms: {rtt:?}"
+    );
+    // Barrier counters exist for every shard, whether or not they fired.
+    for metric in [
+        "geoml_mirror_barrier_blocks_total",
+        "geoml_mirror_barrier_wait_seconds_total",
+        "geoml_mirror_clock_blocks_total",
+    ] {
+        assert_eq!(query(prometheus, metric).await.len(), 3, "{metric}");
+    }
+    cluster.shutdown().await.unwrap();
+}
