@@ -108,6 +108,52 @@ fn count(n: i32) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
+/// What datacenter `here` of `job` exchanges with its mirrors, if anything.
+fn mirror_config(
+    job: &ResolvedJob<'_>,
+    here: usize,
+) -> Result<Option<MirrorConfig>, PlacementError> {
+    let spec = &job.job.spec;
+    let policy = &job.sync_policy.spec;
+    let model = policy.inter_datacenter.model;
+    let dc = &spec.datacenters[here];
+    let exchange = match model {
+        InterDatacenterModel::Asp => Exchange::Asp {
+            selective_barrier: policy.selective_barrier,
+        },
+        InterDatacenterModel::FedAvg => Exchange::FedAvg {
+            round_clocks: u64::try_from(policy.federated_averaging.round_clocks.max(1))
+                .unwrap_or(1),
+        },
+        _ => return Ok(None),
+    };
+    if spec.datacenters.len() < 2 {
+        return Ok(None);
+    }
+    if spec
+        .datacenters
+        .iter()
+        .any(|d| d.parameter_servers != dc.parameter_servers)
+    {
+        return Err(PlacementError::UnevenShards {
+            mode: crate::run::mode_name(model),
+        });
+    }
+    Ok(Some(MirrorConfig {
+        datacenter: dc.name.clone(),
+        peers: spec
+            .datacenters
+            .iter()
+            .filter(|d| d.name != dc.name)
+            .map(|d| d.name.clone())
+            .collect(),
+        exchange,
+        period: u64::try_from(policy.mirror_clock_period.max(1)).unwrap_or(1),
+        bound: u64::try_from(policy.mirror_clock_bound.max(0)).unwrap_or(0),
+        filter: Filter::new(&policy.significance, policy.wan_budget_mbps),
+    }))
+}
+
 impl Placement {
     /// The place of `topology.datacenter` in `job`.
     pub fn new(job: &ResolvedJob<'_>, topology: &Topology) -> Result<Self, PlacementError> {
@@ -158,42 +204,7 @@ impl Placement {
             ),
             _ => Consistency::from_policy(&policy.intra_datacenter),
         };
-        let exchange = match model {
-            InterDatacenterModel::Asp => Some(Exchange::Asp {
-                selective_barrier: policy.selective_barrier,
-            }),
-            InterDatacenterModel::FedAvg => Some(Exchange::FedAvg {
-                round_clocks: u64::try_from(policy.federated_averaging.round_clocks.max(1))
-                    .unwrap_or(1),
-            }),
-            _ => None,
-        }
-        .filter(|_| spec.datacenters.len() > 1)
-        .map(|exchange| {
-            if spec
-                .datacenters
-                .iter()
-                .any(|d| d.parameter_servers != dc.parameter_servers)
-            {
-                return Err(PlacementError::UnevenShards {
-                    mode: crate::run::mode_name(model),
-                });
-            }
-            Ok(MirrorConfig {
-                datacenter: dc.name.clone(),
-                peers: spec
-                    .datacenters
-                    .iter()
-                    .filter(|d| d.name != dc.name)
-                    .map(|d| d.name.clone())
-                    .collect(),
-                exchange,
-                period: u64::try_from(policy.mirror_clock_period.max(1)).unwrap_or(1),
-                bound: u64::try_from(policy.mirror_clock_bound.max(0)).unwrap_or(0),
-                filter: Filter::new(&policy.significance, policy.wan_budget_mbps),
-            })
-        })
-        .transpose()?;
+        let exchange = mirror_config(job, here)?;
         Ok(Self {
             datacenter: dc.name.clone(),
             shard_offset: u32::try_from(if global { shard_offset } else { 0 }).unwrap_or(0),

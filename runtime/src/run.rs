@@ -123,6 +123,42 @@ pub struct DatacenterReport {
     pub metric_history: Vec<MetricSample>,
 }
 
+/// Mirror synchronisation of a run, summed over every shard.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MirrorTotals {
+    /// Of the parameter updates workers made, the fraction sent to mirrors
+    /// (modes with mirrors).
+    pub updates_sent_fraction: Option<f64>,
+    /// Reads the selective barrier held.
+    pub barrier_blocks: u64,
+    /// Seconds reads waited at the selective barrier, summed.
+    pub barrier_wait_seconds: f64,
+    /// Reads the mirror-clock bound (or an averaging round) held.
+    pub clock_blocks: u64,
+    /// Seconds reads waited for the mirror-clock bound or a round, summed.
+    pub clock_wait_seconds: f64,
+    /// Most mirror clocks any datacenter ran ahead of its slowest peer.
+    pub max_mirror_skew: u64,
+}
+
+impl MirrorTotals {
+    fn of(statuses: &[pb::StatusResponse]) -> Self {
+        let mirrors: Vec<&pb::MirrorStatus> =
+            statuses.iter().filter_map(|s| s.mirror.as_ref()).collect();
+        let updated: u64 = mirrors.iter().map(|m| m.elements_updated).sum();
+        let sent: u64 = mirrors.iter().map(|m| m.elements_sent).sum();
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        Self {
+            updates_sent_fraction: (updated > 0).then(|| sent as f64 / updated as f64),
+            barrier_blocks: mirrors.iter().map(|m| m.barrier_blocks).sum(),
+            barrier_wait_seconds: mirrors.iter().map(|m| m.barrier_wait_seconds).sum(),
+            clock_blocks: mirrors.iter().map(|m| m.clock_blocks).sum(),
+            clock_wait_seconds: mirrors.iter().map(|m| m.clock_wait_seconds).sum(),
+            max_mirror_skew: mirrors.iter().map(|m| m.max_skew).max().unwrap_or(0),
+        }
+    }
+}
+
 /// The `--json` report of a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -151,19 +187,9 @@ pub struct Report {
     pub wan_bytes_total: u64,
     /// Bytes per directed WAN link.
     pub wan_links: Vec<LinkBytes>,
-    /// Of the parameter updates workers made, the fraction sent to mirrors
-    /// (modes with mirrors).
-    pub updates_sent_fraction: Option<f64>,
-    /// Reads the selective barrier held, and for how long in total.
-    pub barrier_blocks: u64,
-    /// Seconds reads waited at the selective barrier, summed.
-    pub barrier_wait_seconds: f64,
-    /// Reads the mirror-clock bound (or an averaging round) held.
-    pub clock_blocks: u64,
-    /// Seconds reads waited for the mirror-clock bound or a round, summed.
-    pub clock_wait_seconds: f64,
-    /// Most mirror clocks any datacenter ran ahead of its slowest peer.
-    pub max_mirror_skew: u64,
+    /// Mirror synchronisation, summed over shards.
+    #[serde(flatten)]
+    pub mirrors: MirrorTotals,
     /// Seconds spent shipping the data in (`centralized`).
     pub shipping_seconds: Option<f64>,
     /// Parameter-server processes.
@@ -212,17 +238,18 @@ impl Report {
         let _ = writeln!(t, "wall time    {:.1} s", self.wall_seconds);
         let _ = writeln!(t, "LAN bytes    {}", human_bytes(self.lan_bytes_total));
         let _ = writeln!(t, "WAN bytes    {}", human_bytes(self.wan_bytes_total));
-        if let Some(fraction) = self.updates_sent_fraction {
+        let m = &self.mirrors;
+        if let Some(fraction) = m.updates_sent_fraction {
             let _ = writeln!(t, "sent         {:.2}% of updates", 100.0 * fraction);
             let _ = writeln!(
                 t,
                 "barrier      {} reads held, {:.1} s",
-                self.barrier_blocks, self.barrier_wait_seconds
+                m.barrier_blocks, m.barrier_wait_seconds
             );
             let _ = writeln!(
                 t,
                 "clock bound  {} reads held, {:.1} s, max skew {}",
-                self.clock_blocks, self.clock_wait_seconds, self.max_mirror_skew
+                m.clock_blocks, m.clock_wait_seconds, m.max_mirror_skew
             );
         }
         if let Some(s) = self.shipping_seconds {
@@ -466,6 +493,56 @@ impl Wan {
     }
 }
 
+/// The topology of every datacenter, given the ports of each one's shards,
+/// and the WAN routes they need: in the global modes workers reach other
+/// datacenters' shards (over the WAN when `over_wan`); in the per-datacenter
+/// modes each datacenter's workers use its own shards, and over the WAN each
+/// shard reaches its mirrors.
+fn wire(
+    names: &[String],
+    ports: &[Vec<u16>],
+    global: bool,
+    over_wan: bool,
+) -> Result<(Vec<Topology>, Vec<Route>), RunError> {
+    let direct = |port: u16| format!("http://127.0.0.1:{port}");
+    let mut routes = Vec::new();
+    let mut route = |from: usize, to: usize, port: u16| -> Result<String, RunError> {
+        let listen = free_port()?;
+        routes.push(Route {
+            from: names[from].clone(),
+            to: names[to].clone(),
+            listen: SocketAddr::from(([127, 0, 0, 1], listen)),
+            target: SocketAddr::from(([127, 0, 0, 1], port)),
+        });
+        Ok(direct(listen))
+    };
+    let mut topologies = Vec::new();
+    for (d, name) in names.iter().enumerate() {
+        let mut topology = Topology {
+            datacenter: name.clone(),
+            ..Topology::default()
+        };
+        for (e, shard_ports) in ports.iter().enumerate() {
+            for &port in shard_ports {
+                if e == d || (global && !over_wan) {
+                    topology.parameter_servers.push(direct(port));
+                } else if global {
+                    topology.parameter_servers.push(route(d, e, port)?);
+                }
+            }
+            if over_wan && !global && e != d {
+                let mirrors = shard_ports
+                    .iter()
+                    .map(|&port| route(d, e, port))
+                    .collect::<Result<_, _>>()?;
+                topology.mirrors.insert(names[e].clone(), mirrors);
+            }
+        }
+        topologies.push(topology);
+    }
+    Ok((topologies, routes))
+}
+
 /// A datacenter of a local run.
 struct Site {
     name: String,
@@ -524,51 +601,18 @@ impl LocalCluster {
                     .collect::<Result<_, _>>()?,
             );
         }
-        let direct = |port: u16| format!("http://127.0.0.1:{port}");
-        let mut routes = Vec::new();
-        let mut route = |from: usize, to: usize, port: u16| -> Result<String, RunError> {
-            let listen = free_port()?;
-            routes.push(Route {
-                from: names[from].clone(),
-                to: names[to].clone(),
-                listen: SocketAddr::from(([127, 0, 0, 1], listen)),
-                target: SocketAddr::from(([127, 0, 0, 1], port)),
-            });
-            Ok(direct(listen))
-        };
-        let mut topologies = Vec::new();
-        for d in 0..names.len() {
-            let mut topology = Topology {
-                datacenter: names[d].clone(),
-                ..Topology::default()
-            };
-            for (e, shard_ports) in ports.iter().enumerate() {
-                for &port in shard_ports {
-                    if e == d || !global {
-                        if e == d {
-                            topology.parameter_servers.push(direct(port));
-                        }
-                    } else if over_wan {
-                        topology.parameter_servers.push(route(d, e, port)?);
-                    } else {
-                        topology.parameter_servers.push(direct(port));
-                    }
-                }
-                if over_wan && !global && e != d {
-                    let mirrors = shard_ports
-                        .iter()
-                        .map(|&port| route(d, e, port))
-                        .collect::<Result<_, _>>()?;
-                    topology.mirrors.insert(names[e].clone(), mirrors);
-                }
-            }
-            let path = processes
-                .options
-                .work_dir
-                .join(format!("topology-{}.yaml", names[d]));
-            write_yaml(&path, &topology)?;
-            topologies.push(path);
-        }
+        let (topologies, routes) = wire(&names, &ports, global, over_wan)?;
+        let topologies = topologies
+            .iter()
+            .map(|topology| {
+                let path = processes
+                    .options
+                    .work_dir
+                    .join(format!("topology-{}.yaml", topology.datacenter));
+                write_yaml(&path, topology)?;
+                Ok(path)
+            })
+            .collect::<Result<Vec<_>, RunError>>()?;
         let wan = if routes.is_empty() {
             None
         } else {
@@ -589,28 +633,11 @@ impl LocalCluster {
         };
         let mut worker_offset = 0;
         for (d, dc) in spec.datacenters.iter().enumerate() {
-            let mut shards = Vec::new();
-            for (i, &port) in ports[d].iter().enumerate() {
-                let name = format!("{}-ps-{i}", dc.name);
-                let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-                let mut args = vec![
-                    "ps".to_owned(),
-                    format!("--shard={i}"),
-                    format!("--listen=127.0.0.1:{port}"),
-                    format!("--metrics-listen={metrics}"),
-                    format!("--topology={}", topologies[d].display()),
-                ];
-                cluster.metrics.push(metrics);
-                if spec.checkpoint.is_some() {
-                    let dir = cluster.processes.options.work_dir.join(&name);
-                    args.push(format!("--checkpoint-dir={}", dir.display()));
-                }
-                shards.push(cluster.shards.len());
-                cluster
-                    .shards
-                    .push(cluster.processes.spawn(&name, args, true)?);
-                cluster.ps_addresses.push(direct(port));
-            }
+            let shards = ports[d]
+                .iter()
+                .enumerate()
+                .map(|(i, &port)| cluster.spawn_parameter_server(job, d, i, port, &topologies[d]))
+                .collect::<Result<_, _>>()?;
             let workers = usize::try_from(dc.workers).unwrap_or(0);
             cluster.sites.push(Site {
                 name: dc.name.clone(),
@@ -637,6 +664,35 @@ impl LocalCluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// Starts shard `shard` of datacenter `dc` on `port`; returns its index
+    /// in `self.shards`.
+    fn spawn_parameter_server(
+        &mut self,
+        job: &ResolvedJob<'_>,
+        dc: usize,
+        shard: usize,
+        port: u16,
+        topology: &Path,
+    ) -> Result<usize, RunError> {
+        let name = format!("{}-ps-{shard}", job.job.spec.datacenters[dc].name);
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let mut args = vec![
+            "ps".to_owned(),
+            format!("--shard={shard}"),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--metrics-listen={metrics}"),
+            format!("--topology={}", topology.display()),
+        ];
+        if job.job.spec.checkpoint.is_some() {
+            let dir = self.processes.options.work_dir.join(&name);
+            args.push(format!("--checkpoint-dir={}", dir.display()));
+        }
+        self.metrics.push(metrics);
+        self.shards.push(self.processes.spawn(&name, args, true)?);
+        self.ps_addresses.push(format!("http://127.0.0.1:{port}"));
+        Ok(self.shards.len() - 1)
     }
 
     async fn wait_for_parameter_servers(&mut self) -> Result<(), RunError> {
@@ -907,6 +963,27 @@ impl Shipment {
         Ok(())
     }
 
+    /// Ships the training examples of every datacenter but the first (the
+    /// partitions its workers would train on) to the first.
+    async fn ship_data(&self, job: &ResolvedJob<'_>, train: &Examples) -> Result<(), RunError> {
+        let spec = &job.job.spec;
+        // The same partitions the workers draw with their default seed.
+        let parts = crate::data::partition(
+            train,
+            spec.datacenters.iter().map(|d| count(d.workers)).sum(),
+            &spec.dataset.partitioning,
+            42,
+        );
+        let mut payloads = Vec::new();
+        let mut offset = count(spec.datacenters[0].workers);
+        for dc in spec.datacenters.iter().skip(1) {
+            let indices: Vec<usize> = parts[offset..offset + count(dc.workers)].concat();
+            payloads.push(example_bytes(&train.select(&indices)));
+            offset += count(dc.workers);
+        }
+        Self::send(&self.inbound, payloads).await
+    }
+
     async fn finish(mut self, processes: &Processes) -> Result<Vec<LinkBytes>, RunError> {
         let links = self.wan.link_bytes().await?;
         processes.stop(&mut self.wan.role).await?;
@@ -971,20 +1048,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let shipping_started = unix_now();
     if centralized {
         let s = Shipment::start(&processes, &job).await?;
-        let parts = crate::data::partition(
-            &data.train,
-            spec.datacenters.iter().map(|d| count(d.workers)).sum(),
-            &spec.dataset.partitioning,
-            42,
-        );
-        let mut payloads = Vec::new();
-        let mut offset = count(spec.datacenters[0].workers);
-        for dc in spec.datacenters.iter().skip(1) {
-            let indices: Vec<usize> = parts[offset..offset + count(dc.workers)].concat();
-            payloads.push(example_bytes(&data.train.select(&indices)));
-            offset += count(dc.workers);
-        }
-        Shipment::send(&s.inbound, payloads).await?;
+        s.ship_data(&job, &data.train).await?;
         shipment = Some(s);
     }
     let shipping_seconds = centralized.then(|| unix_now() - shipping_started);
@@ -1018,55 +1082,12 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let target = spec.stopping.target_metric.or(target_override);
     let higher = model.higher_is_better();
     let met = |m: f64| target.is_some_and(|t| if higher { m >= t } else { m <= t });
-    let history = |status: &pb::StatusResponse| -> Vec<MetricSample> {
-        status
-            .metrics
-            .iter()
-            .map(|p| MetricSample {
-                seconds: p.unix_seconds - training_started,
-                clock: p.clock,
-                metric: p.metric,
-            })
-            .collect()
-    };
-    let per_datacenter: Vec<DatacenterReport> = sites
-        .iter()
-        .map(|(name, shards, offset, count)| {
-            let evaluated = if global {
-                &statuses[0]
-            } else {
-                &statuses[shards[0]]
-            };
-            let clocks = if global {
-                statuses[0]
-                    .worker_clocks
-                    .get(*offset..offset + count)
-                    .and_then(|c| c.iter().copied().min())
-                    .unwrap_or(0)
-            } else {
-                statuses[shards[0]].min_clock
-            };
-            let metric_history = history(evaluated);
-            DatacenterReport {
-                name: name.clone(),
-                clocks,
-                final_metric: metric_history.last().map(|s| s.metric),
-                time_to_target_seconds: metric_history
-                    .iter()
-                    .find(|s| met(s.metric))
-                    .map(|s| s.seconds),
-                metric_history,
-            }
-        })
-        .collect();
+    let per_datacenter = datacenter_reports(&sites, &statuses, global, training_started, met);
     let finals: Vec<f64> = per_datacenter
         .iter()
         .filter_map(|d| d.final_metric)
         .collect();
-    let mirrors: Vec<&pb::MirrorStatus> =
-        statuses.iter().filter_map(|s| s.mirror.as_ref()).collect();
-    let updated: u64 = mirrors.iter().map(|m| m.elements_updated).sum();
-    #[allow(clippy::cast_precision_loss)] // counts and sizes are far below 2^52
+    #[allow(clippy::cast_precision_loss)] // a handful of datacenters
     Ok(Report {
         job: job.job.name_any(),
         mode: mode_name(job.sync_policy.spec.inter_datacenter.model).to_owned(),
@@ -1091,13 +1112,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
             .sum(),
         wan_bytes_total: links.iter().map(|l| l.bytes).sum(),
         wan_links: links,
-        updates_sent_fraction: (!mirrors.is_empty() && updated > 0)
-            .then(|| mirrors.iter().map(|m| m.elements_sent).sum::<u64>() as f64 / updated as f64),
-        barrier_blocks: mirrors.iter().map(|m| m.barrier_blocks).sum(),
-        barrier_wait_seconds: mirrors.iter().map(|m| m.barrier_wait_seconds).sum(),
-        clock_blocks: mirrors.iter().map(|m| m.clock_blocks).sum(),
-        clock_wait_seconds: mirrors.iter().map(|m| m.clock_wait_seconds).sum(),
-        max_mirror_skew: mirrors.iter().map(|m| m.max_skew).max().unwrap_or(0),
+        mirrors: MirrorTotals::of(&statuses),
         shipping_seconds,
         parameter_servers,
         workers,
@@ -1110,6 +1125,55 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
         model_bytes: None,
         training_seconds: None,
     })
+}
+
+/// How each site's model fared, from the final status of every shard.
+fn datacenter_reports(
+    sites: &[(String, Vec<usize>, usize, usize)],
+    statuses: &[pb::StatusResponse],
+    global: bool,
+    training_started: f64,
+    met: impl Fn(f64) -> bool,
+) -> Vec<DatacenterReport> {
+    sites
+        .iter()
+        .map(|(name, shards, offset, workers)| {
+            // In the global modes one model, evaluated through shard 0.
+            let evaluated = if global {
+                &statuses[0]
+            } else {
+                &statuses[shards[0]]
+            };
+            let clocks = if global {
+                evaluated
+                    .worker_clocks
+                    .get(*offset..offset + workers)
+                    .and_then(|c| c.iter().copied().min())
+                    .unwrap_or(0)
+            } else {
+                evaluated.min_clock
+            };
+            let metric_history: Vec<MetricSample> = evaluated
+                .metrics
+                .iter()
+                .map(|p| MetricSample {
+                    seconds: p.unix_seconds - training_started,
+                    clock: p.clock,
+                    metric: p.metric,
+                })
+                .collect();
+            DatacenterReport {
+                name: name.clone(),
+                clocks,
+                final_metric: metric_history.last().map(|s| s.metric),
+                time_to_target_seconds: metric_history
+                    .iter()
+                    .find(|s| met(s.metric))
+                    .map(|s| s.seconds),
+                metric_history,
+            }
+        })
+        .collect()
 }
 
 fn count(n: i32) -> usize {

@@ -293,6 +293,7 @@ pub fn link_bytes(metrics: &str) -> Vec<(String, String, u64)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact halves and minima
 mod tests {
     use super::*;
 

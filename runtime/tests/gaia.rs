@@ -2,6 +2,14 @@
 //! barrier, the mirror-clock bound, conservation of updates, and every mode
 //! of `geoml compare`. Digits keeps each run to seconds.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap
+)] // test code; the counts are small
+
 mod common;
 
 use std::path::Path;
@@ -142,7 +150,7 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     for status in &statuses {
         let m = status.mirror.as_ref().unwrap();
         assert!(m.drained, "{status:?}");
-        assert!(m.max_skew <= bound as u64, "{m:?}");
+        assert!(m.max_skew <= bound.cast_unsigned(), "{m:?}");
         assert!(
             m.elements_sent < m.elements_updated,
             "nothing was held back: {m:?}"
@@ -182,8 +190,8 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
     let mut docs = digits_gaia(10, 10, 1000, 1);
     docs.retain(|d| d["metadata"]["name"] != "ap-southeast");
     let job = doc(&mut docs, "TrainingJob");
-    let dcs = job["spec"]["datacenters"].as_sequence_mut().unwrap();
-    dcs.retain(|d| d["name"] != "ap-southeast");
+    let datacenters = job["spec"]["datacenters"].as_sequence_mut().unwrap();
+    datacenters.retain(|d| d["name"] != "ap-southeast");
     let manifest = write(dir, &docs);
     let port = free_port();
     let address = format!("http://127.0.0.1:{port}");

@@ -2,6 +2,14 @@
 //! `tests/tools/prometheus.sh`) scrapes a Gaia run across three emulated
 //! datacenters, and the metrics the issue names answer its queries.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap
+)] // test code; the counts are small
+
 mod common;
 
 use std::net::SocketAddr;
@@ -67,6 +75,45 @@ fn value(sample: &Value) -> f64 {
     sample["value"][1].as_str().unwrap().parse().unwrap()
 }
 
+/// A Prometheus server scraping `endpoints` every 200 ms, once it is ready.
+async fn start_prometheus(
+    binary: &str,
+    dir: &std::path::Path,
+    endpoints: &[SocketAddr],
+) -> (tokio::process::Child, SocketAddr) {
+    let targets: Vec<String> = endpoints.iter().map(|a| format!("'{a}'")).collect();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 200ms, scrape_timeout: 150ms}}\n\
+             scrape_configs:\n- job_name: geoml\n  static_configs:\n  - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let server = tokio::process::Command::new(binary)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={address}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..300 {
+        if get(address, "/-/ready").await.is_some() {
+            return (server, address);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("prometheus did not become ready");
+}
+
 #[tokio::test]
 async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     let binary = prometheus_binary();
@@ -96,48 +143,13 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
         .await
         .unwrap();
 
-    let targets: Vec<String> = cluster
-        .metrics_endpoints()
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect();
+    let endpoints = cluster.metrics_endpoints();
     assert_eq!(
-        targets.len(),
+        endpoints.len(),
         4,
         "three parameter servers and the WAN proxy"
     );
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global: {{scrape_interval: 200ms, scrape_timeout: 150ms}}\n\
-             scrape_configs:\n- job_name: geoml\n  static_configs:\n  - targets: [{}]\n",
-            targets.join(", ")
-        ),
-    )
-    .unwrap();
-    let prometheus = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let _server = tokio::process::Command::new(&binary)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={prometheus}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut ready = false;
-    for _ in 0..300 {
-        if get(prometheus, "/-/ready").await.is_some() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "prometheus did not become ready");
+    let (_server, prometheus) = start_prometheus(&binary, dir.path(), &endpoints).await;
 
     cluster.wait(None).await.unwrap();
     // The parameter servers serve until shutdown: wait for scrapes of all
@@ -152,7 +164,7 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     }
     let targets = get(prometheus, "/api/v1/targets").await;
     assert_eq!(up.len(), 4, "{up:?}\n{targets:?}");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // WAN bytes per directed link: six links among three datacenters.
     let links = query(prometheus, "geoml_wan_bytes_total").await;

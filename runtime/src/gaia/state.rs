@@ -590,7 +590,7 @@ mod tests {
             cols: 2,
         }]);
         Shard::new(&layout, 0, 1, 1, Optimizer::Sgd, 1.0, |_, out| {
-            out.fill(1.0)
+            out.fill(1.0);
         })
     }
 

@@ -107,6 +107,42 @@ fn too_large_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
     response
 }
 
+/// Opens the checkpoint directory `dir` and brings `shard` back to what it
+/// acknowledged: the last checkpoint plus the write-ahead log. Returns the
+/// durability handle and why training had stopped, if it had.
+fn restore(
+    shard: &mut Shard,
+    dir: &std::path::Path,
+    interval: u64,
+) -> Result<(Durability, Option<String>), PsError> {
+    let (durability, recovered) = Durability::open(dir, interval)?;
+    let mut stopped = None;
+    if let Some(checkpoint) = &recovered.checkpoint {
+        shard.restore(checkpoint)?;
+        stopped = checkpoint.stopped.then(|| checkpoint.stop_reason.clone());
+    }
+    for push in &recovered.log {
+        let gradient = push.gradient.clone().unwrap_or_default();
+        let keys = (!gradient.all)
+            .then(|| unpack_keys(&gradient.keys))
+            .transpose()?;
+        shard.apply(
+            push.worker,
+            push.clock,
+            keys.as_deref(),
+            &unpack_values(&gradient.values)?,
+        )?;
+    }
+    info!(
+        shard = shard.id(),
+        checkpoint = recovered.checkpoint.is_some(),
+        replayed = recovered.log.len(),
+        min_clock = shard.min_clock(),
+        "restored"
+    );
+    Ok((durability, stopped))
+}
+
 /// Serves shard `config.shard` of `model` on `listener` until `shutdown`
 /// completes, restoring from and writing checkpoints when configured.
 pub async fn serve(
@@ -125,35 +161,11 @@ pub async fn serve(
         config.learning_rate,
         |key, out| model.init_row(key, config.seed, out),
     );
-    let mut stopped = None;
-    let durability = match &config.checkpoint {
-        None => None,
+    let (durability, stopped) = match &config.checkpoint {
+        None => (None, None),
         Some((dir, interval)) => {
-            let (durability, recovered) = Durability::open(dir, *interval)?;
-            if let Some(checkpoint) = &recovered.checkpoint {
-                shard.restore(checkpoint)?;
-                stopped = checkpoint.stopped.then(|| checkpoint.stop_reason.clone());
-            }
-            for push in &recovered.log {
-                let gradient = push.gradient.clone().unwrap_or_default();
-                let keys = (!gradient.all)
-                    .then(|| unpack_keys(&gradient.keys))
-                    .transpose()?;
-                shard.apply(
-                    push.worker,
-                    push.clock,
-                    keys.as_deref(),
-                    &unpack_values(&gradient.values)?,
-                )?;
-            }
-            info!(
-                shard = config.shard,
-                checkpoint = recovered.checkpoint.is_some(),
-                replayed = recovered.log.len(),
-                min_clock = shard.min_clock(),
-                "restored"
-            );
-            Some(durability)
+            let (durability, stopped) = restore(&mut shard, dir, *interval)?;
+            (Some(durability), stopped)
         }
     };
     let metrics = PsMetrics::new(registry, &config.datacenter, config.shard)?;
