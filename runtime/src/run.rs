@@ -200,16 +200,10 @@ pub struct Report {
     pub per_datacenter: Vec<DatacenterReport>,
     /// Every evaluation of the first datacenter's model, oldest first.
     pub metric_history: Vec<MetricSample>,
-    /// Collaborative modes: mean over drift events of the batches until
-    /// accuracy is back within 2 points of its pre-drift level.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adaptation_batches: Option<f64>,
-    /// Collaborative modes: model bytes per site.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model_bytes: Option<u64>,
-    /// Collaborative modes: seconds spent training.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub training_seconds: Option<f64>,
+    /// Collaborative modes: adaptation after drift, model bytes per site,
+    /// training seconds (flat in the JSON, absent in other modes).
+    #[serde(flatten)]
+    pub collaborative: crate::cartel::CollaborativeTotals,
 }
 
 impl Report {
@@ -1023,9 +1017,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
     if job.sync_policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative {
-        return crate::cartel::run(&options, crate::cartel::Mode::Cartel)
-            .await
-            .map_err(|e| RunError::Unsupported(e.to_string()));
+        return crate::cartel::run_job(&options).await;
     }
     let spec = &job.job.spec;
     // Loading here fetches the data set once, before the roles start and
@@ -1121,9 +1113,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
             .map(|d| d.metric_history.clone())
             .unwrap_or_default(),
         per_datacenter,
-        adaptation_batches: None,
-        model_bytes: None,
-        training_seconds: None,
+        collaborative: crate::cartel::CollaborativeTotals::default(),
     })
 }
 

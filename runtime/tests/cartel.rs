@@ -199,7 +199,7 @@ async fn cartel_sites_borrow_class_blocks_and_move_no_raw_samples() {
 
     let (report, cartel, sites) = run_detailed(&options, Mode::Cartel).await.unwrap();
     assert_eq!(report.mode, "cartel");
-    assert!(report.adaptation_batches.is_some());
+    assert!(report.collaborative.adaptation_batches.is_some());
     // Sites a and c swap to site b's classes. Site a borrows from b; by
     // the time site c drifts, site a sees b's classes too, so either is a
     // closest neighbour of c.

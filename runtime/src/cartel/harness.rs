@@ -17,7 +17,7 @@ use super::scenario::Scenario;
 use super::site::SiteReport;
 use super::{CartelError, Mode, SiteConfig, baselines};
 use crate::manifest::Manifest;
-use crate::run::{DatacenterReport, MetricSample, Report, RunOptions};
+use crate::run::{DatacenterReport, MetricSample, MirrorTotals, Report, RunOptions};
 
 /// Accuracy points within which a site counts as adapted again.
 pub const ADAPTED_WITHIN: f64 = 0.02;
@@ -217,12 +217,7 @@ impl CartelSummary {
             // Bytes are counted by message type at the application level,
             // not per link; see `CartelSummary::bytes_by_type`.
             wan_links: Vec::new(),
-            updates_sent_fraction: None,
-            barrier_blocks: 0,
-            barrier_wait_seconds: 0.0,
-            clock_blocks: 0,
-            clock_wait_seconds: 0.0,
-            max_mirror_skew: 0,
+            mirrors: MirrorTotals::default(),
             shipping_seconds: None,
             parameter_servers: 0,
             workers: self.sites,
@@ -237,9 +232,11 @@ impl CartelSummary {
                 })
                 .collect(),
             metric_history: mean_history,
-            adaptation_batches: self.adaptation_batches,
-            model_bytes: Some(self.model_bytes),
-            training_seconds: Some(self.training_seconds),
+            collaborative: super::CollaborativeTotals {
+                adaptation_batches: self.adaptation_batches,
+                model_bytes: Some(self.model_bytes),
+                training_seconds: Some(self.training_seconds),
+            },
         }
     }
 }

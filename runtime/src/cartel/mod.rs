@@ -72,6 +72,30 @@ impl CartelError {
     }
 }
 
+/// What a Collaborative run adds to a `geoml run` report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CollaborativeTotals {
+    /// Mean over drift events of the batches until accuracy is back within
+    /// 2 points of its pre-drift level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptation_batches: Option<f64>,
+    /// Model bytes per site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_bytes: Option<u64>,
+    /// Seconds spent training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_seconds: Option<f64>,
+}
+
+/// `geoml run` of a Collaborative job: mode `cartel`.
+pub async fn run_job(
+    options: &crate::run::RunOptions,
+) -> Result<crate::run::Report, crate::run::RunError> {
+    run(options, Mode::Cartel)
+        .await
+        .map_err(|e| crate::run::RunError::Unsupported(e.to_string()))
+}
+
 /// How the sites of a Collaborative job learn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 pub enum Mode {
