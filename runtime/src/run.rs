@@ -1016,8 +1016,8 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let target_override = options.target;
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
-    if job.sync_policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative {
-        return crate::cartel::run_job(&options).await;
+    if let Some(mode) = crate::cartel::Mode::of_job(&job) {
+        return crate::cartel::run_job(&options, mode).await;
     }
     let spec = &job.job.spec;
     // Loading here fetches the data set once, before the roles start and

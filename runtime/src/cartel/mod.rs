@@ -87,11 +87,12 @@ pub struct CollaborativeTotals {
     pub training_seconds: Option<f64>,
 }
 
-/// `geoml run` of a Collaborative job: mode `cartel`.
+/// `geoml run` (and `geoml compare`) of a job that [`Mode::of_job`] gives a mode.
 pub async fn run_job(
     options: &crate::run::RunOptions,
+    mode: Mode,
 ) -> Result<crate::run::Report, crate::run::RunError> {
-    run(options, Mode::Cartel)
+    run(options, mode)
         .await
         .map_err(|e| crate::run::RunError::Unsupported(e.to_string()))
 }
@@ -119,6 +120,28 @@ impl Mode {
             Mode::Isolated => "isolated",
             Mode::Centralized => "centralized",
             Mode::Global => "global",
+        }
+    }
+
+    /// The mode this module runs `job` in, if any: every Collaborative job
+    /// (as `cartel`), and jobs of the small per-site models (`OnlineLinear`,
+    /// `OnlineForest`) with the baselines' inter-datacenter models —
+    /// `Isolated`, `Centralized`, and `FedAvg` as `global` — which is how
+    /// `geoml compare --modes cartel,isolated,centralized` runs a
+    /// Collaborative job's baselines.
+    #[must_use]
+    pub fn of_job(job: &crate::manifest::ResolvedJob<'_>) -> Option<Mode> {
+        use geoml_crds::sync_policy::InterDatacenterModel as Inter;
+        let small = matches!(
+            job.job.spec.model.kind,
+            ModelKind::OnlineLinear | ModelKind::OnlineForest
+        );
+        match job.sync_policy.spec.inter_datacenter.model {
+            Inter::Collaborative => Some(Mode::Cartel),
+            Inter::Isolated if small => Some(Mode::Isolated),
+            Inter::Centralized if small => Some(Mode::Centralized),
+            Inter::FedAvg if small => Some(Mode::Global),
+            _ => None,
         }
     }
 
