@@ -9,6 +9,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &["proto/ps.proto", "proto/mirror.proto"],
         &["proto"],
     )?;
+    // Cartel's registry and model exchange.
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["proto/registry.proto"],
+        &["proto"],
+    )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! the local runner behind the `geoml` CLI.
 
 pub mod bench;
+pub mod cartel;
 pub mod compare;
 pub mod data;
 pub mod gaia;

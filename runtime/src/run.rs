@@ -200,6 +200,10 @@ pub struct Report {
     pub per_datacenter: Vec<DatacenterReport>,
     /// Every evaluation of the first datacenter's model, oldest first.
     pub metric_history: Vec<MetricSample>,
+    /// Collaborative modes: adaptation after drift, model bytes per site,
+    /// training seconds (flat in the JSON, absent in other modes).
+    #[serde(flatten)]
+    pub collaborative: crate::cartel::CollaborativeTotals,
 }
 
 impl Report {
@@ -1012,6 +1016,9 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let target_override = options.target;
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
+    if let Some(mode) = crate::cartel::Mode::of_job(&job) {
+        return crate::cartel::run_job(&options, mode).await;
+    }
     let spec = &job.job.spec;
     // Loading here fetches the data set once, before the roles start and
     // load it from the cache, and tells the metric's name and direction.
@@ -1106,6 +1113,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
             .map(|d| d.metric_history.clone())
             .unwrap_or_default(),
         per_datacenter,
+        collaborative: crate::cartel::CollaborativeTotals::default(),
     })
 }
 

