@@ -62,10 +62,7 @@ mod tests {
         let topology = Topology {
             datacenter: "us-east".into(),
             parameter_servers: vec!["http://job-us-east-ps-0.job-us-east:7070".into()],
-            mirrors: BTreeMap::from([(
-                "eu-west".into(),
-                vec!["http://203.0.113.7:30070".into()],
-            )]),
+            mirrors: BTreeMap::from([("eu-west".into(), vec!["http://203.0.113.7:30070".into()])]),
             registry: None,
         };
         let text = topology.to_yaml().unwrap();

@@ -28,10 +28,11 @@ pub struct ControlPlane {
     server: String,
     kubeconfig: PathBuf,
     bin: PathBuf,
-    // Held only to be stopped on drop; declared before `dir` so that the
-    // processes stop before their files are deleted.
-    _apiserver: Process,
-    _etcd: Process,
+    apiserver_args: Vec<String>,
+    // Stopped on drop; declared before `dir` so that the processes stop
+    // before their files are deleted. None while stopped by `stop_apiserver`.
+    apiserver: Option<Process>,
+    etcd: Process,
     dir: TempDir,
 }
 
@@ -67,32 +68,36 @@ impl ControlPlane {
         etcd.wait_for_port(etcd_client)?;
 
         let path = |p: &Path| p.display().to_string();
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--secure-port={secure}"),
+            format!("--cert-dir={}", dir.path().join("certs").display()),
+            format!("--tls-cert-file={}", path(&pki.server_cert)),
+            format!("--tls-private-key-file={}", path(&pki.server_key)),
+            format!("--client-ca-file={}", path(&pki.ca_cert)),
+            "--authorization-mode=RBAC".to_owned(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+            format!(
+                "--service-account-key-file={}",
+                path(&pki.service_account_pub)
+            ),
+            format!(
+                "--service-account-signing-key-file={}",
+                path(&pki.service_account_key)
+            ),
+            "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--enable-priority-and-fairness=false".to_owned(),
+            "--profiling=false".to_owned(),
+            // No controller-manager creates namespaces' `default`
+            // ServiceAccounts, so pods could never be admitted.
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+        ];
         let mut apiserver = Process::spawn(
             "kube-apiserver",
-            Command::new(bin.join("kube-apiserver")).args([
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".to_owned(),
-                "--advertise-address=127.0.0.1".to_owned(),
-                format!("--secure-port={secure}"),
-                format!("--cert-dir={}", dir.path().join("certs").display()),
-                format!("--tls-cert-file={}", path(&pki.server_cert)),
-                format!("--tls-private-key-file={}", path(&pki.server_key)),
-                format!("--client-ca-file={}", path(&pki.ca_cert)),
-                "--authorization-mode=RBAC".to_owned(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
-                format!(
-                    "--service-account-key-file={}",
-                    path(&pki.service_account_pub)
-                ),
-                format!(
-                    "--service-account-signing-key-file={}",
-                    path(&pki.service_account_key)
-                ),
-                "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
-                "--allow-privileged=true".to_owned(),
-                "--enable-priority-and-fairness=false".to_owned(),
-                "--profiling=false".to_owned(),
-            ]),
+            Command::new(bin.join("kube-apiserver")).args(&apiserver_args),
             dir.path(),
         )?;
 
@@ -106,10 +111,31 @@ impl ControlPlane {
             server,
             kubeconfig,
             bin,
-            _apiserver: apiserver,
-            _etcd: etcd,
+            apiserver_args,
+            apiserver: Some(apiserver),
+            etcd,
             dir,
         })
+    }
+
+    /// Stops kube-apiserver (etcd and the data stay), as when a datacenter's
+    /// cluster becomes unreachable.
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver = None;
+    }
+
+    /// Starts kube-apiserver again on the same port and data after
+    /// [`Self::stop_apiserver`], and waits until it is ready.
+    pub async fn restart_apiserver(&mut self) -> Result<(), Error> {
+        self.apiserver = None;
+        let mut apiserver = Process::spawn(
+            "kube-apiserver",
+            Command::new(self.bin.join("kube-apiserver")).args(&self.apiserver_args),
+            self.dir.path(),
+        )?;
+        wait_ready(&self.client, &mut apiserver, &mut self.etcd).await?;
+        self.apiserver = Some(apiserver);
+        Ok(())
     }
 
     /// A client authenticated as a cluster admin (`system:masters`).

@@ -900,6 +900,16 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
         let p = Placement::new(job, spec.clone(), dc);
         let cluster = match ctx.clusters.get(&spec.name) {
             Some(Ok(c)) if c.available.is_ok() => c,
+            // Without usable credentials nothing can ever be deleted there:
+            // say so instead of keeping the job forever.
+            Some(Err(u)) if u.reason != "KubeconfigSecretUnreadable" => {
+                let note = format!(
+                    "objects in datacenter {} may remain: {}: {}",
+                    spec.name, u.reason, u.message
+                );
+                publish(ctx, job, EventType::Warning, "CleanupSkipped", &note).await;
+                continue;
+            }
             Some(
                 Ok(Cluster {
                     available: Err(u), ..
