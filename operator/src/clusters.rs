@@ -2,7 +2,7 @@
 //! cluster answers, and a cache of the operator's pods there whose changes
 //! wake the TrainingJobs they belong to.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
@@ -93,17 +93,28 @@ impl Cluster {
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}"));
         let stream = watcher(Api::<Pod>::all(client.clone()), config)
             .default_backoff()
-            .reflect(writer)
-            .applied_objects();
+            .reflect(writer);
         let task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // Jobs with pods here: after a re-list (the watch broke, for
+            // example while the apiserver was down) they are all woken,
+            // since pods deleted meanwhile produce no event of their own.
+            let mut seen = HashSet::new();
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(pod) => {
+                    Ok(watcher::Event::Apply(pod) | watcher::Event::Delete(pod)) => {
                         if let Some(job) = job_of(&pod) {
+                            seen.insert(job.clone());
                             let _ = wake.unbounded_send(job);
                         }
                     }
+                    Ok(watcher::Event::InitApply(pod)) => seen.extend(job_of(&pod)),
+                    Ok(watcher::Event::InitDone) => {
+                        for job in &seen {
+                            let _ = wake.unbounded_send(job.clone());
+                        }
+                    }
+                    Ok(watcher::Event::Init) => {}
                     Err(error) => tracing::debug!(%error, "watching pods"),
                 }
             }

@@ -156,11 +156,22 @@ async fn job_pods(client: &Client) -> Vec<Pod> {
 }
 
 async fn wait_pod_count(client: &Client, n: usize, step: &str) -> Vec<Pod> {
-    eventually(&format!("{n} pods ({step})"), || async {
+    let what = format!("{n} pods ({step})");
+    let wait = eventually(&what, || async {
         let pods = job_pods(client).await;
         (pods.len() == n).then_some(pods)
-    })
-    .await
+    });
+    match tokio::time::timeout(TIMEOUT - Duration::from_secs(1), wait).await {
+        Ok(pods) => pods,
+        Err(_) => panic!(
+            "timed out waiting for {n} pods ({step}); there are {:?}",
+            job_pods(client)
+                .await
+                .iter()
+                .map(ResourceExt::name_any)
+                .collect::<Vec<_>>()
+        ),
+    }
 }
 
 /// Plays the cloud controller: gives a LoadBalancer Service an address.
@@ -499,7 +510,10 @@ spec:
         (pod.uid() != first_uid).then_some(())
     })
     .await;
-    assert_eq!(job(&hub, JOB).await.status.unwrap().retries, 1);
+    eventually("one retry", || async {
+        (job(&hub, JOB).await.status?.retries == 1).then_some(())
+    })
+    .await;
     fail_pod(&eu, &worker).await;
     let (reason, message) = wait_condition(&hub, JOB, "Failed", "True").await;
     assert_eq!(reason, "BackoffLimitExceeded");

@@ -680,6 +680,12 @@ async fn sync_pods(
                 == Some(p.name())
         })
         .collect();
+    tracing::debug!(
+        datacenter = p.name(),
+        desired = desired.len(),
+        cached = existing.len(),
+        "syncing pods"
+    );
     let api = Api::<Pod>::namespaced(cluster.client.clone(), &p.namespace);
     let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
     for pod in &existing {
