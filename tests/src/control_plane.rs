@@ -21,6 +21,17 @@ use crate::{Error, k8s_bin_dir, pki};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Audits requests made by ServiceAccounts only (an operator under test),
+/// at the Metadata level: enough to find every forbidden request.
+pub const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: [\"system:serviceaccounts\"]
+- level: None
+";
+
 /// A running etcd + kube-apiserver pair. Several can run at once (one per
 /// emulated datacenter cluster); dropping it stops both and deletes their data.
 pub struct ControlPlane {
@@ -46,6 +57,9 @@ impl ControlPlane {
             .tempdir()
             .map_err(Error::io("creating the control plane's directory"))?;
         let pki = pki::write(dir.path())?;
+        let audit_policy = dir.path().join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY)
+            .map_err(Error::io("writing the audit policy"))?;
         let [etcd_client, etcd_peer, secure] = free_ports()?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -94,6 +108,8 @@ impl ControlPlane {
             // No controller-manager creates namespaces' `default`
             // ServiceAccounts, so pods could never be admitted.
             "--disable-admission-plugins=ServiceAccount".to_owned(),
+            format!("--audit-policy-file={}", path(&audit_policy)),
+            format!("--audit-log-path={}", path(&dir.path().join("audit.log"))),
         ];
         let mut apiserver = Process::spawn(
             "kube-apiserver",
@@ -160,6 +176,13 @@ impl ControlPlane {
     #[must_use]
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The audit log: one JSON event per request made by a ServiceAccount
+    /// (see [`AUDIT_POLICY`]), with its verb, resource and response code.
+    #[must_use]
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
     }
 
     /// Installs the geoml CRDs with server-side apply and waits until each is
