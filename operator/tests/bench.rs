@@ -80,6 +80,7 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 
 #[tokio::test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
+#[allow(clippy::too_many_lines)] // one benchmark, set-up included
 async fn apply_to_objects_and_memory_with_200_jobs() {
     let (a, b, c) = tokio::join!(
         ControlPlane::start("dc-a"),

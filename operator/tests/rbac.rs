@@ -229,12 +229,12 @@ spec:
         () = tokio::time::sleep(TIMEOUT + Duration::from_secs(1)) => panic!("{}", std::fs::read_to_string(&log_path).unwrap()),
     };
     assert!(message.contains("2 datacenters"), "{message}");
-    let pods_here = Api::<Pod>::namespaced(admin.clone(), "ml");
-    let pods_there = Api::<Pod>::namespaced(admin.clone(), "ml-there");
+    let local_pods = Api::<Pod>::namespaced(admin.clone(), "ml");
+    let remote_pods = Api::<Pod>::namespaced(admin.clone(), "ml-there");
     let lp = ListParams::default().labels("geoml.io/job=sites");
     eventually("pods in both namespaces", || async {
-        let here = pods_here.list(&lp).await.unwrap().items.len();
-        let there = pods_there.list(&lp).await.unwrap().items.len();
+        let here = local_pods.list(&lp).await.unwrap().items.len();
+        let there = remote_pods.list(&lp).await.unwrap().items.len();
         (here == 2 && there == 2).then_some(())
     })
     .await;
@@ -245,7 +245,7 @@ spec:
 
     // A failed pod is deleted and recreated, counted once.
     let failed = json!({ "status": { "phase": "Failed" } });
-    pods_there
+    remote_pods
         .patch_status(
             "sites-there-worker-0",
             &PatchParams::default(),
@@ -277,8 +277,8 @@ spec:
         .unwrap();
     eventually("the job and its objects gone", || async {
         let gone = jobs.get_opt("sites").await.unwrap().is_none()
-            && pods_here.list(&lp).await.unwrap().items.is_empty()
-            && pods_there.list(&lp).await.unwrap().items.is_empty();
+            && local_pods.list(&lp).await.unwrap().items.is_empty()
+            && remote_pods.list(&lp).await.unwrap().items.is_empty();
         gone.then_some(())
     })
     .await;

@@ -21,6 +21,8 @@ use serde_json::json;
 const NS: &str = "ml";
 const JOB: &str = "fashion-mnist-gaia";
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Just under [`TIMEOUT`]: waits that describe what they found before `eventually` panics.
+const SHORTER: Duration = Duration::from_secs(59);
 
 /// Polls `check` until it returns Some, or panics with `what` after [`TIMEOUT`].
 async fn eventually<T, F: Future<Output = Option<T>>>(
@@ -134,16 +136,14 @@ async fn wait_condition(hub: &Client, name: &str, type_: &str, status: &str) -> 
         let (s, reason, message) = condition(&job(hub, name).await, type_)?;
         (s == status).then_some((reason, message))
     });
-    match tokio::time::timeout(TIMEOUT - Duration::from_secs(1), wait).await {
-        Ok(found) => found,
-        Err(_) => {
-            let now = job(hub, name).await;
-            panic!(
-                "timed out waiting for {what}; status was {:#?}, now {:#?}",
-                last.status, now.status
-            );
-        }
+    if let Ok(found) = tokio::time::timeout(SHORTER, wait).await {
+        return found;
     }
+    let now = job(hub, name).await;
+    panic!(
+        "timed out waiting for {what}; status was {:#?}, now {:#?}",
+        last.status, now.status
+    );
 }
 
 async fn job_pods(client: &Client) -> Vec<Pod> {
@@ -161,17 +161,15 @@ async fn wait_pod_count(client: &Client, n: usize, step: &str) -> Vec<Pod> {
         let pods = job_pods(client).await;
         (pods.len() == n).then_some(pods)
     });
-    match tokio::time::timeout(TIMEOUT - Duration::from_secs(1), wait).await {
-        Ok(pods) => pods,
-        Err(_) => panic!(
-            "timed out waiting for {n} pods ({step}); there are {:?}",
-            job_pods(client)
-                .await
-                .iter()
-                .map(ResourceExt::name_any)
-                .collect::<Vec<_>>()
-        ),
+    if let Ok(pods) = tokio::time::timeout(SHORTER, wait).await {
+        return pods;
     }
+    let names: Vec<String> = job_pods(client)
+        .await
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    panic!("timed out waiting for {n} pods ({step}); there are {names:?}");
 }
 
 /// Plays the cloud controller: gives a LoadBalancer Service an address.
