@@ -347,8 +347,12 @@ spec:
 
     // Apply gaia-3dc.yaml: us-east in the hub, the others in the members.
     kubectl_apply(&hub_plane, &gaia_manifest());
-    let (reason, message) = wait_condition(&hub, JOB, "Created", "False").await;
-    assert_eq!(reason, "WaitingForMirrorEndpoints", "{message}");
+    // Once the members are connected, the job waits for load-balancer addresses.
+    eventually("WaitingForMirrorEndpoints", || async {
+        let (_, reason, _) = condition(&job(&hub, JOB).await, "Created")?;
+        (reason == "WaitingForMirrorEndpoints").then_some(())
+    })
+    .await;
     for (client, dc, ip) in [
         (&hub, "us-east", "203.0.113.1"),
         (&eu, "eu-west", "203.0.113.2"),
@@ -558,6 +562,42 @@ spec:
                 .is_empty()
         );
     }
+
+    // activeDeadlineSeconds fails a job; ttlSecondsAfterFinished then deletes it.
+    kubectl_apply(
+        &hub_plane,
+        r"
+apiVersion: geoml.io/v1alpha1
+kind: Datacenter
+metadata: {name: lan}
+spec:
+  region: here
+  cluster: {local: {}}
+  peerAccess: {serviceType: ClusterIP}
+---
+apiVersion: geoml.io/v1alpha1
+kind: TrainingJob
+metadata: {name: short}
+spec:
+  model: {kind: SoftmaxRegression}
+  dataset: {name: Digits}
+  datacenters: [{name: lan}]
+  syncPolicyRef: {name: plain}
+  runPolicy: {activeDeadlineSeconds: 2, ttlSecondsAfterFinished: 3}
+",
+    );
+    let (reason, _) = wait_condition(&hub, "short", "Failed", "True").await;
+    assert_eq!(reason, "DeadlineExceeded");
+    eventually("the finished job deleted after its TTL", || async {
+        let gone = Api::<TrainingJob>::namespaced(hub.clone(), NS)
+            .get_opt("short")
+            .await
+            .unwrap()
+            .is_none();
+        gone.then_some(())
+    })
+    .await;
+
     let _ = stop.send(());
     running.await.unwrap();
 }

@@ -276,7 +276,19 @@ impl Outcome {
 }
 
 #[allow(clippy::too_many_lines)] // the pipeline reads best as one sequence of steps
-async fn apply(job: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
+async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
+    // The cache may lag behind this controller's last status write; counting
+    // retries from a stale copy would lose some. Read the job itself.
+    let api =
+        Api::<TrainingJob>::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let Some(job) = api
+        .get_opt(&cached.name_any())
+        .await
+        .map_err(Error::kube("reading the job"))?
+    else {
+        return Ok(Action::await_change());
+    };
+    let job = &job;
     let mut out = Outcome {
         status: job.status.clone().unwrap_or_default(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
