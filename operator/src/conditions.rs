@@ -33,11 +33,6 @@ pub fn set(
     }
 }
 
-/// Removes condition `type_`.
-pub fn remove(conditions: &mut Vec<Condition>, type_: &str) {
-    conditions.retain(|c| c.type_ != type_);
-}
-
 /// Whether condition `type_` is present with status True.
 #[must_use]
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
@@ -95,7 +90,7 @@ mod tests {
         );
         assert_eq!(conditions[0].last_transition_time, time(30));
         assert!(!is_true(&conditions, "Active"));
-        remove(&mut conditions, "Active");
-        assert!(get(&conditions, "Active").is_none());
+        assert_eq!(get(&conditions, "Active").unwrap().reason, "Unreachable");
+        assert!(get(&conditions, "Running").is_none());
     }
 }

@@ -89,17 +89,6 @@ pub struct Settings {
     pub progress_interval: Duration,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            default_image: "ghcr.io/geoml/geoml:0.1.0".to_owned(),
-            probe_interval: Duration::from_secs(30),
-            max_backoff: Duration::from_secs(300),
-            progress_interval: Duration::from_secs(30),
-        }
-    }
-}
-
 /// What both controllers share.
 pub struct Context {
     /// Client of the cluster the operator runs in (the hub).
