@@ -427,6 +427,21 @@ spec:
     assert_eq!(status.per_datacenter.len(), 3);
     assert_eq!(status.per_datacenter[1].workers.desired, 2);
     assert_eq!(status.datacenters_ready.as_deref(), Some("0/3"));
+    // The status may lag the pods by one reconciliation.
+    let (reason, message) = eventually("Running to name the pods", || async {
+        let (_, reason, message) = condition(&job(&hub, JOB).await, "Running")?;
+        message.contains("not ready").then_some((reason, message))
+    })
+    .await;
+    assert_eq!(reason, "PodsNotReady");
+    assert!(
+        message.starts_with("0/9 pods ready; not ready: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("(Pending)") && message.contains("and 6 more"),
+        "{message}"
+    );
 
     // Editing the SyncPolicy rewrites the topology ConfigMaps, not the pods.
     let uids: Vec<_> = job_pods(&ap)

@@ -257,6 +257,8 @@ fn clusters(view: &JobView, ctx: &Context) -> Vec<Result<Cluster, Unavailable>> 
 /// Everything one reconciliation learns, turned into status at the end.
 struct Outcome {
     status: TrainingJobStatus,
+    /// Pods that do not run yet, and why, for the `Running` condition.
+    waiting: Vec<String>,
     now: Time,
     generation: Option<i64>,
 }
@@ -291,6 +293,7 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
     let job = &job;
     let mut out = Outcome {
         status: job.status.clone().unwrap_or_default(),
+        waiting: Vec::new(),
         now: Time(k8s_openapi::jiff::Timestamp::now()),
         generation: job.metadata.generation,
     };
@@ -480,12 +483,20 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
         }));
     } else if !suspended {
         let (ready, total) = pod_totals(&out.status.per_datacenter);
-        out.condition(
-            "Running",
-            false,
-            "PodsNotReady",
-            &format!("{ready}/{total} pods ready"),
-        );
+        let shown: Vec<&str> = out.waiting.iter().take(3).map(String::as_str).collect();
+        let more = out.waiting.len().saturating_sub(shown.len());
+        let message = match (shown.is_empty(), more) {
+            (true, _) => format!("{ready}/{total} pods ready"),
+            (false, 0) => format!(
+                "{ready}/{total} pods ready; not ready: {}",
+                shown.join(", ")
+            ),
+            (false, more) => format!(
+                "{ready}/{total} pods ready; not ready: {} and {more} more",
+                shown.join(", ")
+            ),
+        };
+        out.condition("Running", false, "PodsNotReady", &message);
     }
     finish_status(job, ctx, &mut out).await?;
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
@@ -764,6 +775,15 @@ fn observe(view: &JobView, clusters: &[Result<Cluster, Unavailable>], out: &mut 
                 .collect(),
             Err(_) => Vec::new(),
         };
+        out.waiting
+            .extend(pods.iter().filter(|pod| !status::is_ready(pod)).map(|pod| {
+                format!(
+                    "{} in {} ({})",
+                    pod.name_any(),
+                    p.name(),
+                    status::waiting(pod)
+                )
+            }));
         let previous = old.iter().find(|d| d.name == p.name());
         let progress = DatacenterProgress {
             name: p.name().to_owned(),

@@ -55,6 +55,25 @@ pub fn counts<'a>(
     counts
 }
 
+/// What a pod that is not ready is doing: its phase and, when known, why
+/// its first container waits (for example `Pending: ImagePullBackOff`).
+#[must_use]
+pub fn waiting(pod: &Pod) -> String {
+    let phase = phase(pod);
+    let reason = pod.status.as_ref().and_then(|s| {
+        let waiting = s
+            .container_statuses
+            .iter()
+            .flatten()
+            .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone());
+        waiting.or_else(|| s.reason.clone())
+    });
+    match reason {
+        Some(reason) => format!("{phase}: {reason}"),
+        None => phase.to_owned(),
+    }
+}
+
 /// Why a failed pod failed: the pod's reason and message, else its
 /// containers' termination reasons and exit codes.
 #[must_use]
@@ -145,5 +164,19 @@ mod tests {
             "Evicted: node ran out of memory: container ps OOMKilled (exit code 137)"
         );
         assert_eq!(failure(&pod("ps", "Failed", &json!({}))), "failed");
+    }
+
+    #[test]
+    fn waiting_names_the_phase_and_the_containers_reason() {
+        let pulling = pod(
+            "worker",
+            "Pending",
+            &json!({ "containerStatuses": [{
+                "name": "worker", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": { "waiting": { "reason": "ImagePullBackOff" } },
+            }] }),
+        );
+        assert_eq!(waiting(&pulling), "Pending: ImagePullBackOff");
+        assert_eq!(waiting(&pod("ps", "Pending", &json!({}))), "Pending");
     }
 }
