@@ -21,6 +21,17 @@ use crate::{Error, k8s_bin_dir, pki};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Audits requests made by ServiceAccounts only (an operator under test),
+/// at the Metadata level: enough to find every forbidden request.
+pub const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: [\"system:serviceaccounts\"]
+- level: None
+";
+
 /// A running etcd + kube-apiserver pair. Several can run at once (one per
 /// emulated datacenter cluster); dropping it stops both and deletes their data.
 pub struct ControlPlane {
@@ -28,10 +39,11 @@ pub struct ControlPlane {
     server: String,
     kubeconfig: PathBuf,
     bin: PathBuf,
-    // Held only to be stopped on drop; declared before `dir` so that the
-    // processes stop before their files are deleted.
-    _apiserver: Process,
-    _etcd: Process,
+    apiserver_args: Vec<String>,
+    // Stopped on drop; declared before `dir` so that the processes stop
+    // before their files are deleted. None while stopped by `stop_apiserver`.
+    apiserver: Option<Process>,
+    etcd: Process,
     dir: TempDir,
 }
 
@@ -45,6 +57,9 @@ impl ControlPlane {
             .tempdir()
             .map_err(Error::io("creating the control plane's directory"))?;
         let pki = pki::write(dir.path())?;
+        let audit_policy = dir.path().join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY)
+            .map_err(Error::io("writing the audit policy"))?;
         let [etcd_client, etcd_peer, secure] = free_ports()?;
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
@@ -67,32 +82,38 @@ impl ControlPlane {
         etcd.wait_for_port(etcd_client)?;
 
         let path = |p: &Path| p.display().to_string();
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--secure-port={secure}"),
+            format!("--cert-dir={}", dir.path().join("certs").display()),
+            format!("--tls-cert-file={}", path(&pki.server_cert)),
+            format!("--tls-private-key-file={}", path(&pki.server_key)),
+            format!("--client-ca-file={}", path(&pki.ca_cert)),
+            "--authorization-mode=RBAC".to_owned(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+            format!(
+                "--service-account-key-file={}",
+                path(&pki.service_account_pub)
+            ),
+            format!(
+                "--service-account-signing-key-file={}",
+                path(&pki.service_account_key)
+            ),
+            "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--enable-priority-and-fairness=false".to_owned(),
+            "--profiling=false".to_owned(),
+            // No controller-manager creates namespaces' `default`
+            // ServiceAccounts, so pods could never be admitted.
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+            format!("--audit-policy-file={}", path(&audit_policy)),
+            format!("--audit-log-path={}", path(&dir.path().join("audit.log"))),
+        ];
         let mut apiserver = Process::spawn(
             "kube-apiserver",
-            Command::new(bin.join("kube-apiserver")).args([
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".to_owned(),
-                "--advertise-address=127.0.0.1".to_owned(),
-                format!("--secure-port={secure}"),
-                format!("--cert-dir={}", dir.path().join("certs").display()),
-                format!("--tls-cert-file={}", path(&pki.server_cert)),
-                format!("--tls-private-key-file={}", path(&pki.server_key)),
-                format!("--client-ca-file={}", path(&pki.ca_cert)),
-                "--authorization-mode=RBAC".to_owned(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
-                format!(
-                    "--service-account-key-file={}",
-                    path(&pki.service_account_pub)
-                ),
-                format!(
-                    "--service-account-signing-key-file={}",
-                    path(&pki.service_account_key)
-                ),
-                "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
-                "--allow-privileged=true".to_owned(),
-                "--enable-priority-and-fairness=false".to_owned(),
-                "--profiling=false".to_owned(),
-            ]),
+            Command::new(bin.join("kube-apiserver")).args(&apiserver_args),
             dir.path(),
         )?;
 
@@ -106,10 +127,31 @@ impl ControlPlane {
             server,
             kubeconfig,
             bin,
-            _apiserver: apiserver,
-            _etcd: etcd,
+            apiserver_args,
+            apiserver: Some(apiserver),
+            etcd,
             dir,
         })
+    }
+
+    /// Stops kube-apiserver (etcd and the data stay), as when a datacenter's
+    /// cluster becomes unreachable.
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver = None;
+    }
+
+    /// Starts kube-apiserver again on the same port and data after
+    /// [`Self::stop_apiserver`], and waits until it is ready.
+    pub async fn restart_apiserver(&mut self) -> Result<(), Error> {
+        self.apiserver = None;
+        let mut apiserver = Process::spawn(
+            "kube-apiserver",
+            Command::new(self.bin.join("kube-apiserver")).args(&self.apiserver_args),
+            self.dir.path(),
+        )?;
+        wait_ready(&self.client, &mut apiserver, &mut self.etcd).await?;
+        self.apiserver = Some(apiserver);
+        Ok(())
     }
 
     /// A client authenticated as a cluster admin (`system:masters`).
@@ -134,6 +176,13 @@ impl ControlPlane {
     #[must_use]
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The audit log: one JSON event per request made by a ServiceAccount
+    /// (see [`AUDIT_POLICY`]), with its verb, resource and response code.
+    #[must_use]
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
     }
 
     /// Installs the geoml CRDs with server-side apply and waits until each is

@@ -1,0 +1,966 @@
+//! Desired objects of one TrainingJob in one datacenter, computed without a cluster.
+//!
+//! Per datacenter: a headless Service (stable DNS names of the pods), one
+//! peer Service per parameter-server shard (how other datacenters reach it),
+//! a ConfigMap with `manifest.yaml` and `topology.yaml`, the parameter-server
+//! and worker pods and, in the Collaborative (Cartel) mode, the registry
+//! Deployment and Service in the job's first datacenter.
+
+use std::collections::BTreeMap;
+
+use geoml_crds::datacenter::{PeerAccess, PeerServiceType};
+use geoml_crds::sync_policy::InterDatacenterModel;
+use geoml_crds::training_job::DatacenterPlacement;
+use geoml_crds::{Datacenter, SyncPolicy, Topology, TrainingJob};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
+    PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+/// Port of a parameter server's gRPC service (workers and mirrors).
+pub const PS_PORT: i32 = 7070;
+/// Port of every role's Prometheus metrics.
+pub const METRICS_PORT: i32 = 9090;
+/// Port of the Cartel registry.
+pub const REGISTRY_PORT: i32 = 7071;
+/// Where the topology ConfigMap is mounted.
+const CONFIG_DIR: &str = "/etc/geoml";
+/// Where parameter servers write checkpoints.
+const CHECKPOINT_DIR: &str = "/var/lib/geoml/checkpoints";
+/// Where the registry keeps its state.
+const REGISTRY_STATE_DIR: &str = "/var/lib/geoml/registry";
+
+/// Label every object the operator creates carries, with value [`MANAGER`].
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The operator's name: value of [`MANAGED_BY`] and its server-side-apply field manager.
+pub const MANAGER: &str = "geoml-operator";
+/// Label: name of the TrainingJob an object belongs to.
+pub const JOB_LABEL: &str = "geoml.io/job";
+/// Label: namespace of the TrainingJob an object belongs to (objects in
+/// remote clusters cannot carry an owner reference to it).
+pub const JOB_NAMESPACE_LABEL: &str = "geoml.io/job-namespace";
+/// Label: the Datacenter an object belongs to.
+pub const DATACENTER_LABEL: &str = "geoml.io/datacenter";
+/// Label: `ps`, `worker` or `registry`.
+pub const ROLE_LABEL: &str = "geoml.io/role";
+/// Label: shard or worker index within the datacenter.
+pub const INDEX_LABEL: &str = "geoml.io/index";
+/// Annotation: hash of a pod's spec; a pod whose hash differs from the
+/// desired one is replaced (pod specs are immutable).
+pub const SPEC_HASH_ANNOTATION: &str = "geoml.io/spec-hash";
+
+/// A role of a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A parameter-server shard.
+    ParameterServer,
+    /// A worker.
+    Worker,
+}
+
+impl Role {
+    /// The `geoml` subcommand and label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ParameterServer => "ps",
+            Self::Worker => "worker",
+        }
+    }
+}
+
+/// One datacenter of a job with everything needed to place objects there.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// The job's entry for this datacenter (replica counts, resources).
+    pub spec: DatacenterPlacement,
+    /// The Datacenter object.
+    pub datacenter: Datacenter,
+    /// Namespace the datacenter's objects go to, in its cluster.
+    pub namespace: String,
+    /// Node selector of the datacenter's pods.
+    pub node_selector: BTreeMap<String, String>,
+    /// True when the objects live next to the job (local cluster, same
+    /// namespace), so that they can carry an owner reference to it.
+    pub owned: bool,
+}
+
+impl Placement {
+    /// Resolves where a job's objects for `datacenter` go.
+    #[must_use]
+    pub fn new(job: &TrainingJob, spec: DatacenterPlacement, datacenter: Datacenter) -> Self {
+        let job_namespace = job.namespace().unwrap_or_default();
+        let cluster = &datacenter.spec.cluster;
+        let (namespace, node_selector, local) = match (&cluster.local, &cluster.remote) {
+            (_, Some(remote)) => (
+                remote.namespace.clone(),
+                remote.node_selector.clone(),
+                false,
+            ),
+            (Some(local), None) => (local.namespace.clone(), local.node_selector.clone(), true),
+            (None, None) => (None, BTreeMap::new(), true),
+        };
+        let namespace = namespace.unwrap_or_else(|| job_namespace.clone());
+        let owned = local && namespace == job_namespace;
+        Self {
+            spec,
+            datacenter,
+            namespace,
+            node_selector,
+            owned,
+        }
+    }
+
+    /// Name of the datacenter.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+/// A job with its SyncPolicy and placements: the input of every builder.
+#[derive(Clone, Debug)]
+pub struct JobView {
+    /// The job.
+    pub job: TrainingJob,
+    /// Its SyncPolicy.
+    pub policy: SyncPolicy,
+    /// Its datacenters, in `spec.datacenters` order.
+    pub placements: Vec<Placement>,
+    /// Image of the pods (the job's `spec.image` or the operator's default).
+    pub image: String,
+}
+
+/// Names of the objects of one job in one datacenter.
+pub mod names {
+    /// The headless Service that gives the pods stable DNS names.
+    #[must_use]
+    pub fn headless_service(job: &str, dc: &str) -> String {
+        format!("{job}-{dc}")
+    }
+    /// A pod: `<job>-<dc>-ps-<i>` or `<job>-<dc>-worker-<i>`.
+    #[must_use]
+    pub fn pod(job: &str, dc: &str, role: super::Role, index: i32) -> String {
+        format!("{job}-{dc}-{}-{index}", role.as_str())
+    }
+    /// The Service that exposes shard `index` to other datacenters.
+    #[must_use]
+    pub fn peer_service(job: &str, dc: &str, index: i32) -> String {
+        format!("{job}-{dc}-ps-{index}-peer")
+    }
+    /// The topology ConfigMap.
+    #[must_use]
+    pub fn config_map(job: &str, dc: &str) -> String {
+        format!("{job}-{dc}-topology")
+    }
+    /// The registry Deployment and Service.
+    #[must_use]
+    pub fn registry(job: &str) -> String {
+        format!("{job}-registry")
+    }
+}
+
+impl JobView {
+    fn job_name(&self) -> String {
+        self.job.name_any()
+    }
+
+    /// True when the job runs Cartel's collaborative learning (with a registry).
+    #[must_use]
+    pub fn collaborative(&self) -> bool {
+        self.policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative
+    }
+
+    /// True when workers push to every datacenter's shards (naive WAN BSP/SSP).
+    fn global_parameter_servers(&self) -> bool {
+        matches!(
+            self.policy.spec.inter_datacenter.model,
+            InterDatacenterModel::Bsp | InterDatacenterModel::Ssp
+        )
+    }
+
+    /// Labels of every object of this job in datacenter `p`.
+    #[must_use]
+    pub fn labels(&self, p: &Placement) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+            (JOB_LABEL.to_owned(), self.job_name()),
+            (
+                JOB_NAMESPACE_LABEL.to_owned(),
+                self.job.namespace().unwrap_or_default(),
+            ),
+            (DATACENTER_LABEL.to_owned(), p.name().to_owned()),
+        ])
+    }
+
+    fn meta(&self, p: &Placement, name: String, extra: &[(&str, String)]) -> ObjectMeta {
+        let mut labels = self.labels(p);
+        for (k, v) in extra {
+            labels.insert((*k).to_owned(), v.clone());
+        }
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(p.namespace.clone()),
+            labels: Some(labels),
+            owner_references: p.owned.then(|| self.owner_reference()).flatten(),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn owner_reference(&self) -> Option<Vec<OwnerReference>> {
+        self.job.controller_owner_ref(&()).map(|r| vec![r])
+    }
+
+    /// In-cluster URL of shard `index` of datacenter `p`.
+    #[must_use]
+    pub fn local_shard_url(&self, p: &Placement, index: i32) -> String {
+        let job = self.job_name();
+        format!(
+            "http://{}.{}.{}.svc:{PS_PORT}",
+            names::pod(&job, p.name(), Role::ParameterServer, index),
+            names::headless_service(&job, p.name()),
+            p.namespace
+        )
+    }
+
+    /// The headless Service of datacenter `p`.
+    #[must_use]
+    pub fn headless_service(&self, p: &Placement) -> Service {
+        let job = self.job_name();
+        let name = names::headless_service(&job, p.name());
+        Service {
+            metadata: self.meta(p, name, &[]),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".to_owned()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(self.labels(p)),
+                ports: Some(vec![port("grpc", PS_PORT), port("metrics", METRICS_PORT)]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// The Services that expose datacenter `p`'s shards to other
+    /// datacenters, one per shard, of the type `peerAccess.serviceType` says.
+    #[must_use]
+    pub fn peer_services(&self, p: &Placement) -> Vec<Service> {
+        let job = self.job_name();
+        (0..p.spec.parameter_servers)
+            .map(|i| {
+                let mut selector = self.labels(p);
+                selector.insert(ROLE_LABEL.to_owned(), Role::ParameterServer.as_str().into());
+                selector.insert(INDEX_LABEL.to_owned(), i.to_string());
+                let extra = [
+                    (ROLE_LABEL, Role::ParameterServer.as_str().to_owned()),
+                    (INDEX_LABEL, i.to_string()),
+                ];
+                Service {
+                    metadata: self.meta(p, names::peer_service(&job, p.name(), i), &extra),
+                    spec: Some(ServiceSpec {
+                        type_: Some(service_type(&p.datacenter.spec.peer_access).to_owned()),
+                        selector: Some(selector),
+                        ports: Some(vec![port("grpc", PS_PORT)]),
+                        ..ServiceSpec::default()
+                    }),
+                    status: None,
+                }
+            })
+            .collect()
+    }
+
+    /// The registry's Service (Collaborative mode, first datacenter), of the
+    /// datacenter's `peerAccess.serviceType` so that the others reach it.
+    #[must_use]
+    pub fn registry_service(&self, p: &Placement) -> Service {
+        let name = names::registry(&self.job_name());
+        let extra = [(ROLE_LABEL, "registry".to_owned())];
+        let mut selector = self.labels(p);
+        selector.insert(ROLE_LABEL.to_owned(), "registry".to_owned());
+        Service {
+            metadata: self.meta(p, name, &extra),
+            spec: Some(ServiceSpec {
+                type_: Some(service_type(&p.datacenter.spec.peer_access).to_owned()),
+                selector: Some(selector),
+                ports: Some(vec![port("grpc", REGISTRY_PORT)]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// The registry's Deployment: one `geoml registry` replica.
+    #[must_use]
+    pub fn registry_deployment(&self, p: &Placement) -> Deployment {
+        let name = names::registry(&self.job_name());
+        let extra = [(ROLE_LABEL, "registry".to_owned())];
+        let meta = self.meta(p, name, &extra);
+        let mut selector = self.labels(p);
+        selector.insert(ROLE_LABEL.to_owned(), "registry".to_owned());
+        let container = Container {
+            name: "registry".to_owned(),
+            image: Some(self.image.clone()),
+            command: Some(vec!["geoml".to_owned()]),
+            args: Some(strings(&[
+                "registry",
+                "--listen",
+                &format!("0.0.0.0:{REGISTRY_PORT}"),
+                "--state-dir",
+                REGISTRY_STATE_DIR,
+            ])),
+            ports: Some(vec![container_port("grpc", REGISTRY_PORT)]),
+            volume_mounts: Some(vec![mount("state", REGISTRY_STATE_DIR, None)]),
+            ..Container::default()
+        };
+        Deployment {
+            metadata: meta.clone(),
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                selector: LabelSelector {
+                    match_labels: Some(selector),
+                    ..LabelSelector::default()
+                },
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: meta.labels,
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![container],
+                        node_selector: non_empty(&p.node_selector),
+                        volumes: Some(vec![Volume {
+                            name: "state".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        }]),
+                        ..PodSpec::default()
+                    }),
+                },
+                ..DeploymentSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// The pod of `role` number `index` in datacenter `p`.
+    #[must_use]
+    #[allow(clippy::too_many_lines)] // one container spec, field by field
+    pub fn pod(&self, p: &Placement, role: Role, index: i32) -> Pod {
+        let job = self.job_name();
+        let name = names::pod(&job, p.name(), role, index);
+        let config = format!("{CONFIG_DIR}/");
+        let mut args = strings(&[
+            role.as_str(),
+            "--manifest",
+            &format!("{config}manifest.yaml"),
+            "--topology",
+            &format!("{config}topology.yaml"),
+        ]);
+        let mut ports = vec![container_port("metrics", METRICS_PORT)];
+        let mut mounts = vec![mount("topology", CONFIG_DIR, None)];
+        let mut volumes = vec![Volume {
+            name: "topology".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::config_map(&job, p.name()),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        }];
+        let resources = p.spec.resources.as_ref().and_then(|r| match role {
+            Role::ParameterServer => r.parameter_server.clone(),
+            Role::Worker => r.worker.clone(),
+        });
+        match role {
+            Role::ParameterServer => {
+                args.extend(strings(&[
+                    "--shard",
+                    &index.to_string(),
+                    "--listen",
+                    &format!("0.0.0.0:{PS_PORT}"),
+                ]));
+                ports.insert(0, container_port("grpc", PS_PORT));
+                if let Some(checkpoint) = &self.job.spec.checkpoint {
+                    args.extend(strings(&["--checkpoint-dir", CHECKPOINT_DIR]));
+                    // A shared claim holds every shard's checkpoints, each in its own directory.
+                    let sub_path = format!("{}/ps-{index}", p.name());
+                    mounts.push(mount("checkpoints", CHECKPOINT_DIR, Some(sub_path)));
+                    volumes.push(Volume {
+                        name: "checkpoints".to_owned(),
+                        persistent_volume_claim: checkpoint.claim_name.as_ref().map(|claim| {
+                            PersistentVolumeClaimVolumeSource {
+                                claim_name: claim.clone(),
+                                read_only: None,
+                            }
+                        }),
+                        empty_dir: checkpoint
+                            .claim_name
+                            .is_none()
+                            .then(EmptyDirVolumeSource::default),
+                        ..Volume::default()
+                    });
+                }
+            }
+            Role::Worker => {
+                args.extend(strings(&["--index", &index.to_string()]));
+            }
+        }
+        args.extend(strings(&[
+            "--metrics-listen",
+            &format!("0.0.0.0:{METRICS_PORT}"),
+        ]));
+        let container = Container {
+            name: role.as_str().to_owned(),
+            image: Some(self.image.clone()),
+            command: Some(vec!["geoml".to_owned()]),
+            args: Some(args),
+            env: Some(vec![
+                env("GEOML_JOB", &job),
+                env("GEOML_DATACENTER", p.name()),
+                env("GEOML_ROLE", role.as_str()),
+                env("GEOML_INDEX", &index.to_string()),
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+            ]),
+            ports: Some(ports),
+            resources: resources.filter(|r| *r != ResourceRequirements::default()),
+            volume_mounts: Some(mounts),
+            ..Container::default()
+        };
+        let spec = PodSpec {
+            containers: vec![container],
+            hostname: Some(name.clone()),
+            subdomain: Some(names::headless_service(&job, p.name())),
+            node_selector: non_empty(&p.node_selector),
+            restart_policy: Some("Never".to_owned()),
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        };
+        let extra = [
+            (ROLE_LABEL, role.as_str().to_owned()),
+            (INDEX_LABEL, index.to_string()),
+        ];
+        let mut metadata = self.meta(p, name, &extra);
+        metadata.annotations = Some(BTreeMap::from([(
+            SPEC_HASH_ANNOTATION.to_owned(),
+            spec_hash(&spec),
+        )]));
+        Pod {
+            metadata,
+            spec: Some(spec),
+            status: None,
+        }
+    }
+
+    /// Every pod of datacenter `p`: its shards, then its workers.
+    #[must_use]
+    pub fn pods(&self, p: &Placement) -> Vec<Pod> {
+        let ps = (0..p.spec.parameter_servers).map(|i| self.pod(p, Role::ParameterServer, i));
+        let workers = (0..p.spec.workers).map(|i| self.pod(p, Role::Worker, i));
+        ps.chain(workers).collect()
+    }
+
+    /// The topology of datacenter number `dc`, given every datacenter's shard
+    /// URLs as other datacenters reach them (`peer_urls`, in placement order)
+    /// and the registry's URL as seen from outside its datacenter.
+    #[must_use]
+    pub fn topology(
+        &self,
+        dc: usize,
+        peer_urls: &[Vec<String>],
+        registry: Option<&str>,
+    ) -> Topology {
+        let own = &self.placements[dc];
+        let local: Vec<String> = (0..own.spec.parameter_servers)
+            .map(|i| self.local_shard_url(own, i))
+            .collect();
+        let parameter_servers = if self.global_parameter_servers() {
+            (0..self.placements.len())
+                .flat_map(|j| {
+                    if j == dc {
+                        local.clone()
+                    } else {
+                        peer_urls.get(j).cloned().unwrap_or_default()
+                    }
+                })
+                .collect()
+        } else {
+            local
+        };
+        let mirrors = self
+            .placements
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != dc)
+            .map(|(j, p)| {
+                (
+                    p.name().to_owned(),
+                    peer_urls.get(j).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let registry = self.collaborative().then(|| {
+            if dc == 0 {
+                format!(
+                    "http://{}.{}.svc:{REGISTRY_PORT}",
+                    names::registry(&self.job_name()),
+                    own.namespace
+                )
+            } else {
+                registry.unwrap_or_default().to_owned()
+            }
+        });
+        Topology {
+            datacenter: own.name().to_owned(),
+            parameter_servers,
+            mirrors,
+            registry,
+        }
+    }
+
+    /// `manifest.yaml`: the job's Datacenters, its SyncPolicy and the job
+    /// itself (names and specs only), as `geoml_runtime::manifest` reads it.
+    pub fn manifest_yaml(&self) -> Result<String, serde_yaml::Error> {
+        let mut out = String::new();
+        for p in &self.placements {
+            let dc = Datacenter {
+                metadata: bare_meta(&p.datacenter.metadata),
+                spec: p.datacenter.spec.clone(),
+                status: None,
+            };
+            push_document(&mut out, &dc)?;
+        }
+        let policy = SyncPolicy {
+            metadata: bare_meta(&self.policy.metadata),
+            spec: self.policy.spec.clone(),
+        };
+        push_document(&mut out, &policy)?;
+        let job = TrainingJob {
+            metadata: bare_meta(&self.job.metadata),
+            spec: self.job.spec.clone(),
+            status: None,
+        };
+        push_document(&mut out, &job)?;
+        Ok(out)
+    }
+
+    /// The topology ConfigMap of datacenter number `dc`.
+    pub fn config_map(
+        &self,
+        dc: usize,
+        manifest: &str,
+        topology: &Topology,
+    ) -> Result<ConfigMap, serde_yaml::Error> {
+        let p = &self.placements[dc];
+        Ok(ConfigMap {
+            metadata: self.meta(p, names::config_map(&self.job_name(), p.name()), &[]),
+            data: Some(BTreeMap::from([
+                ("manifest.yaml".to_owned(), manifest.to_owned()),
+                ("topology.yaml".to_owned(), topology.to_yaml()?),
+            ])),
+            ..ConfigMap::default()
+        })
+    }
+}
+
+/// The URL at which other datacenters reach a Service of datacenter `access`
+/// exposes: `peerAccess.gatewayAddress` (its port plus `offset`, so shard
+/// `i` of a gateway `host:p` is `host:p+i`), else the address the Service's
+/// type gives (load-balancer ingress, `node_address` and node port, or the
+/// cluster IP). None while the address is not assigned yet.
+#[must_use]
+pub fn peer_url(
+    access: &PeerAccess,
+    service: &Service,
+    node_address: Option<&str>,
+    offset: i32,
+) -> Option<String> {
+    if let Some(gateway) = &access.gateway_address {
+        let (host, port) = gateway.rsplit_once(':')?;
+        let port: i32 = port.parse().ok()?;
+        return Some(format!("http://{host}:{}", port + offset));
+    }
+    let spec = service.spec.as_ref()?;
+    let service_port = spec.ports.as_ref()?.first()?;
+    let host_port = match access.service_type {
+        PeerServiceType::LoadBalancer => {
+            let ingress = service
+                .status
+                .as_ref()?
+                .load_balancer
+                .as_ref()?
+                .ingress
+                .as_ref()?
+                .first()?;
+            let host = ingress.ip.clone().or_else(|| ingress.hostname.clone())?;
+            format!("{host}:{}", service_port.port)
+        }
+        PeerServiceType::NodePort => format!("{}:{}", node_address?, service_port.node_port?),
+        PeerServiceType::ClusterIp => {
+            let ip = spec.cluster_ip.as_ref().filter(|ip| *ip != "None")?;
+            format!("{ip}:{}", service_port.port)
+        }
+    };
+    Some(format!("http://{host_port}"))
+}
+
+fn service_type(access: &PeerAccess) -> &'static str {
+    match access.service_type {
+        PeerServiceType::LoadBalancer => "LoadBalancer",
+        PeerServiceType::NodePort => "NodePort",
+        PeerServiceType::ClusterIp => "ClusterIP",
+    }
+}
+
+fn bare_meta(meta: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        ..ObjectMeta::default()
+    }
+}
+
+fn push_document<T: serde::Serialize>(
+    out: &mut String,
+    value: &T,
+) -> Result<(), serde_yaml::Error> {
+    out.push_str("---\n");
+    out.push_str(&serde_yaml::to_string(value)?);
+    Ok(())
+}
+
+/// FNV-1a of the pod spec's JSON: stable across operator versions and restarts.
+fn spec_hash(spec: &PodSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn non_empty(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    (!map.is_empty()).then(|| map.clone())
+}
+
+fn port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        ..ServicePort::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        ..ContainerPort::default()
+    }
+}
+
+fn mount(name: &str, path: &str, sub_path: Option<String>) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        sub_path,
+        ..VolumeMount::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use geoml_crds::datacenter::PeerAccess;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+
+    /// The example manifest's objects, placed in namespace `ml`, with every
+    /// datacenter's shards reachable at `http://<dc>-lb-<shard>:7070`.
+    fn view(example: &str) -> JobView {
+        let path = format!(
+            "{}/../manifests/examples/{example}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let (mut dcs, mut policy, mut job) = (Vec::new(), None, None);
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            match value["kind"].as_str().unwrap() {
+                "Datacenter" => dcs.push(serde_yaml::from_value::<Datacenter>(value).unwrap()),
+                "SyncPolicy" => policy = Some(serde_yaml::from_value(value).unwrap()),
+                _ => job = Some(serde_yaml::from_value::<TrainingJob>(value).unwrap()),
+            }
+        }
+        let mut job = job.unwrap();
+        job.metadata.namespace = Some("ml".into());
+        job.metadata.uid = Some("uid-1".into());
+        let placements = job
+            .spec
+            .datacenters
+            .iter()
+            .map(|spec| {
+                let dc = dcs.iter().find(|d| d.name_any() == spec.name).unwrap();
+                Placement::new(&job, spec.clone(), dc.clone())
+            })
+            .collect();
+        JobView {
+            job,
+            policy: policy.unwrap(),
+            placements,
+            image: "geoml:test".into(),
+        }
+    }
+
+    fn peer_urls(view: &JobView) -> Vec<Vec<String>> {
+        view.placements
+            .iter()
+            .map(|p| {
+                (0..p.spec.parameter_servers)
+                    .map(|i| format!("http://{}-lb-{i}:7070", p.name()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    use serde::Deserialize;
+
+    #[test]
+    fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
+        let view = view("gaia-3dc.yaml");
+        let eu = &view.placements[1];
+        let pods = view.pods(eu);
+        let names: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+        assert_eq!(
+            names,
+            [
+                "fashion-mnist-gaia-eu-west-ps-0",
+                "fashion-mnist-gaia-eu-west-worker-0",
+                "fashion-mnist-gaia-eu-west-worker-1"
+            ]
+        );
+        let ps = pods[0].spec.as_ref().unwrap();
+        let container = &ps.containers[0];
+        assert_eq!(container.command.as_deref().unwrap(), ["geoml"]);
+        assert_eq!(
+            container.args.as_deref().unwrap().join(" "),
+            "ps --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
+             --shard 0 --listen 0.0.0.0:7070 --metrics-listen 0.0.0.0:9090"
+        );
+        assert_eq!(ps.subdomain.as_deref(), Some("fashion-mnist-gaia-eu-west"));
+        assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
+        let worker = &pods[2].spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            worker.args.as_deref().unwrap().join(" "),
+            "worker --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
+             --index 1 --metrics-listen 0.0.0.0:9090"
+        );
+        let env: BTreeMap<_, _> = worker
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+            .collect();
+        assert_eq!(env["GEOML_DATACENTER"], "eu-west");
+        assert_eq!(env["GEOML_ROLE"], "worker");
+        assert_eq!(env["GEOML_INDEX"], "1");
+        // Local datacenter in the job's namespace: owned by the job.
+        assert_eq!(
+            pods[0].metadata.owner_references.as_ref().unwrap()[0].name,
+            "fashion-mnist-gaia"
+        );
+        assert_eq!(pods[0].labels()[ROLE_LABEL], "ps");
+    }
+
+    #[test]
+    fn asp_topology_has_own_shards_and_every_other_datacenters_mirrors() {
+        let view = view("gaia-3dc.yaml");
+        let topology = view.topology(0, &peer_urls(&view), None);
+        assert_eq!(topology.datacenter, "us-east");
+        assert_eq!(
+            topology.parameter_servers,
+            ["http://fashion-mnist-gaia-us-east-ps-0.fashion-mnist-gaia-us-east.ml.svc:7070"]
+        );
+        assert_eq!(topology.mirrors.len(), 2);
+        assert_eq!(topology.mirrors["eu-west"], ["http://eu-west-lb-0:7070"]);
+        assert_eq!(
+            topology.mirrors["ap-southeast"],
+            ["http://ap-southeast-lb-0:7070"]
+        );
+        assert_eq!(topology.registry, None);
+    }
+
+    #[test]
+    fn naive_bsp_topology_lists_every_datacenters_shards_in_spec_order() {
+        let view = view("bsp-3dc.yaml");
+        let topology = view.topology(1, &peer_urls(&view), None);
+        let mut expected = Vec::new();
+        for (j, p) in view.placements.iter().enumerate() {
+            for i in 0..p.spec.parameter_servers {
+                expected.push(if j == 1 {
+                    view.local_shard_url(p, i)
+                } else {
+                    format!("http://{}-lb-{i}:7070", p.name())
+                });
+            }
+        }
+        assert!(expected.len() >= 3, "{expected:?}");
+        assert_eq!(topology.parameter_servers, expected);
+    }
+
+    #[test]
+    fn cartel_workers_get_the_registry_address() {
+        let view = view("cartel-flights.yaml");
+        assert!(view.collaborative());
+        let first = view.topology(0, &peer_urls(&view), Some("http://203.0.113.9:7071"));
+        assert_eq!(
+            first.registry.as_deref(),
+            Some("http://cartel-flights-registry.ml.svc:7071")
+        );
+        let other = view.topology(2, &peer_urls(&view), Some("http://203.0.113.9:7071"));
+        assert_eq!(other.registry.as_deref(), Some("http://203.0.113.9:7071"));
+        let deployment = view.registry_deployment(&view.placements[0]);
+        let args = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert_eq!(
+            args.join(" "),
+            "registry --listen 0.0.0.0:7071 --state-dir /var/lib/geoml/registry"
+        );
+    }
+
+    #[test]
+    fn config_map_holds_a_manifest_without_status_and_the_topology() {
+        let view = view("gaia-3dc.yaml");
+        let manifest = view.manifest_yaml().unwrap();
+        let topology = view.topology(2, &peer_urls(&view), None);
+        let cm = view.config_map(2, &manifest, &topology).unwrap();
+        let data = cm.data.unwrap();
+        assert_eq!(
+            Topology::from_yaml(&data["topology.yaml"]).unwrap(),
+            topology
+        );
+        let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&data["manifest.yaml"])
+            .map(|d| {
+                let v = serde_yaml::Value::deserialize(d).unwrap();
+                assert!(v.get("status").is_none());
+                v["kind"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Datacenter",
+                "Datacenter",
+                "Datacenter",
+                "SyncPolicy",
+                "TrainingJob"
+            ]
+        );
+    }
+
+    #[test]
+    fn peer_urls_follow_the_datacenters_peer_access() {
+        let mut service = Service {
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("10.96.0.7".into()),
+                ports: Some(vec![ServicePort {
+                    port: 7070,
+                    node_port: Some(30_070),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        };
+        let access = |service_type, gateway: Option<&str>| PeerAccess {
+            service_type,
+            gateway_address: gateway.map(Into::into),
+        };
+        // A load balancer without an address yet: wait.
+        assert_eq!(
+            peer_url(
+                &access(PeerServiceType::LoadBalancer, None),
+                &service,
+                None,
+                0
+            ),
+            None
+        );
+        service.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("203.0.113.7".into()),
+                    ..LoadBalancerIngress::default()
+                }]),
+            }),
+            ..ServiceStatus::default()
+        });
+        assert_eq!(
+            peer_url(
+                &access(PeerServiceType::LoadBalancer, None),
+                &service,
+                None,
+                0
+            )
+            .as_deref(),
+            Some("http://203.0.113.7:7070")
+        );
+        assert_eq!(
+            peer_url(
+                &access(PeerServiceType::NodePort, None),
+                &service,
+                Some("192.0.2.1"),
+                0
+            )
+            .as_deref(),
+            Some("http://192.0.2.1:30070")
+        );
+        assert_eq!(
+            peer_url(&access(PeerServiceType::NodePort, None), &service, None, 0),
+            None
+        );
+        assert_eq!(
+            peer_url(&access(PeerServiceType::ClusterIp, None), &service, None, 0).as_deref(),
+            Some("http://10.96.0.7:7070")
+        );
+        assert_eq!(
+            peer_url(
+                &access(PeerServiceType::ClusterIp, Some("gw.example.com:8000")),
+                &service,
+                None,
+                2
+            )
+            .as_deref(),
+            Some("http://gw.example.com:8002")
+        );
+    }
+}

@@ -1,0 +1,1101 @@
+//! The TrainingJob controller. Each reconciliation is a pipeline:
+//! [`dereference`] (SyncPolicy, Datacenters, their clusters) → validate →
+//! [`build`] (pure) → server-side apply in every datacenter → status.
+//! A finalizer deletes the job's objects in every cluster before the job goes.
+
+pub mod build;
+pub mod progress;
+pub mod status;
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::{StreamExt, future};
+use geoml_crds::training_job::{CleanPodPolicy, DatacenterProgress, JobPhase};
+use geoml_crds::{Datacenter, SyncPolicy, TrainingJob, TrainingJobStatus};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use self::build::{JobView, Placement, Role, SPEC_HASH_ANNOTATION};
+use crate::clusters::{Cluster, Unavailable};
+use crate::{Context, Error, conditions};
+
+const CONTROLLER: &str = "trainingjob";
+/// Finalizer that keeps a job until its objects are gone from every cluster.
+pub const FINALIZER: &str = "geoml.io/cleanup";
+/// `runPolicy.managedBy` value (or unset) that this operator reconciles.
+pub const MANAGED_BY_VALUE: &str = "geoml.io/operator";
+/// Wait before looking again for addresses that are not assigned yet.
+const ENDPOINT_POLL: Duration = Duration::from_secs(5);
+
+/// Runs the controller until `shutdown` completes. Besides its own jobs it
+/// watches Datacenters and SyncPolicies (mapped to the jobs that name them)
+/// and pods in every cluster (through `wakeups`).
+pub async fn run(
+    ctx: Arc<Context>,
+    wakeups: UnboundedReceiver<ObjectRef<TrainingJob>>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (store, writer) = reflector::store();
+    // Status writes do not wake a job: only spec changes, deletion and the
+    // finalizer do (generation moves when deletion starts).
+    let jobs = watcher(
+        Api::<TrainingJob>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(
+        predicates::generation.combine(predicates::finalizers),
+        kube::runtime::PredicateConfig::default(),
+    );
+    let by_datacenter = store.clone();
+    let by_policy = store.clone();
+    Controller::for_stream(jobs, store)
+        .watches(
+            Api::<Datacenter>::all(client.clone()),
+            watcher::Config::default(),
+            move |dc| {
+                jobs_naming(&by_datacenter, |job| {
+                    job.spec.datacenters.iter().any(|d| d.name == dc.name_any())
+                })
+            },
+        )
+        .watches(
+            Api::<SyncPolicy>::all(client),
+            watcher::Config::default(),
+            move |policy| {
+                jobs_naming(&by_policy, |job| {
+                    job.namespace() == policy.namespace()
+                        && job.spec.sync_policy_ref.name == policy.name_any()
+                })
+            },
+        )
+        .reconcile_on(wakeups)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| future::ready(()))
+        .await;
+}
+
+fn jobs_naming(
+    store: &Store<TrainingJob>,
+    names: impl Fn(&TrainingJob) -> bool,
+) -> Vec<ObjectRef<TrainingJob>> {
+    store
+        .state()
+        .iter()
+        .filter(|job| names(job))
+        .map(|job| ObjectRef::from_obj(job.as_ref()))
+        .collect()
+}
+
+#[tracing::instrument(skip_all, fields(job = %job.name_any(), namespace = job.namespace()))]
+async fn reconcile(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    if job
+        .spec
+        .run_policy
+        .managed_by
+        .as_deref()
+        .is_some_and(|m| m != MANAGED_BY_VALUE)
+    {
+        return Ok(Action::await_change());
+    }
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let api = Api::<TrainingJob>::namespaced(ctx.client.clone(), &namespace);
+    let action = finalizer(&api, FINALIZER, job, |event| async {
+        match event {
+            Finalizer::Apply(job) => apply(&job, &ctx).await,
+            Finalizer::Cleanup(job) => cleanup(&job, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))?;
+    ctx.reset_backoff(&key(&namespace, &name));
+    Ok(action)
+}
+
+fn key(namespace: &str, name: &str) -> String {
+    format!("trainingjob/{namespace}/{name}")
+}
+
+// kube-runtime hands the error policy owned `Arc`s.
+#[allow(clippy::needless_pass_by_value)]
+fn error_policy(job: Arc<TrainingJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(job = %job.name_any(), %error, "reconcile failed");
+    ctx.metrics.failure(CONTROLLER, error.metric_label());
+    Action::requeue(ctx.backoff(&key(&job.namespace().unwrap_or_default(), &job.name_any())))
+}
+
+/// A reason a job cannot be placed yet, and what to say about it.
+struct Blocked {
+    reason: &'static str,
+    message: String,
+}
+
+/// Dereference: the job's SyncPolicy and Datacenters, resolved into a
+/// [`JobView`], or why they cannot be.
+async fn dereference(job: &TrainingJob, ctx: &Context) -> Result<Result<JobView, Blocked>, Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    let policy_name = &job.spec.sync_policy_ref.name;
+    let policy = Api::<SyncPolicy>::namespaced(ctx.client.clone(), &namespace)
+        .get_opt(policy_name)
+        .await
+        .map_err(Error::kube(format!("reading SyncPolicy {policy_name}")))?;
+    let Some(policy) = policy else {
+        return Ok(Err(Blocked {
+            reason: "SyncPolicyNotFound",
+            message: format!(
+                "spec.syncPolicyRef: SyncPolicy {namespace}/{policy_name} does not exist"
+            ),
+        }));
+    };
+    let datacenters = Api::<Datacenter>::all(ctx.client.clone());
+    let mut placements = Vec::new();
+    let mut missing = Vec::new();
+    for spec in &job.spec.datacenters {
+        match datacenters
+            .get_opt(&spec.name)
+            .await
+            .map_err(Error::kube(format!("reading Datacenter {}", spec.name)))?
+        {
+            Some(dc) => placements.push(Placement::new(job, spec.clone(), dc)),
+            None => missing.push(spec.name.clone()),
+        }
+    }
+    if !missing.is_empty() {
+        return Ok(Err(Blocked {
+            reason: "DatacenterNotFound",
+            message: format!(
+                "spec.datacenters: no Datacenter named {}",
+                missing.join(", ")
+            ),
+        }));
+    }
+    let image = job
+        .spec
+        .image
+        .clone()
+        .unwrap_or_else(|| ctx.settings.default_image.clone());
+    Ok(Ok(JobView {
+        job: job.clone(),
+        policy,
+        placements,
+        image,
+    }))
+}
+
+/// Validate: what the CRD schema cannot check. Object names must be valid
+/// DNS labels (at most 63 characters).
+fn validate(view: &JobView) -> Result<(), Blocked> {
+    let job = view.job.name_any();
+    for p in &view.placements {
+        let longest = [
+            build::names::pod(&job, p.name(), Role::Worker, p.spec.workers - 1),
+            build::names::pod(
+                &job,
+                p.name(),
+                Role::ParameterServer,
+                p.spec.parameter_servers - 1,
+            ),
+            build::names::peer_service(&job, p.name(), p.spec.parameter_servers - 1),
+            build::names::config_map(&job, p.name()),
+        ]
+        .into_iter()
+        .max_by_key(String::len)
+        .unwrap_or_default();
+        if longest.len() > 63 {
+            return Err(Blocked {
+                reason: "NameTooLong",
+                message: format!(
+                    "object name {longest:?} is longer than 63 characters: shorten the job's or datacenter {}'s name",
+                    p.name()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The cluster of each placement, or why it cannot be used.
+fn clusters(view: &JobView, ctx: &Context) -> Vec<Result<Cluster, Unavailable>> {
+    view.placements
+        .iter()
+        .map(|p| match ctx.clusters.get(p.name()) {
+            Some(Ok(cluster)) => match &cluster.available {
+                Ok(()) => Ok(cluster),
+                Err(u) => Err(u.clone()),
+            },
+            Some(Err(u)) => Err(u),
+            None => Err(Unavailable {
+                reason: "NotConnected".to_owned(),
+                message: "the operator has not connected to its cluster yet".to_owned(),
+            }),
+        })
+        .collect()
+}
+
+/// Everything one reconciliation learns, turned into status at the end.
+struct Outcome {
+    status: TrainingJobStatus,
+    /// Pods that do not run yet, and why, for the `Running` condition.
+    waiting: Vec<String>,
+    now: Time,
+    generation: Option<i64>,
+}
+
+impl Outcome {
+    fn condition(&mut self, type_: &str, value: bool, reason: &str, message: &str) {
+        conditions::set(
+            &mut self.status.conditions,
+            type_,
+            value,
+            reason,
+            message,
+            self.generation,
+            &self.now,
+        );
+    }
+}
+
+#[allow(clippy::too_many_lines)] // the pipeline reads best as one sequence of steps
+async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
+    // The cache may lag behind this controller's last status write; counting
+    // retries from a stale copy would lose some. Read the job itself.
+    let api =
+        Api::<TrainingJob>::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let Some(job) = api
+        .get_opt(&cached.name_any())
+        .await
+        .map_err(Error::kube("reading the job"))?
+    else {
+        return Ok(Action::await_change());
+    };
+    let job = &job;
+    let mut out = Outcome {
+        status: job.status.clone().unwrap_or_default(),
+        waiting: Vec::new(),
+        now: Time(k8s_openapi::jiff::Timestamp::now()),
+        generation: job.metadata.generation,
+    };
+    out.status.observed_generation = out.generation;
+
+    // Dereference and validate.
+    let view = match dereference(job, ctx).await? {
+        Ok(view) => validate(&view).map(|()| view),
+        Err(blocked) => Err(blocked),
+    };
+    let view = match view {
+        Ok(view) => view,
+        Err(blocked) => {
+            out.condition("Created", false, blocked.reason, &blocked.message);
+            finish_status(job, ctx, &mut out).await?;
+            // The Datacenter and SyncPolicy watches wake the job when the
+            // missing object appears; nothing to retry before that.
+            return Ok(Action::await_change());
+        }
+    };
+    let clusters = clusters(&view, ctx);
+    let unavailable: Vec<String> = view
+        .placements
+        .iter()
+        .zip(&clusters)
+        .filter_map(|(p, c)| {
+            c.as_ref()
+                .err()
+                .map(|u| format!("Datacenter {}: {}: {}", p.name(), u.reason, u.message))
+        })
+        .collect();
+    match clusters.iter().find_map(|c| c.as_ref().err()) {
+        Some(first) => out.condition(
+            "DatacenterUnavailable",
+            true,
+            &first.reason,
+            &unavailable.join("; "),
+        ),
+        None => out.condition(
+            "DatacenterUnavailable",
+            false,
+            "AllDatacentersActive",
+            "every datacenter's cluster answers",
+        ),
+    }
+
+    let finished = conditions::is_true(&out.status.conditions, "Succeeded")
+        || conditions::is_true(&out.status.conditions, "Failed");
+    let mut requeue: Option<Duration> = None;
+
+    // Failed pods: recreate them while the backoff limit allows.
+    if !finished {
+        check_pods(&view, &clusters, ctx, &mut out).await?;
+    }
+    // Deadline.
+    let finished = conditions::is_true(&out.status.conditions, "Succeeded")
+        || conditions::is_true(&out.status.conditions, "Failed");
+    if !finished
+        && !job.spec.run_policy.suspend
+        && let (Some(limit), Some(start)) = (
+            job.spec.run_policy.active_deadline_seconds,
+            &out.status.start_time,
+        )
+    {
+        {
+            let elapsed = out.now.0.duration_since(start.0).as_secs();
+            if elapsed >= limit {
+                out.condition(
+                    "Failed",
+                    true,
+                    "DeadlineExceeded",
+                    &format!("the job ran longer than activeDeadlineSeconds ({limit} s)"),
+                );
+                publish(
+                    ctx,
+                    job,
+                    EventType::Warning,
+                    "DeadlineExceeded",
+                    "activeDeadlineSeconds passed",
+                )
+                .await;
+            } else {
+                requeue = Some(Duration::from_secs((limit - elapsed).unsigned_abs()));
+            }
+        }
+    }
+    let failed = conditions::is_true(&out.status.conditions, "Failed");
+    let succeeded = conditions::is_true(&out.status.conditions, "Succeeded");
+
+    if failed || succeeded {
+        if out.status.completion_time.is_none() {
+            out.status.completion_time = Some(out.now.clone());
+        }
+        clean_pods(&view, &clusters, job.spec.run_policy.clean_pod_policy).await?;
+        out.condition(
+            "Running",
+            false,
+            if failed { "Failed" } else { "Succeeded" },
+            "the job finished",
+        );
+        if let Some(ttl) = job.spec.run_policy.ttl_seconds_after_finished {
+            let done = out
+                .status
+                .completion_time
+                .clone()
+                .unwrap_or_else(|| out.now.clone());
+            let since = out.now.0.duration_since(done.0).as_secs();
+            if since >= i64::from(ttl) {
+                finish_status(job, ctx, &mut out).await?;
+                let api = Api::<TrainingJob>::namespaced(
+                    ctx.client.clone(),
+                    &job.namespace().unwrap_or_default(),
+                );
+                api.delete(&job.name_any(), &DeleteParams::default())
+                    .await
+                    .map_err(Error::kube(
+                        "deleting the job after ttlSecondsAfterFinished",
+                    ))?;
+                return Ok(Action::await_change());
+            }
+            requeue = Some(Duration::from_secs((i64::from(ttl) - since).unsigned_abs()));
+        }
+        observe(&view, &clusters, &mut out);
+        finish_status(job, ctx, &mut out).await?;
+        return Ok(requeue.map_or_else(Action::await_change, Action::requeue));
+    }
+
+    // Build and apply, datacenter by datacenter.
+    let suspended = job.spec.run_policy.suspend;
+    let created = place(&view, &clusters, suspended).await?;
+    match &created {
+        Ok(count) => out.condition(
+            "Created",
+            true,
+            "ObjectsCreated",
+            &format!("{count} objects in {} datacenters", view.placements.len()),
+        ),
+        Err(blocked) => {
+            out.condition("Created", false, blocked.reason, &blocked.message);
+            requeue = Some(ENDPOINT_POLL);
+        }
+    }
+    if suspended {
+        if !conditions::is_true(&out.status.conditions, "Suspended") {
+            publish(
+                ctx,
+                job,
+                EventType::Normal,
+                "Suspended",
+                "runPolicy.suspend is true: pods deleted",
+            )
+            .await;
+        }
+        out.condition(
+            "Suspended",
+            true,
+            "Suspended",
+            "runPolicy.suspend is true: the job's pods are deleted",
+        );
+        out.condition("Running", false, "Suspended", "the job is suspended");
+        out.status.start_time = None;
+    } else {
+        if conditions::is_true(&out.status.conditions, "Suspended") {
+            out.condition(
+                "Suspended",
+                false,
+                "Resumed",
+                "runPolicy.suspend is false again",
+            );
+            publish(ctx, job, EventType::Normal, "Resumed", "pods recreated").await;
+        }
+        if created.is_ok() && out.status.start_time.is_none() {
+            out.status.start_time = Some(out.now.clone());
+        }
+    }
+    let all_running = observe(&view, &clusters, &mut out);
+    if all_running && !suspended {
+        out.condition(
+            "Running",
+            true,
+            "AllPodsRunning",
+            "every parameter server and worker runs",
+        );
+        read_progress(&view, &clusters, &mut out).await;
+        requeue = Some(requeue.map_or(ctx.settings.progress_interval, |r| {
+            r.min(ctx.settings.progress_interval)
+        }));
+    } else if !suspended {
+        let (ready, total) = pod_totals(&out.status.per_datacenter);
+        let shown: Vec<&str> = out.waiting.iter().take(3).map(String::as_str).collect();
+        let more = out.waiting.len().saturating_sub(shown.len());
+        let message = match (shown.is_empty(), more) {
+            (true, _) => format!("{ready}/{total} pods ready"),
+            (false, 0) => format!(
+                "{ready}/{total} pods ready; not ready: {}",
+                shown.join(", ")
+            ),
+            (false, more) => format!(
+                "{ready}/{total} pods ready; not ready: {} and {more} more",
+                shown.join(", ")
+            ),
+        };
+        out.condition("Running", false, "PodsNotReady", &message);
+    }
+    finish_status(job, ctx, &mut out).await?;
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+fn pod_totals(per_dc: &[DatacenterProgress]) -> (i32, i32) {
+    per_dc.iter().fold((0, 0), |(r, t), dc| {
+        (
+            r + dc.parameter_servers.ready + dc.workers.ready,
+            t + dc.parameter_servers.desired + dc.workers.desired,
+        )
+    })
+}
+
+/// Failed pods: deletes each (to be recreated) while retries stay within
+/// `backoffLimit`, counting one retry per pod actually deleted; past the
+/// limit the job fails. All parameter servers succeeded: the job succeeded.
+async fn check_pods(
+    view: &JobView,
+    clusters: &[Result<Cluster, Unavailable>],
+    ctx: &Context,
+    out: &mut Outcome,
+) -> Result<(), Error> {
+    let job = &view.job;
+    let limit = job.spec.run_policy.backoff_limit;
+    let mut all_ps_succeeded = true;
+    for (p, cluster) in view.placements.iter().zip(clusters) {
+        let Ok(cluster) = cluster else {
+            all_ps_succeeded = false;
+            continue;
+        };
+        let pods = cluster.job_pods(job);
+        let ps: Vec<_> = pods
+            .iter()
+            .filter(|pod| status::has_role(pod, Role::ParameterServer))
+            .collect();
+        all_ps_succeeded &= ps.len() == usize::try_from(p.spec.parameter_servers).unwrap_or(0)
+            && ps.iter().all(|pod| status::phase(pod) == "Succeeded");
+        for pod in pods.iter().filter(|pod| {
+            status::phase(pod) == "Failed" && pod.metadata.deletion_timestamp.is_none()
+        }) {
+            let why = format!(
+                "pod {} in datacenter {} failed: {}",
+                pod.name_any(),
+                p.name(),
+                status::failure(pod)
+            );
+            if out.status.retries >= limit {
+                out.condition(
+                    "Failed",
+                    true,
+                    "BackoffLimitExceeded",
+                    &format!(
+                        "{why}; backoffLimit {limit} reached after {} retries",
+                        out.status.retries
+                    ),
+                );
+                publish(ctx, job, EventType::Warning, "BackoffLimitExceeded", &why).await;
+                return Ok(());
+            }
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: pod.uid(),
+                    resource_version: pod.resource_version(),
+                }),
+                ..DeleteParams::default()
+            };
+            let api = Api::<Pod>::namespaced(cluster.client.clone(), &p.namespace);
+            match api.delete(&pod.name_any(), &params).await {
+                Ok(_) => {
+                    out.status.retries += 1;
+                    let note = format!(
+                        "{why}; recreating it (retry {} of {limit})",
+                        out.status.retries
+                    );
+                    publish(ctx, job, EventType::Warning, "PodFailed", &note).await;
+                }
+                // Already gone or changed: another reconciliation counted it.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => {
+                    return Err(Error::kube(format!(
+                        "deleting failed pod {}",
+                        pod.name_any()
+                    ))(e));
+                }
+            }
+        }
+    }
+    if all_ps_succeeded {
+        out.condition(
+            "Succeeded",
+            true,
+            "StoppingRuleMet",
+            "every parameter server finished: a stopping rule held",
+        );
+        publish(
+            ctx,
+            job,
+            EventType::Normal,
+            "Succeeded",
+            "a stopping rule held",
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Build and apply: Services first (their addresses are the mirror
+/// endpoints), then, once every datacenter's endpoints are known, the
+/// topology ConfigMaps, the registry and the pods. Returns how many objects
+/// the job has, or why they cannot all be created yet.
+async fn place(
+    view: &JobView,
+    clusters: &[Result<Cluster, Unavailable>],
+    suspended: bool,
+) -> Result<Result<usize, Blocked>, Error> {
+    let mut objects = 0;
+    let mut peer_urls: Vec<Vec<String>> = Vec::new();
+    let mut registry_url = None;
+    let mut pending: Vec<String> = Vec::new();
+    let mut down: Vec<String> = Vec::new();
+    for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
+        let Ok(cluster) = cluster else {
+            down.push(p.name().to_owned());
+            peer_urls.push(Vec::new());
+            continue;
+        };
+        let client = &cluster.client;
+        if !p.owned {
+            ensure_namespace(client, &p.namespace).await?;
+        }
+        apply_object(client, &p.namespace, &view.headless_service(p)).await?;
+        let access = &p.datacenter.spec.peer_access;
+        let node = node_address(client, access).await?;
+        let mut urls = Vec::new();
+        for (shard, service) in (0..).zip(view.peer_services(p)) {
+            let applied = apply_object(client, &p.namespace, &service).await?;
+            match build::peer_url(access, &applied, node.as_deref(), shard) {
+                Some(url) => urls.push(url),
+                None => pending.push(format!("{}/{}", p.name(), applied.name_any())),
+            }
+        }
+        objects += 1 + urls.len();
+        if view.collaborative() && i == 0 {
+            let applied = apply_object(client, &p.namespace, &view.registry_service(p)).await?;
+            apply_object(client, &p.namespace, &view.registry_deployment(p)).await?;
+            objects += 2;
+            registry_url =
+                build::peer_url(access, &applied, node.as_deref(), p.spec.parameter_servers);
+            if registry_url.is_none() {
+                pending.push(format!("{}/{}", p.name(), applied.name_any()));
+            }
+        }
+        peer_urls.push(urls);
+    }
+    if !down.is_empty() {
+        return Ok(Err(Blocked {
+            reason: "DatacenterUnavailable",
+            message: format!(
+                "cannot create objects in unavailable datacenters: {}",
+                down.join(", ")
+            ),
+        }));
+    }
+    if !pending.is_empty() {
+        return Ok(Err(Blocked {
+            reason: "WaitingForMirrorEndpoints",
+            message: format!("no address assigned yet to Service {}", pending.join(", ")),
+        }));
+    }
+    let manifest = view.manifest_yaml()?;
+    for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
+        let Ok(cluster) = cluster else { continue };
+        let topology = view.topology(i, &peer_urls, registry_url.as_deref());
+        apply_object(
+            &cluster.client,
+            &p.namespace,
+            &view.config_map(i, &manifest, &topology)?,
+        )
+        .await?;
+        objects += 1;
+        objects += sync_pods(view, p, cluster, suspended).await?;
+    }
+    Ok(Ok(objects))
+}
+
+/// Makes the datacenter's pods what the job asks for: creates missing ones,
+/// replaces those whose spec changed, deletes extra ones (or all of them
+/// while suspended). Returns how many pods the job wants there.
+async fn sync_pods(
+    view: &JobView,
+    p: &Placement,
+    cluster: &Cluster,
+    suspended: bool,
+) -> Result<usize, Error> {
+    let desired = if suspended { Vec::new() } else { view.pods(p) };
+    let existing: Vec<Arc<Pod>> = cluster
+        .job_pods(&view.job)
+        .into_iter()
+        .filter(|pod| {
+            pod.labels()
+                .get(build::DATACENTER_LABEL)
+                .map(String::as_str)
+                == Some(p.name())
+        })
+        .collect();
+    tracing::debug!(
+        datacenter = p.name(),
+        desired = desired.len(),
+        cached = existing.len(),
+        "syncing pods"
+    );
+    let api = Api::<Pod>::namespaced(cluster.client.clone(), &p.namespace);
+    let wanted: BTreeSet<String> = desired.iter().map(ResourceExt::name_any).collect();
+    for pod in &existing {
+        let stale = desired
+            .iter()
+            .find(|d| d.name_any() == pod.name_any())
+            .is_some_and(|d| {
+                d.annotations().get(SPEC_HASH_ANNOTATION)
+                    != pod.annotations().get(SPEC_HASH_ANNOTATION)
+            });
+        if (stale || !wanted.contains(&pod.name_any())) && pod.metadata.deletion_timestamp.is_none()
+        {
+            delete_ignoring_missing(&api, &pod.name_any()).await?;
+        }
+    }
+    let present: BTreeSet<String> = existing.iter().map(|pod| pod.name_any()).collect();
+    for pod in &desired {
+        if !present.contains(&pod.name_any()) {
+            apply_object(&cluster.client, &p.namespace, pod).await?;
+        }
+    }
+    Ok(desired.len())
+}
+
+/// Deletes the job's pods in every reachable datacenter as `policy` says.
+async fn clean_pods(
+    view: &JobView,
+    clusters: &[Result<Cluster, Unavailable>],
+    policy: CleanPodPolicy,
+) -> Result<(), Error> {
+    if policy == CleanPodPolicy::None {
+        return Ok(());
+    }
+    for (p, cluster) in view.placements.iter().zip(clusters) {
+        let Ok(cluster) = cluster else { continue };
+        let api = Api::<Pod>::namespaced(cluster.client.clone(), &p.namespace);
+        for pod in cluster.job_pods(&view.job) {
+            let done = matches!(status::phase(&pod), "Succeeded" | "Failed");
+            if (policy == CleanPodPolicy::All || !done) && pod.metadata.deletion_timestamp.is_none()
+            {
+                delete_ignoring_missing(&api, &pod.name_any()).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Status from the cached pods: replica counts per datacenter and
+/// `datacentersReady`. Returns whether every pod the job wants runs.
+fn observe(view: &JobView, clusters: &[Result<Cluster, Unavailable>], out: &mut Outcome) -> bool {
+    let old = std::mem::take(&mut out.status.per_datacenter);
+    let mut ready_dcs = 0;
+    for (p, cluster) in view.placements.iter().zip(clusters) {
+        let pods: Vec<Arc<Pod>> = match cluster {
+            Ok(c) => c
+                .job_pods(&view.job)
+                .into_iter()
+                .filter(|pod| {
+                    pod.labels()
+                        .get(build::DATACENTER_LABEL)
+                        .map(String::as_str)
+                        == Some(p.name())
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        out.waiting
+            .extend(pods.iter().filter(|pod| !status::is_ready(pod)).map(|pod| {
+                format!(
+                    "{} in {} ({})",
+                    pod.name_any(),
+                    p.name(),
+                    status::waiting(pod)
+                )
+            }));
+        let previous = old.iter().find(|d| d.name == p.name());
+        let progress = DatacenterProgress {
+            name: p.name().to_owned(),
+            parameter_servers: status::counts(
+                pods.iter().map(AsRef::as_ref),
+                Role::ParameterServer,
+                p.spec.parameter_servers,
+            ),
+            workers: status::counts(pods.iter().map(AsRef::as_ref), Role::Worker, p.spec.workers),
+            clock: previous.and_then(|d| d.clock),
+            wan_bytes_sent: previous.and_then(|d| d.wan_bytes_sent),
+        };
+        if progress.parameter_servers.ready == progress.parameter_servers.desired
+            && progress.workers.ready == progress.workers.desired
+        {
+            ready_dcs += 1;
+        }
+        out.status.per_datacenter.push(progress);
+    }
+    let total = view.placements.len();
+    out.status.datacenters_ready = Some(format!("{ready_dcs}/{total}"));
+    ready_dcs == total
+}
+
+/// Progress read from every running parameter server: each datacenter's
+/// clock (its slowest shard), the job's clock (the slowest datacenter), the
+/// mean of the shards' metrics and the WAN bytes sent.
+async fn read_progress(
+    view: &JobView,
+    clusters: &[Result<Cluster, Unavailable>],
+    out: &mut Outcome,
+) {
+    let mut metrics = Vec::new();
+    for ((p, cluster), progress) in view
+        .placements
+        .iter()
+        .zip(clusters)
+        .zip(&mut out.status.per_datacenter)
+    {
+        let Ok(cluster) = cluster else { continue };
+        let ps: Vec<Arc<Pod>> = cluster
+            .job_pods(&view.job)
+            .into_iter()
+            .filter(|pod| {
+                status::has_role(pod, Role::ParameterServer)
+                    && pod
+                        .labels()
+                        .get(build::DATACENTER_LABEL)
+                        .map(String::as_str)
+                        == Some(p.name())
+            })
+            .collect();
+        let shards =
+            future::join_all(ps.iter().map(|pod| progress::scrape(&cluster.client, pod))).await;
+        let shards: Vec<_> = shards.into_iter().flatten().collect();
+        if let Some(clock) = shards.iter().filter_map(|s| s.clock).min() {
+            progress.clock = Some(clock);
+        }
+        let sent: Vec<i64> = shards.iter().filter_map(|s| s.wan_sent_bytes).collect();
+        if !sent.is_empty() {
+            progress.wan_bytes_sent = Some(sent.iter().sum());
+        }
+        metrics.extend(shards.iter().filter_map(|s| s.metric));
+    }
+    if let Some(clock) = out
+        .status
+        .per_datacenter
+        .iter()
+        .map(|d| d.clock)
+        .collect::<Option<Vec<_>>>()
+        .and_then(|c| c.into_iter().min())
+    {
+        out.status.clock = Some(clock);
+    }
+    let sent: Vec<i64> = out
+        .status
+        .per_datacenter
+        .iter()
+        .filter_map(|d| d.wan_bytes_sent)
+        .collect();
+    if !sent.is_empty() {
+        out.status.wan_bytes = Some(sent.iter().sum());
+    }
+    if !metrics.is_empty() {
+        // A handful of shards: the count fits an f64 exactly.
+        #[allow(clippy::cast_precision_loss)]
+        let mean = metrics.iter().sum::<f64>() / metrics.len() as f64;
+        out.status.metric = Some(mean);
+    }
+}
+
+/// Phase and reason from the conditions, then a server-side apply of the
+/// status (a no-op for the apiserver when nothing changed).
+async fn finish_status(job: &TrainingJob, ctx: &Context, out: &mut Outcome) -> Result<(), Error> {
+    let cs = &out.status.conditions;
+    let reason_of = |t: &str| conditions::get(cs, t).map(|c| c.reason.clone());
+    let (phase, reason) = if conditions::is_true(cs, "Failed") {
+        (JobPhase::Failed, reason_of("Failed"))
+    } else if conditions::is_true(cs, "Succeeded") {
+        (JobPhase::Succeeded, reason_of("Succeeded"))
+    } else if conditions::is_true(cs, "Suspended") {
+        (JobPhase::Suspended, reason_of("Suspended"))
+    } else if conditions::is_true(cs, "Running") {
+        (JobPhase::Running, reason_of("Running"))
+    } else if conditions::is_true(cs, "DatacenterUnavailable") {
+        (JobPhase::Pending, reason_of("DatacenterUnavailable"))
+    } else if conditions::get(cs, "Created").is_some_and(|c| c.status == "False") {
+        (JobPhase::Pending, reason_of("Created"))
+    } else {
+        (JobPhase::Pending, reason_of("Running"))
+    };
+    out.status.phase = Some(phase);
+    out.status.reason = reason;
+    if job.status.as_ref() == Some(&out.status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "geoml.io/v1alpha1",
+        "kind": "TrainingJob",
+        "status": out.status,
+    });
+    Api::<TrainingJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default())
+        .patch_status(
+            &job.name_any(),
+            &PatchParams::apply(build::MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(Error::kube("writing the job's status"))?;
+    Ok(())
+}
+
+/// Cleanup: deletes the job's objects in every datacenter's cluster. A
+/// datacenter that cannot be reached keeps the finalizer (and the job) until
+/// it can; one whose Datacenter object is gone is skipped.
+async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
+    let selector = format!(
+        "{}={},{}={}",
+        build::JOB_LABEL,
+        job.name_any(),
+        build::JOB_NAMESPACE_LABEL,
+        job.namespace().unwrap_or_default()
+    );
+    for spec in &job.spec.datacenters {
+        let Some(dc) = Api::<Datacenter>::all(ctx.client.clone())
+            .get_opt(&spec.name)
+            .await
+            .map_err(Error::kube(format!("reading Datacenter {}", spec.name)))?
+        else {
+            continue;
+        };
+        let p = Placement::new(job, spec.clone(), dc);
+        let cluster = match ctx.clusters.get(&spec.name) {
+            Some(Ok(c)) if c.available.is_ok() => c,
+            // Without usable credentials nothing can ever be deleted there:
+            // say so instead of keeping the job forever.
+            Some(Err(u)) if u.reason != "KubeconfigSecretUnreadable" => {
+                let note = format!(
+                    "objects in datacenter {} may remain: {}: {}",
+                    spec.name, u.reason, u.message
+                );
+                publish(ctx, job, EventType::Warning, "CleanupSkipped", &note).await;
+                continue;
+            }
+            Some(
+                Ok(Cluster {
+                    available: Err(u), ..
+                })
+                | Err(u),
+            ) => {
+                return Err(Error::CleanupBlocked {
+                    datacenter: spec.name.clone(),
+                    reason: u.message,
+                });
+            }
+            _ => {
+                return Err(Error::CleanupBlocked {
+                    datacenter: spec.name.clone(),
+                    reason: "not connected yet".to_owned(),
+                });
+            }
+        };
+        delete_labelled::<Pod>(&cluster.client, &p.namespace, &selector).await?;
+        delete_labelled::<Service>(&cluster.client, &p.namespace, &selector).await?;
+        delete_labelled::<ConfigMap>(&cluster.client, &p.namespace, &selector).await?;
+        delete_labelled::<Deployment>(&cluster.client, &p.namespace, &selector).await?;
+    }
+    publish(
+        ctx,
+        job,
+        EventType::Normal,
+        "Deleted",
+        "objects deleted in every datacenter",
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Server-side apply of `object` with the operator's field manager.
+async fn apply_object<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let name = object.name_any();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(build::MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "applying {} {namespace}/{name}",
+            K::kind(&())
+        )))
+}
+
+async fn ensure_namespace(client: &Client, name: &str) -> Result<(), Error> {
+    let api = Api::<Namespace>::all(client.clone());
+    if api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("reading namespace {name}")))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let namespace = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        ..Namespace::default()
+    };
+    api.patch(
+        name,
+        &PatchParams::apply(build::MANAGER),
+        &Patch::Apply(&namespace),
+    )
+    .await
+    .map_err(Error::kube(format!("creating namespace {name}")))?;
+    Ok(())
+}
+
+/// A node address for NodePort peer Services: the first node's external
+/// IP, else its internal IP. None for other Service types or without nodes.
+async fn node_address(
+    client: &Client,
+    access: &geoml_crds::datacenter::PeerAccess,
+) -> Result<Option<String>, Error> {
+    if access.gateway_address.is_some()
+        || access.service_type != geoml_crds::datacenter::PeerServiceType::NodePort
+    {
+        return Ok(None);
+    }
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .map_err(Error::kube("listing nodes for NodePort addresses"))?;
+    let addresses: Vec<_> = nodes
+        .items
+        .iter()
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .collect();
+    Ok(["ExternalIP", "InternalIP"]
+        .iter()
+        .find_map(|t| addresses.iter().find(|a| a.type_ == *t))
+        .map(|a| a.address.clone()))
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!("deleting {} {name}", K::kind(&())))(e)),
+    }
+}
+
+async fn delete_labelled<K>(client: &Client, namespace: &str, selector: &str) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api = Api::<K>::namespaced(client.clone(), namespace);
+    let list = api
+        .list_metadata(&ListParams::default().labels(selector))
+        .await
+        .map_err(Error::kube(format!("listing {} to delete", K::kind(&()))))?;
+    for item in list.items {
+        delete_ignoring_missing(&api, &item.name_any()).await?;
+    }
+    Ok(())
+}
+
+async fn publish(ctx: &Context, job: &TrainingJob, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+        tracing::warn!(%error, "publishing an event");
+    }
+}

@@ -1,0 +1,312 @@
+//! The `geoml-operator run` binary, authenticated as the ServiceAccount the
+//! chart ships and bound only to the chart's RBAC rules, reconciles a job in
+//! a local and a "remote" datacenter (the same cluster reached through a
+//! kubeconfig Secret holding the same identity) without one forbidden request.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use geoml_crds::TrainingJob;
+use geoml_tests::ControlPlane;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = plane
+        .kubectl()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The chart's RBAC template with the release namespace filled in.
+fn chart_rbac(namespace: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/geoml/templates/rbac.yaml");
+    std::fs::read_to_string(path)
+        .unwrap()
+        .replace("{{ .Release.Namespace }}", namespace)
+}
+
+/// A kubeconfig for `plane` that authenticates with a bearer token.
+fn token_kubeconfig(plane: &ControlPlane, token: &str) -> String {
+    let admin: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(plane.kubeconfig()).unwrap()).unwrap();
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "hub", "cluster": admin["clusters"][0]["cluster"] }],
+        "users": [{ "name": "operator", "user": { "token": token } }],
+        "contexts": [{ "name": "operator", "context": { "cluster": "hub", "user": "operator" } }],
+        "current-context": "operator",
+    });
+    serde_yaml::to_string(&config).unwrap()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Requests the apiserver answered 403, from its audit log.
+fn forbidden_requests(plane: &ControlPlane) -> Vec<String> {
+    let log = std::fs::read_to_string(plane.audit_log()).unwrap_or_default();
+    log.lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|event| event["responseStatus"]["code"] == 403)
+        .map(|event| {
+            format!(
+                "{} {} {}",
+                event["user"]["username"], event["verb"], event["requestURI"]
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+#[allow(clippy::too_many_lines)] // one scenario on one control plane
+async fn the_operator_needs_no_rule_beyond_the_charts() {
+    let plane = ControlPlane::start("rbac").await.unwrap();
+    plane.install_crds().await.unwrap();
+    let admin = plane.client();
+    kubectl(&plane, &["create", "namespace", "geoml-system"], None);
+    kubectl(&plane, &["create", "namespace", "ml"], None);
+    kubectl(
+        &plane,
+        &["apply", "-f", "-"],
+        Some(&chart_rbac("geoml-system")),
+    );
+    let token = kubectl(
+        &plane,
+        &[
+            "create",
+            "token",
+            "geoml-operator",
+            "-n",
+            "geoml-system",
+            "--duration=1h",
+        ],
+        None,
+    );
+    let kubeconfig = token_kubeconfig(&plane, token.trim());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig_path = dir.path().join("operator.kubeconfig");
+    std::fs::write(&kubeconfig_path, &kubeconfig).unwrap();
+    kubectl(
+        &plane,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "there-kubeconfig",
+            "-n",
+            "geoml-system",
+            &format!("--from-file=kubeconfig={}", kubeconfig_path.display()),
+        ],
+        None,
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.path().join("operator.log")).unwrap();
+    let mut operator = Command::new(env!("CARGO_BIN_EXE_geoml-operator"))
+        .args([
+            "run",
+            &format!("--listen=127.0.0.1:{port}"),
+            "--lease-namespace=geoml-system",
+            "--identity=test-operator",
+        ])
+        .args([
+            "--probe-seconds=1",
+            "--max-backoff-seconds=2",
+            "--image=geoml:test",
+        ])
+        .env("KUBECONFIG", &kubeconfig_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    kubectl(
+        &plane,
+        &["apply", "-n", "ml", "-f", "-"],
+        Some(
+            r"
+apiVersion: geoml.io/v1alpha1
+kind: Datacenter
+metadata: {name: here}
+spec:
+  region: local
+  cluster: {local: {}}
+  peerAccess: {serviceType: ClusterIP}
+---
+apiVersion: geoml.io/v1alpha1
+kind: Datacenter
+metadata: {name: there}
+spec:
+  region: remote
+  cluster: {remote: {kubeconfigSecretRef: {name: there-kubeconfig, namespace: geoml-system}, namespace: ml-there}}
+  peerAccess: {serviceType: ClusterIP}
+---
+apiVersion: geoml.io/v1alpha1
+kind: SyncPolicy
+metadata: {name: cartel}
+spec: {interDatacenter: {model: Collaborative}}
+---
+apiVersion: geoml.io/v1alpha1
+kind: TrainingJob
+metadata: {name: sites}
+spec:
+  model: {kind: OnlineLinear}
+  dataset: {name: Digits}
+  datacenters: [{name: here}, {name: there}]
+  syncPolicyRef: {name: cartel}
+",
+        ),
+    );
+    let jobs = Api::<TrainingJob>::namespaced(admin.clone(), "ml");
+    let log_path = dir.path().join("operator.log");
+    let created = eventually("the job's objects", || async {
+        let job = jobs.get("sites").await.unwrap();
+        let c = job
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Created")?;
+        (c.status == "True").then_some(c.message)
+    });
+    let message = tokio::select! {
+        m = created => m,
+        () = tokio::time::sleep(TIMEOUT + Duration::from_secs(1)) => panic!("{}", std::fs::read_to_string(&log_path).unwrap()),
+    };
+    assert!(message.contains("2 datacenters"), "{message}");
+    let local_pods = Api::<Pod>::namespaced(admin.clone(), "ml");
+    let remote_pods = Api::<Pod>::namespaced(admin.clone(), "ml-there");
+    let lp = ListParams::default().labels("geoml.io/job=sites");
+    eventually("pods in both namespaces", || async {
+        let here = local_pods.list(&lp).await.unwrap().items.len();
+        let there = remote_pods.list(&lp).await.unwrap().items.len();
+        (here == 2 && there == 2).then_some(())
+    })
+    .await;
+    Api::<Deployment>::namespaced(admin.clone(), "ml")
+        .get("sites-registry")
+        .await
+        .unwrap();
+
+    // A failed pod is deleted and recreated, counted once.
+    let failed = json!({ "status": { "phase": "Failed" } });
+    remote_pods
+        .patch_status(
+            "sites-there-worker-0",
+            &PatchParams::default(),
+            &Patch::Merge(&failed),
+        )
+        .await
+        .unwrap();
+    eventually("one retry", || async {
+        (jobs.get("sites").await.unwrap().status?.retries == 1).then_some(())
+    })
+    .await;
+
+    let lease = Api::<Lease>::namespaced(admin.clone(), "geoml-system")
+        .get("geoml-operator")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("test-operator")
+    );
+    assert!(http_get(port, "/readyz").ends_with("ok"));
+    assert!(
+        http_get(port, "/metrics")
+            .contains("geoml_operator_reconciliations_total{controller=\"trainingjob\"}")
+    );
+
+    jobs.delete("sites", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the job and its objects gone", || async {
+        let gone = jobs.get_opt("sites").await.unwrap().is_none()
+            && local_pods.list(&lp).await.unwrap().items.is_empty()
+            && remote_pods.list(&lp).await.unwrap().items.is_empty();
+        gone.then_some(())
+    })
+    .await;
+
+    // SIGTERM: a graceful stop that hands the Lease back.
+    let status = Command::new("kill")
+        .args(["-TERM", &operator.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = operator.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(exit.success(), "{exit}: {log}");
+    let lease = Api::<Lease>::namespaced(admin.clone(), "geoml-system")
+        .get("geoml-operator")
+        .await
+        .unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity, None);
+
+    let audited = std::fs::read_to_string(plane.audit_log())
+        .unwrap()
+        .lines()
+        .count();
+    assert!(audited > 20, "only {audited} audited requests");
+    let forbidden = forbidden_requests(&plane);
+    assert!(
+        forbidden.is_empty(),
+        "forbidden requests:\n{}\noperator log:\n{log}",
+        forbidden.join("\n")
+    );
+}
