@@ -18,7 +18,8 @@ pub struct ShardProgress {
     pub clock: Option<i64>,
     /// `geoml_ps_metric`: the latest evaluated metric.
     pub metric: Option<f64>,
-    /// Sum of `geoml_ps_wan_sent_bytes_total` over its peers and channels.
+    /// `geoml_mirror_sent_bytes_total`: bytes sent to its mirrors in other
+    /// datacenters (modes with mirrors; naive WAN BSP/SSP traffic is not in it).
     pub wan_sent_bytes: Option<i64>,
 }
 
@@ -55,7 +56,7 @@ pub fn parse(text: &str) -> ShardProgress {
         match name {
             "geoml_ps_clock" => progress.clock = Some(whole),
             "geoml_ps_metric" => progress.metric = Some(value),
-            "geoml_ps_wan_sent_bytes_total" => {
+            "geoml_mirror_sent_bytes_total" => {
                 progress.wan_sent_bytes = Some(progress.wan_sent_bytes.unwrap_or(0) + whole);
             }
             _ => {}
@@ -69,12 +70,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_clock_metric_and_sums_wan_bytes_over_peers() {
+    fn parses_clock_metric_and_mirror_bytes() {
         let text = "# HELP geoml_ps_clock Clock.\n# TYPE geoml_ps_clock gauge\ngeoml_ps_clock 42\n\
                     geoml_ps_metric 0.81\n\
-                    geoml_ps_wan_sent_bytes_total{peer=\"eu-west\",channel=\"data\"} 1000\n\
-                    geoml_ps_wan_sent_bytes_total{peer=\"eu-west\",channel=\"control\"} 24\n\
-                    geoml_ps_wan_sent_bytes_total{peer=\"ap-southeast\",channel=\"data\"} 2e3\n\
+                    geoml_mirror_sent_bytes_total{datacenter=\"us-east\",shard=\"0\"} 3024\n\
                     geoml_ps_clock_other 7\n";
         assert_eq!(
             parse(text),
