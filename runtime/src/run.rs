@@ -314,12 +314,30 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
+/// A loopback port nobody listens on, for a role to bind. The kernel may
+/// hand out a port again once its listener here is closed, so ports given
+/// out before are skipped: every role of every run in this process gets
+/// its own.
+pub(crate) fn unused_port() -> std::io::Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Hold every candidate until one is new, so the kernel offers another.
+    let mut held = Vec::new();
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+        held.push(listener);
+    }
+}
+
 fn free_port() -> Result<u16, RunError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(io("finding a free port"))?
-        .port())
+    unused_port().map_err(io("finding a free port"))
 }
 
 fn log_tail(path: &Path) -> String {
@@ -376,6 +394,9 @@ impl Processes {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            // An error that ends a role is one line in its log, not a
+            // backtrace that would push it out of the tail a failure shows.
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

@@ -300,12 +300,7 @@ pub async fn run_detailed(
 }
 
 fn free_port() -> Result<u16, CartelError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(CartelError::io("finding a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(CartelError::io("finding a free port"))?
-        .port())
+    crate::run::unused_port().map_err(CartelError::io("finding a free port"))
 }
 
 fn log_tail(path: &Path) -> String {
