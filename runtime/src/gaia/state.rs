@@ -174,11 +174,6 @@ impl MirrorState {
         }
     }
 
-    /// This shard's datacenter.
-    #[must_use]
-    pub fn datacenter(&self) -> &str {
-        &self.config.datacenter
-    }
 
     /// Bumped whenever the selective barrier or a round releases reads.
     #[must_use]
@@ -557,11 +552,6 @@ impl MirrorState {
         }
     }
 
-    /// Index of peer `name`, for recording measurements.
-    #[must_use]
-    pub fn peer_index(&self, name: &str) -> Option<usize> {
-        self.peer(name).ok()
-    }
 }
 
 #[cfg(test)]
