@@ -174,7 +174,6 @@ impl MirrorState {
         }
     }
 
-
     /// Bumped whenever the selective barrier or a round releases reads.
     #[must_use]
     pub fn epoch(&self) -> u64 {
@@ -551,7 +550,6 @@ impl MirrorState {
                 .collect(),
         }
     }
-
 }
 
 #[cfg(test)]
