@@ -128,6 +128,20 @@ impl Cluster {
         }
     }
 
+    /// The cached pods of one job in one of its datacenters.
+    #[must_use]
+    pub fn datacenter_pods(&self, job: &TrainingJob, datacenter: &str) -> Vec<Arc<Pod>> {
+        self.job_pods(job)
+            .into_iter()
+            .filter(|pod| {
+                pod.labels()
+                    .get(crate::job::build::DATACENTER_LABEL)
+                    .map(String::as_str)
+                    == Some(datacenter)
+            })
+            .collect()
+    }
+
     /// The cached pods of one job.
     #[must_use]
     pub fn job_pods(&self, job: &TrainingJob) -> Vec<Arc<Pod>> {

@@ -49,3 +49,28 @@ impl Error {
         move |source| Self::Io { context, source }
     }
 }
+
+/// How long [`eventually`] keeps polling.
+pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Polls `check` every 200 ms until it returns `Some`.
+///
+/// # Panics
+///
+/// After [`EVENTUALLY`], naming `what` (this is for tests).
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

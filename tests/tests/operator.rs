@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use geoml_crds::{Datacenter, Topology, TrainingJob};
 use geoml_operator::{Operator, Settings};
-use geoml_tests::ControlPlane;
+use geoml_tests::{ControlPlane, eventually};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -20,27 +20,9 @@ use serde_json::json;
 
 const NS: &str = "ml";
 const JOB: &str = "fashion-mnist-gaia";
-const TIMEOUT: Duration = Duration::from_secs(60);
-/// Just under [`TIMEOUT`]: waits that describe what they found before `eventually` panics.
+/// Just under [`geoml_tests::EVENTUALLY`]: waits that describe what they
+/// found before `eventually` panics.
 const SHORTER: Duration = Duration::from_secs(59);
-
-/// Polls `check` until it returns Some, or panics with `what` after [`TIMEOUT`].
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 async fn create_namespace(client: &Client, name: &str) {
     let ns = Namespace {

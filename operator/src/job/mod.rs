@@ -693,16 +693,7 @@ async fn sync_pods(
     suspended: bool,
 ) -> Result<usize, Error> {
     let desired = if suspended { Vec::new() } else { view.pods(p) };
-    let existing: Vec<Arc<Pod>> = cluster
-        .job_pods(&view.job)
-        .into_iter()
-        .filter(|pod| {
-            pod.labels()
-                .get(build::DATACENTER_LABEL)
-                .map(String::as_str)
-                == Some(p.name())
-        })
-        .collect();
+    let existing = cluster.datacenter_pods(&view.job, p.name());
     tracing::debug!(
         datacenter = p.name(),
         desired = desired.len(),
@@ -763,16 +754,7 @@ fn observe(view: &JobView, clusters: &[Result<Cluster, Unavailable>], out: &mut 
     let mut ready_dcs = 0;
     for (p, cluster) in view.placements.iter().zip(clusters) {
         let pods: Vec<Arc<Pod>> = match cluster {
-            Ok(c) => c
-                .job_pods(&view.job)
-                .into_iter()
-                .filter(|pod| {
-                    pod.labels()
-                        .get(build::DATACENTER_LABEL)
-                        .map(String::as_str)
-                        == Some(p.name())
-                })
-                .collect(),
+            Ok(c) => c.datacenter_pods(&view.job, p.name()),
             Err(_) => Vec::new(),
         };
         out.waiting
