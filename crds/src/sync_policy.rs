@@ -181,6 +181,18 @@ pub enum InterDatacenterModel {
     Lan,
 }
 
+impl InterDatacenterModel {
+    /// Whether the shards of every datacenter form one parameter server that
+    /// every worker pushes to (LAN, naive WAN BSP/SSP, Centralized); the other
+    /// models keep a full model per datacenter over its own shards, and shard
+    /// i mirrors shard i of the other datacenters. The operator's topology and
+    /// the runtime's placement both follow this one definition.
+    #[must_use]
+    pub fn is_global(self) -> bool {
+        matches!(self, Self::Lan | Self::Bsp | Self::Ssp | Self::Centralized)
+    }
+}
+
 /// Gaia's significance filter and the schedule of its threshold.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -62,17 +62,6 @@ pub enum PlacementError {
     },
 }
 
-/// Whether the datacenters form one parameter server.
-#[must_use]
-pub fn is_global(model: InterDatacenterModel) -> bool {
-    matches!(
-        model,
-        InterDatacenterModel::Lan
-            | InterDatacenterModel::Bsp
-            | InterDatacenterModel::Ssp
-            | InterDatacenterModel::Centralized
-    )
-}
 
 /// A datacenter's place in a job.
 #[derive(Clone, Debug)]
@@ -166,7 +155,7 @@ impl Placement {
             .position(|d| d.name == topology.datacenter)
             .ok_or_else(|| PlacementError::UnknownDatacenter(topology.datacenter.clone()))?;
         let dc = &spec.datacenters[here];
-        let global = is_global(model);
+        let global = model.is_global();
         let shard_offset: usize = spec.datacenters[..here]
             .iter()
             .map(|d| count(d.parameter_servers))

@@ -21,7 +21,6 @@ use tokio::process::{Child, Command};
 use crate::data::Examples;
 use crate::manifest::{Manifest, ManifestError, ResolvedJob};
 use crate::pb;
-use crate::placement::is_global;
 use crate::wan::{Route, WanConfig};
 use crate::worker::connect;
 
@@ -594,7 +593,7 @@ impl LocalCluster {
                 "mode cartel has no parameter servers".to_owned(),
             ));
         }
-        let global = is_global(model);
+        let global = model.is_global();
         // Centralized training happens in one place once the data is there.
         let over_wan = spec.datacenters.len() > 1
             && !matches!(

@@ -175,13 +175,6 @@ impl JobView {
         self.policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative
     }
 
-    /// True when workers push to every datacenter's shards (naive WAN BSP/SSP).
-    fn global_parameter_servers(&self) -> bool {
-        matches!(
-            self.policy.spec.inter_datacenter.model,
-            InterDatacenterModel::Bsp | InterDatacenterModel::Ssp
-        )
-    }
 
     /// Labels of every object of this job in datacenter `p`.
     #[must_use]
@@ -477,7 +470,7 @@ impl JobView {
         let local: Vec<String> = (0..own.spec.parameter_servers)
             .map(|i| self.local_shard_url(own, i))
             .collect();
-        let parameter_servers = if self.global_parameter_servers() {
+        let parameter_servers = if self.policy.spec.inter_datacenter.model.is_global() {
             (0..self.placements.len())
                 .flat_map(|j| {
                     if j == dc {
