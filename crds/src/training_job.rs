@@ -135,6 +135,21 @@ pub enum ModelKind {
     OnlineForest,
 }
 
+impl ModelKind {
+    /// Name of the metric a model of this kind is evaluated by (the
+    /// `status.metricName` of its jobs): `accuracy`, or `rmse` for matrix
+    /// factorization.
+    #[must_use]
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            Self::MatrixFactorization => "rmse",
+            Self::SoftmaxRegression | Self::Mlp | Self::OnlineLinear | Self::OnlineForest => {
+                "accuracy"
+            }
+        }
+    }
+}
+
 /// Update rule of the parameter servers.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Optimizer {
@@ -159,6 +174,21 @@ pub struct DatasetSpec {
     /// How the training data is split over datacenters.
     #[serde(default)]
     pub partitioning: Partitioning,
+
+    /// PersistentVolumeClaim, in each datacenter's namespace, that holds the
+    /// data set in the layout `geoml data fetch --data-dir DIR NAME` writes
+    /// (docs/data.md). Pods mount it read-only and check every file's
+    /// SHA-256; they never download. Default `geoml-data`. Not used with
+    /// `Digits`, which is built into the image.
+    #[serde(default = "default_data_claim")]
+    pub claim_name: String,
+}
+
+/// The claim a data set is read from when `spec.dataset.claimName` is unset.
+pub const DEFAULT_DATA_CLAIM: &str = "geoml-data";
+
+fn default_data_claim() -> String {
+    DEFAULT_DATA_CLAIM.to_owned()
 }
 
 /// A data set geoml knows how to obtain and load.
@@ -302,8 +332,10 @@ pub struct Checkpointing {
     #[schemars(range(min = 1))]
     pub interval_clocks: i32,
 
-    /// PersistentVolumeClaim that holds the checkpoints. Unset means an
-    /// emptyDir, which survives container restarts but not pod deletion.
+    /// PersistentVolumeClaim that holds the checkpoints (every shard in its
+    /// own directory). Unset means an emptyDir, which survives container
+    /// restarts but not pod deletion: a retried parameter server then starts
+    /// from the initial model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
 }
@@ -470,6 +502,12 @@ pub struct DatacenterProgress {
     /// Bytes this datacenter sent over the WAN.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan_bytes_sent: Option<i64>,
+
+    /// Fraction of the parameter updates made here that were sent to the
+    /// other datacenters (Gaia's significance filter keeps the rest
+    /// accumulated), over all shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates_sent_fraction: Option<f64>,
 }
 
 /// Replica counts of one role.

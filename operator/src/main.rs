@@ -38,7 +38,7 @@ struct RunArgs {
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
     /// Image of the pods of jobs that do not name one.
-    #[arg(long, default_value = "ghcr.io/geoml/geoml:0.1.0")]
+    #[arg(long, default_value = concat!("ghcr.io/geoml/geoml:", env!("CARGO_PKG_VERSION")))]
     image: String,
     /// Namespace of the leader-election Lease (the operator's own).
     #[arg(long, default_value = "geoml-system")]

@@ -1,5 +1,7 @@
-//! One Kubernetes control plane: etcd and kube-apiserver as real processes
-//! on loopback, with RBAC on and client-certificate authentication.
+//! One Kubernetes control plane: etcd and kube-apiserver as real processes,
+//! with RBAC on and client-certificate authentication, on the host's
+//! loopback or, for a cluster with a node, inside the node's network
+//! namespace together with kube-controller-manager and kube-scheduler.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -17,6 +19,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use tempfile::TempDir;
 
+use crate::network::NodeNetwork;
 use crate::{Error, k8s_bin_dir, pki};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -40,33 +43,57 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     bin: PathBuf,
     apiserver_args: Vec<String>,
-    // Stopped on drop; declared before `dir` so that the processes stop
-    // before their files are deleted. None while stopped by `stop_apiserver`.
+    pki: pki::Pki,
+    netns: Option<String>,
+    // Stopped on drop, in this order, before `dir` and its files go. The
+    // apiserver is None while stopped by `stop_apiserver`.
+    _controllers: Vec<Process>,
     apiserver: Option<Process>,
     etcd: Process,
     dir: TempDir,
 }
 
 impl ControlPlane {
-    /// Starts etcd and kube-apiserver and waits until the apiserver's
-    /// `/readyz` answers `ok`. `name` labels the kubeconfig context and logs.
+    /// Starts etcd and kube-apiserver on the host's loopback and waits until
+    /// the apiserver's `/readyz` answers `ok`. `name` labels the kubeconfig
+    /// context and logs.
     pub async fn start(name: &str) -> Result<Self, Error> {
+        Self::start_on(name, None).await
+    }
+
+    /// Starts a control plane; with `node`, inside that node's network
+    /// namespace (listening on the node's address, port 6443), with
+    /// kube-controller-manager and kube-scheduler, ServiceAccount tokens and
+    /// the Node authorizer, ready for a kubelet.
+    pub async fn start_on(name: &str, node: Option<&NodeNetwork>) -> Result<Self, Error> {
         let bin = k8s_bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("geoml-{name}-"))
             .tempdir()
             .map_err(Error::io("creating the control plane's directory"))?;
-        let pki = pki::write(dir.path())?;
+        let address = node.map_or_else(|| "127.0.0.1".to_owned(), |n| n.address().to_string());
+        let sans = match node {
+            Some(n) => vec![n.address().to_string(), KUBERNETES_SERVICE_IP.to_owned()],
+            None => Vec::new(),
+        };
+        let pki = pki::write(dir.path(), &sans)?;
         let audit_policy = dir.path().join("audit-policy.yaml");
         std::fs::write(&audit_policy, AUDIT_POLICY)
             .map_err(Error::io("writing the audit policy"))?;
-        let [etcd_client, etcd_peer, secure] = free_ports()?;
+        // Inside a node's namespace the ports are the node's own.
+        let [etcd_client, etcd_peer, secure] = if node.is_some() {
+            [2379, 2380, 6443]
+        } else {
+            free_ports()?
+        };
+        let netns = node.map(NodeNetwork::netns);
+        let command = |binary: &str| in_netns(netns.as_deref(), &bin.join(binary));
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer}");
         let mut etcd = Process::spawn(
             "etcd",
-            Command::new(bin.join("etcd")).args([
+            command("etcd").args([
                 "--name=default".to_owned(),
                 format!("--data-dir={}", dir.path().join("etcd").display()),
                 format!("--listen-client-urls={etcd_url}"),
@@ -79,19 +106,19 @@ impl ControlPlane {
             ]),
             dir.path(),
         )?;
-        etcd.wait_for_port(etcd_client)?;
+        if node.is_none() {
+            etcd.wait_for_port(etcd_client)?;
+        }
 
         let path = |p: &Path| p.display().to_string();
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--advertise-address={address}"),
             format!("--secure-port={secure}"),
             format!("--cert-dir={}", dir.path().join("certs").display()),
             format!("--tls-cert-file={}", path(&pki.server_cert)),
             format!("--tls-private-key-file={}", path(&pki.server_key)),
             format!("--client-ca-file={}", path(&pki.ca_cert)),
-            "--authorization-mode=RBAC".to_owned(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
             format!(
                 "--service-account-key-file={}",
@@ -105,29 +132,75 @@ impl ControlPlane {
             "--allow-privileged=true".to_owned(),
             "--enable-priority-and-fairness=false".to_owned(),
             "--profiling=false".to_owned(),
-            // No controller-manager creates namespaces' `default`
-            // ServiceAccounts, so pods could never be admitted.
-            "--disable-admission-plugins=ServiceAccount".to_owned(),
             format!("--audit-policy-file={}", path(&audit_policy)),
             format!("--audit-log-path={}", path(&dir.path().join("audit.log"))),
         ];
+        if node.is_some() {
+            let (cert, key) =
+                pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")?;
+            apiserver_args.extend([
+                "--bind-address=0.0.0.0".to_owned(),
+                "--authorization-mode=Node,RBAC".to_owned(),
+                format!("--kubelet-client-certificate={}", path(&cert)),
+                format!("--kubelet-client-key={}", path(&key)),
+                // Else `kubectl logs` resolves the node's name, and times out.
+                "--kubelet-preferred-address-types=InternalIP".to_owned(),
+            ]);
+        } else {
+            apiserver_args.extend([
+                "--bind-address=127.0.0.1".to_owned(),
+                "--authorization-mode=RBAC".to_owned(),
+                // No controller-manager creates namespaces' `default`
+                // ServiceAccounts, so pods could never be admitted.
+                "--disable-admission-plugins=ServiceAccount".to_owned(),
+            ]);
+        }
         let mut apiserver = Process::spawn(
             "kube-apiserver",
-            Command::new(bin.join("kube-apiserver")).args(&apiserver_args),
+            command("kube-apiserver").args(&apiserver_args),
             dir.path(),
         )?;
 
-        let server = format!("https://127.0.0.1:{secure}");
+        let server = format!("https://{address}:{secure}");
         let kubeconfig = dir.path().join("admin.kubeconfig");
-        write_kubeconfig(&kubeconfig, name, &server, &pki)?;
+        write_kubeconfig(&kubeconfig, name, &server, &pki.ca_cert, &pki.admin_cert, &pki.admin_key)?;
         let client = client_for(&kubeconfig).await?;
         wait_ready(&client, &mut apiserver, &mut etcd).await?;
+
+        let mut controllers = Vec::new();
+        if node.is_some() {
+            let kubeconfig = format!("--kubeconfig={}", path(&kubeconfig));
+            controllers.push(Process::spawn(
+                "kube-controller-manager",
+                command("kube-controller-manager").args([
+                    kubeconfig.clone(),
+                    format!("--service-account-private-key-file={}", path(&pki.service_account_key)),
+                    format!("--root-ca-file={}", path(&pki.ca_cert)),
+                    "--use-service-account-credentials=false".to_owned(),
+                    "--leader-elect=false".to_owned(),
+                    "--bind-address=127.0.0.1".to_owned(),
+                ]),
+                dir.path(),
+            )?);
+            controllers.push(Process::spawn(
+                "kube-scheduler",
+                command("kube-scheduler").args([
+                    kubeconfig,
+                    "--leader-elect=false".to_owned(),
+                    "--bind-address=127.0.0.1".to_owned(),
+                ]),
+                dir.path(),
+            )?);
+        }
         Ok(Self {
             client,
             server,
             kubeconfig,
             bin,
             apiserver_args,
+            pki,
+            netns,
+            _controllers: controllers,
             apiserver: Some(apiserver),
             etcd,
             dir,
@@ -146,12 +219,23 @@ impl ControlPlane {
         self.apiserver = None;
         let mut apiserver = Process::spawn(
             "kube-apiserver",
-            Command::new(self.bin.join("kube-apiserver")).args(&self.apiserver_args),
+            in_netns(self.netns.as_deref(), &self.bin.join("kube-apiserver"))
+                .args(&self.apiserver_args),
             self.dir.path(),
         )?;
         wait_ready(&self.client, &mut apiserver, &mut self.etcd).await?;
         self.apiserver = Some(apiserver);
         Ok(())
+    }
+
+    /// The certificates and keys of this control plane.
+    pub(crate) fn pki(&self) -> &pki::Pki {
+        &self.pki
+    }
+
+    /// The directory of the Kubernetes binaries.
+    pub(crate) fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// A client authenticated as a cluster admin (`system:masters`).
@@ -216,6 +300,22 @@ impl ControlPlane {
     }
 }
 
+/// Cluster IP of the `kubernetes` Service (the first of the Service range).
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+
+/// A command that runs `binary` in network namespace `netns`, if any
+/// (`nsenter` execs it: the child's PID is the binary's).
+pub(crate) fn in_netns(netns: Option<&str>, binary: &Path) -> Command {
+    match netns {
+        None => Command::new(binary),
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(binary);
+            cmd
+        }
+    }
+}
+
 /// Waits until the apiserver's `/readyz` answers `ok`, or fails with the log
 /// of whichever process died or hung.
 async fn wait_ready(
@@ -242,14 +342,14 @@ async fn wait_ready(
 }
 
 /// A child process whose output goes to `<dir>/<name>.log`; killed on drop.
-struct Process {
+pub(crate) struct Process {
     name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
 impl Process {
-    fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Result<Self, Error> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, dir: &Path) -> Result<Self, Error> {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
         let err = out
@@ -264,7 +364,7 @@ impl Process {
         Ok(Self { name, child, log })
     }
 
-    fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
@@ -279,7 +379,12 @@ impl Process {
         Ok(())
     }
 
-    fn not_ready(&self) -> Error {
+    /// The process's PID.
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn not_ready(&self) -> Error {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         Error::NotReady {
@@ -314,7 +419,16 @@ fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
     Ok(ports)
 }
 
-fn write_kubeconfig(path: &Path, name: &str, server: &str, pki: &pki::Pki) -> Result<(), Error> {
+/// Writes a kubeconfig for `server` with the CA and the client certificate
+/// and key embedded.
+pub(crate) fn write_kubeconfig(
+    path: &Path,
+    name: &str,
+    server: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), Error> {
     let data = |p: &Path| -> Result<String, Error> {
         let bytes = std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())))?;
         Ok(BASE64.encode(bytes))
@@ -341,9 +455,9 @@ contexts:
     user: {name}-admin
 current-context: {name}
 ",
-        ca = data(&pki.ca_cert)?,
-        cert = data(&pki.admin_cert)?,
-        key = data(&pki.admin_key)?,
+        ca = data(ca)?,
+        cert = data(cert)?,
+        key = data(key)?,
     );
     std::fs::write(path, yaml).map_err(Error::io(format!("writing {}", path.display())))
 }

@@ -1,14 +1,25 @@
-//! Test harness: real Kubernetes control planes (etcd + kube-apiserver) for
+//! Test harness: real Kubernetes control planes (etcd + kube-apiserver) and
+//! real one-node clusters (plus controller-manager, scheduler, containerd,
+//! kubelet, kube-proxy, each cluster in its own network namespace) for
 //! integration tests and local development.
 //!
 //! The binaries are built from the Go module proxy by `tests/tools/build.sh`
-//! and cached; nothing here mocks the apiserver.
+//! and cached; the container runtime is Debian's (`tests/tools/deps.sh`);
+//! nothing here mocks the apiserver or the node.
 
+mod cgroup;
+pub mod cluster;
 mod control_plane;
+pub mod image;
+mod network;
+mod node;
 mod pki;
+pub mod storage;
 mod tools;
 
+pub use cluster::{Cluster, geoml_images};
 pub use control_plane::ControlPlane;
+pub use node::Node;
 pub use tools::k8s_bin_dir;
 
 /// What can go wrong while starting or using a control plane.
@@ -41,6 +52,12 @@ pub enum Error {
     /// Building a client from the admin kubeconfig failed.
     #[error("kube client: {0}")]
     Client(String),
+    /// A command (ip, nsenter, ctr, cargo, objcopy, ldd) failed.
+    #[error("{0}")]
+    Command(String),
+    /// Building an image failed.
+    #[error("building an image: {0}")]
+    Image(String),
 }
 
 impl Error {
@@ -60,9 +77,22 @@ pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(60);
 /// After [`EVENTUALLY`], naming `what` (this is for tests).
 pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
+    check: impl FnMut() -> F,
+) -> T {
+    eventually_within(EVENTUALLY, what, check).await
+}
+
+/// [`eventually`] with another limit, for what takes minutes (training).
+///
+/// # Panics
+///
+/// After `limit`, naming `what`.
+pub async fn eventually_within<T, F: std::future::Future<Output = Option<T>>>(
+    limit: std::time::Duration,
+    what: &str,
     mut check: impl FnMut() -> F,
 ) -> T {
-    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(value) = check().await {
             return value;

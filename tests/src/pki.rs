@@ -1,6 +1,7 @@
 //! Certificates and keys of a throwaway control plane: a CA, the apiserver's
-//! serving certificate, an admin client certificate and the service-account
-//! signing key.
+//! serving certificate, an admin client certificate, the service-account
+//! signing key and, for clusters with a node, the client certificates of the
+//! apiserver (to its kubelet) and of the kubelet.
 
 use std::path::{Path, PathBuf};
 
@@ -11,8 +12,10 @@ use rcgen::{
 
 use crate::Error;
 
-/// Paths of the PEM files written by [`write`].
+/// Paths of the PEM files written by [`write`], and the CA that signed them.
 pub struct Pki {
+    issuer: Issuer<'static, KeyPair>,
+    dir: PathBuf,
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -22,8 +25,10 @@ pub struct Pki {
     pub service_account_pub: PathBuf,
 }
 
-/// Generates all certificates and keys and writes them under `dir`.
-pub fn write(dir: &Path) -> Result<Pki, Error> {
+/// Generates all certificates and keys and writes them under `dir`; the
+/// apiserver's serving certificate also names `extra_sans` (a node's address,
+/// the `kubernetes` Service's cluster IP).
+pub fn write(dir: &Path, extra_sans: &[String]) -> Result<Pki, Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.distinguished_name
@@ -38,12 +43,16 @@ pub fn write(dir: &Path) -> Result<Pki, Error> {
     let issuer = Issuer::new(ca, ca_key);
 
     let server_key = KeyPair::generate()?;
-    let mut server = CertificateParams::new(vec![
+    let mut sans = vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
         "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
         "kubernetes.default.svc".to_owned(),
-    ])?;
+        "kubernetes.default.svc.cluster.local".to_owned(),
+    ];
+    sans.extend(extra_sans.iter().cloned());
+    let mut server = CertificateParams::new(sans)?;
     server
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
@@ -65,6 +74,8 @@ pub fn write(dir: &Path) -> Result<Pki, Error> {
     let service_account = KeyPair::generate()?;
 
     let pki = Pki {
+        issuer,
+        dir: dir.to_owned(),
         ca_cert: dir.join("ca.crt"),
         server_cert: dir.join("apiserver.crt"),
         server_key: dir.join("apiserver.key"),
@@ -85,4 +96,25 @@ pub fn write(dir: &Path) -> Result<Pki, Error> {
         std::fs::write(path, pem).map_err(Error::io(format!("writing {}", path.display())))?;
     }
     Ok(pki)
+}
+
+impl Pki {
+    /// Writes a client certificate for user `user` in `group`, signed by the
+    /// CA, as `<file>.crt` and `<file>.key`, and returns their paths.
+    pub fn client(&self, file: &str, user: &str, group: &str) -> Result<(PathBuf, PathBuf), Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, user);
+        params.distinguished_name.push(DnType::OrganizationName, group);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let paths = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+        );
+        for (path, pem) in [(&paths.0, cert.pem()), (&paths.1, key.serialize_pem())] {
+            std::fs::write(path, pem).map_err(Error::io(format!("writing {}", path.display())))?;
+        }
+        Ok(paths)
+    }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh machine may lack: Debian
-# packages, the Rust components, and a check that Go is new enough to build
-# Kubernetes (tests/tools/go.mod names the version).
+# packages (among them the test clusters' container runtime: containerd,
+# runc, the CNI plugins, iptables, conntrack), the Rust components, and a
+# check that Go is new enough to build Kubernetes (tests/tools/go.mod names
+# the version).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -9,6 +11,15 @@ need_pkgs=()
 command -v flock >/dev/null || need_pkgs+=(util-linux)
 command -v sha256sum >/dev/null || need_pkgs+=(coreutils)
 command -v cc >/dev/null || need_pkgs+=(build-essential)
+command -v objcopy >/dev/null || need_pkgs+=(binutils)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v nsenter >/dev/null || need_pkgs+=(util-linux)
+command -v containerd >/dev/null || need_pkgs+=(containerd)
+command -v runc >/dev/null || need_pkgs+=(runc)
+[ -x /usr/lib/cni/bridge ] || need_pkgs+=(containernetworking-plugins)
+command -v iptables >/dev/null || need_pkgs+=(iptables)
+command -v conntrack >/dev/null || need_pkgs+=(conntrack)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need_pkgs+=(libc6-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing ${need_pkgs[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >&2

@@ -1,24 +1,32 @@
 //! Desired objects of one TrainingJob in one datacenter, computed without a cluster.
 //!
 //! Per datacenter: a headless Service (stable DNS names of the pods), one
-//! peer Service per parameter-server shard (how other datacenters reach it),
-//! a ConfigMap with `manifest.yaml` and `topology.yaml`, the parameter-server
-//! and worker pods and, in the Collaborative (Cartel) mode, the registry
-//! Deployment and Service in the job's first datacenter.
+//! Service per parameter-server shard (its cluster IP is how the
+//! datacenter's workers reach it, so pods need no cluster DNS; with several
+//! datacenters it is of the type `peerAccess` names, and how the other
+//! datacenters reach it), a ConfigMap with `manifest.yaml` and
+//! `topology.yaml`, the parameter-server and worker pods and, in the
+//! Collaborative (Cartel) mode, the registry Deployment and Service in the
+//! job's first datacenter.
 
 use std::collections::BTreeMap;
 
 use geoml_crds::datacenter::{PeerAccess, PeerServiceType};
 use geoml_crds::sync_policy::InterDatacenterModel;
-use geoml_crds::training_job::DatacenterPlacement;
+use geoml_crds::training_job::{DatacenterPlacement, DatasetName};
 use geoml_crds::{Datacenter, SyncPolicy, Topology, TrainingJob};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
-    PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 /// Port of a parameter server's gRPC service (workers and mirrors).
@@ -31,6 +39,10 @@ pub const REGISTRY_PORT: i32 = 7071;
 const CONFIG_DIR: &str = "/etc/geoml";
 /// Where parameter servers write checkpoints.
 const CHECKPOINT_DIR: &str = "/var/lib/geoml/checkpoints";
+/// Where the data set's claim is mounted, read-only.
+const DATA_DIR: &str = "/var/lib/geoml/data";
+/// The user geoml's image runs as (distroless's `nonroot`).
+const NONROOT_UID: i64 = 65_532;
 /// Where the registry keeps its state.
 const REGISTRY_STATE_DIR: &str = "/var/lib/geoml/registry";
 
@@ -162,6 +174,11 @@ pub mod names {
     pub fn registry(job: &str) -> String {
         format!("{job}-registry")
     }
+    /// The claim the operator creates for a datacenter's checkpoints.
+    #[must_use]
+    pub fn checkpoints(job: &str, dc: &str) -> String {
+        format!("{job}-{dc}-checkpoints")
+    }
 }
 
 impl JobView {
@@ -208,18 +225,6 @@ impl JobView {
         self.job.controller_owner_ref(&()).map(|r| vec![r])
     }
 
-    /// In-cluster URL of shard `index` of datacenter `p`.
-    #[must_use]
-    pub fn local_shard_url(&self, p: &Placement, index: i32) -> String {
-        let job = self.job_name();
-        format!(
-            "http://{}.{}.{}.svc:{PS_PORT}",
-            names::pod(&job, p.name(), Role::ParameterServer, index),
-            names::headless_service(&job, p.name()),
-            p.namespace
-        )
-    }
-
     /// The headless Service of datacenter `p`.
     #[must_use]
     pub fn headless_service(&self, p: &Placement) -> Service {
@@ -238,8 +243,20 @@ impl JobView {
         }
     }
 
-    /// The Services that expose datacenter `p`'s shards to other
-    /// datacenters, one per shard, of the type `peerAccess.serviceType` says.
+    /// The Service type through which other datacenters reach datacenter
+    /// `p`: `peerAccess.serviceType`, or `ClusterIP` when the job has one
+    /// datacenter and nothing comes from outside.
+    fn service_type(&self, p: &Placement) -> &'static str {
+        if self.placements.len() > 1 {
+            service_type(&p.datacenter.spec.peer_access)
+        } else {
+            "ClusterIP"
+        }
+    }
+
+    /// The Services of datacenter `p`'s shards, one per shard: their cluster
+    /// IPs serve the datacenter's own workers, and with several datacenters
+    /// they are of the type `peerAccess.serviceType` says.
     #[must_use]
     pub fn peer_services(&self, p: &Placement) -> Vec<Service> {
         let job = self.job_name();
@@ -255,7 +272,7 @@ impl JobView {
                 Service {
                     metadata: self.meta(p, names::peer_service(&job, p.name(), i), &extra),
                     spec: Some(ServiceSpec {
-                        type_: Some(service_type(&p.datacenter.spec.peer_access).to_owned()),
+                        type_: Some(self.service_type(p).to_owned()),
                         selector: Some(selector),
                         ports: Some(vec![port("grpc", PS_PORT)]),
                         ..ServiceSpec::default()
@@ -277,7 +294,7 @@ impl JobView {
         Service {
             metadata: self.meta(p, name, &extra),
             spec: Some(ServiceSpec {
-                type_: Some(service_type(&p.datacenter.spec.peer_access).to_owned()),
+                type_: Some(self.service_type(p).to_owned()),
                 selector: Some(selector),
                 ports: Some(vec![port("grpc", REGISTRY_PORT)]),
                 ..ServiceSpec::default()
@@ -307,6 +324,7 @@ impl JobView {
             ])),
             ports: Some(vec![container_port("grpc", REGISTRY_PORT)]),
             volume_mounts: Some(vec![mount("state", REGISTRY_STATE_DIR, None)]),
+            security_context: Some(container_security()),
             ..Container::default()
         };
         Deployment {
@@ -330,6 +348,9 @@ impl JobView {
                             empty_dir: Some(EmptyDirVolumeSource::default()),
                             ..Volume::default()
                         }]),
+                        automount_service_account_token: Some(false),
+                        enable_service_links: Some(false),
+                        security_context: Some(pod_security()),
                         ..PodSpec::default()
                     }),
                 },
@@ -376,25 +397,12 @@ impl JobView {
                     &format!("0.0.0.0:{PS_PORT}"),
                 ]));
                 ports.insert(0, container_port("grpc", PS_PORT));
-                if let Some(checkpoint) = &self.job.spec.checkpoint {
+                if let Some(claim) = self.checkpoint_claim(p) {
                     args.extend(strings(&["--checkpoint-dir", CHECKPOINT_DIR]));
-                    // A shared claim holds every shard's checkpoints, each in its own directory.
+                    // One claim holds every shard's checkpoints, each in its own directory.
                     let sub_path = format!("{}/ps-{index}", p.name());
                     mounts.push(mount("checkpoints", CHECKPOINT_DIR, Some(sub_path)));
-                    volumes.push(Volume {
-                        name: "checkpoints".to_owned(),
-                        persistent_volume_claim: checkpoint.claim_name.as_ref().map(|claim| {
-                            PersistentVolumeClaimVolumeSource {
-                                claim_name: claim.clone(),
-                                read_only: None,
-                            }
-                        }),
-                        empty_dir: checkpoint
-                            .claim_name
-                            .is_none()
-                            .then(EmptyDirVolumeSource::default),
-                        ..Volume::default()
-                    });
+                    volumes.push(claim_volume("checkpoints", &claim, false));
                 }
             }
             Role::Worker => {
@@ -405,6 +413,23 @@ impl JobView {
             "--metrics-listen",
             &format!("0.0.0.0:{METRICS_PORT}"),
         ]));
+        if self.job.spec.dataset.name != DatasetName::Digits {
+            args.extend(strings(&["--data-dir", DATA_DIR, "--no-fetch"]));
+            mounts.push(VolumeMount {
+                read_only: Some(true),
+                ..mount("data", DATA_DIR, None)
+            });
+            volumes.push(claim_volume("data", &self.job.spec.dataset.claim_name, true));
+        }
+        // A parameter server is ready once it accepts connections.
+        let readiness_probe = (role == Role::ParameterServer).then(|| Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String("grpc".to_owned()),
+                host: None,
+            }),
+            period_seconds: Some(2),
+            ..Probe::default()
+        });
         let container = Container {
             name: role.as_str().to_owned(),
             image: Some(self.image.clone()),
@@ -421,6 +446,8 @@ impl JobView {
             ports: Some(ports),
             resources: resources.filter(|r| *r != ResourceRequirements::default()),
             volume_mounts: Some(mounts),
+            readiness_probe,
+            security_context: Some(container_security()),
             ..Container::default()
         };
         let spec = PodSpec {
@@ -430,6 +457,10 @@ impl JobView {
             node_selector: non_empty(&p.node_selector),
             restart_policy: Some("Never".to_owned()),
             volumes: Some(volumes),
+            // The roles never call the Kubernetes API.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(pod_security()),
             ..PodSpec::default()
         };
         let extra = [
@@ -448,6 +479,47 @@ impl JobView {
         }
     }
 
+    /// The claim datacenter `p`'s shards keep checkpoints in, when the job
+    /// checkpoints: `checkpoint.claimName`, or the job's own
+    /// [`Self::checkpoint_pvc`].
+    #[must_use]
+    pub fn checkpoint_claim(&self, p: &Placement) -> Option<String> {
+        let checkpoint = self.job.spec.checkpoint.as_ref()?;
+        Some(
+            checkpoint
+                .claim_name
+                .clone()
+                .unwrap_or_else(|| names::checkpoints(&self.job_name(), p.name())),
+        )
+    }
+
+    /// The claim the operator creates for datacenter `p`'s checkpoints when
+    /// the job checkpoints without naming a claim: 1 GiB, ReadWriteOnce, of
+    /// the cluster's default StorageClass. It outlives failed pods, so a
+    /// retried parameter server resumes from its checkpoint.
+    #[must_use]
+    pub fn checkpoint_pvc(&self, p: &Placement) -> Option<PersistentVolumeClaim> {
+        let checkpoint = self.job.spec.checkpoint.as_ref()?;
+        if checkpoint.claim_name.is_some() {
+            return None;
+        }
+        Some(PersistentVolumeClaim {
+            metadata: self.meta(p, names::checkpoints(&self.job_name(), p.name()), &[]),
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        Quantity("1Gi".to_owned()),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            status: None,
+        })
+    }
+
     /// Every pod of datacenter `p`: its shards, then its workers.
     #[must_use]
     pub fn pods(&self, p: &Placement) -> Vec<Pod> {
@@ -456,55 +528,35 @@ impl JobView {
         ps.chain(workers).collect()
     }
 
-    /// The topology of datacenter number `dc`, given every datacenter's shard
-    /// URLs as other datacenters reach them (`peer_urls`, in placement order)
-    /// and the registry's URL as seen from outside its datacenter.
+    /// The topology of datacenter number `dc`, given where every
+    /// datacenter's shards and the registry are reached.
     #[must_use]
-    pub fn topology(
-        &self,
-        dc: usize,
-        peer_urls: &[Vec<String>],
-        registry: Option<&str>,
-    ) -> Topology {
+    pub fn topology(&self, dc: usize, endpoints: &Endpoints) -> Topology {
         let own = &self.placements[dc];
-        let local: Vec<String> = (0..own.spec.parameter_servers)
-            .map(|i| self.local_shard_url(own, i))
-            .collect();
+        let urls = |table: &[Vec<String>], j: usize| table.get(j).cloned().unwrap_or_default();
         let parameter_servers = if self.policy.spec.inter_datacenter.model.is_global() {
             (0..self.placements.len())
                 .flat_map(|j| {
                     if j == dc {
-                        local.clone()
+                        urls(&endpoints.local, j)
                     } else {
-                        peer_urls.get(j).cloned().unwrap_or_default()
+                        urls(&endpoints.peer, j)
                     }
                 })
                 .collect()
         } else {
-            local
+            urls(&endpoints.local, dc)
         };
         let mirrors = self
             .placements
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != dc)
-            .map(|(j, p)| {
-                (
-                    p.name().to_owned(),
-                    peer_urls.get(j).cloned().unwrap_or_default(),
-                )
-            })
+            .map(|(j, p)| (p.name().to_owned(), urls(&endpoints.peer, j)))
             .collect();
         let registry = self.collaborative().then(|| {
-            if dc == 0 {
-                format!(
-                    "http://{}.{}.svc:{REGISTRY_PORT}",
-                    names::registry(&self.job_name()),
-                    own.namespace
-                )
-            } else {
-                registry.unwrap_or_default().to_owned()
-            }
+            let (local, peer) = endpoints.registry.clone().unwrap_or_default();
+            if dc == 0 { local } else { peer }
         });
         Topology {
             datacenter: own.name().to_owned(),
@@ -559,6 +611,28 @@ impl JobView {
     }
 }
 
+/// Where every datacenter's shards, and the registry, are reached; indexed
+/// like [`JobView::placements`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    /// Per datacenter, its shards' URLs from inside its own cluster.
+    pub local: Vec<Vec<String>>,
+    /// Per datacenter, its shards' URLs from the other datacenters.
+    pub peer: Vec<Vec<String>>,
+    /// The registry's URL from inside its cluster and from the others.
+    pub registry: Option<(String, String)>,
+}
+
+/// The URL at which a Service is reached from inside its own cluster: its
+/// cluster IP (None until the apiserver has assigned one).
+#[must_use]
+pub fn local_url(service: &Service) -> Option<String> {
+    let spec = service.spec.as_ref()?;
+    let ip = spec.cluster_ip.as_ref().filter(|ip| *ip != "None")?;
+    let port = spec.ports.as_ref()?.first()?.port;
+    Some(format!("http://{ip}:{port}"))
+}
+
 /// The URL at which other datacenters reach a Service of datacenter `access`
 /// exposes: `peerAccess.gatewayAddress` (its port plus `offset`, so shard
 /// `i` of a gateway `host:p` is `host:p+i`), else the address the Service's
@@ -592,10 +666,7 @@ pub fn peer_url(
             format!("{host}:{}", service_port.port)
         }
         PeerServiceType::NodePort => format!("{}:{}", node_address?, service_port.node_port?),
-        PeerServiceType::ClusterIp => {
-            let ip = spec.cluster_ip.as_ref().filter(|ip| *ip != "None")?;
-            format!("{ip}:{}", service_port.port)
-        }
+        PeerServiceType::ClusterIp => return local_url(service),
     };
     Some(format!("http://{host_port}"))
 }
@@ -632,6 +703,49 @@ fn spec_hash(spec: &PodSpec) -> String {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
     format!("{hash:016x}")
+}
+
+/// The pod-level security of every geoml pod: the image's non-root user,
+/// files it writes group-owned by it, the runtime's default seccomp profile.
+fn pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(NONROOT_UID),
+        run_as_group: Some(NONROOT_UID),
+        fs_group: Some(NONROOT_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The container-level security of every geoml container: a read-only root
+/// filesystem (the roles write only to their volumes), no privilege
+/// escalation, no capabilities.
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_owned(),
+            read_only: read_only.then_some(true),
+        }),
+        ..Volume::default()
+    }
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -732,15 +846,24 @@ mod tests {
         }
     }
 
-    fn peer_urls(view: &JobView) -> Vec<Vec<String>> {
-        view.placements
-            .iter()
-            .map(|p| {
-                (0..p.spec.parameter_servers)
-                    .map(|i| format!("http://{}-lb-{i}:7070", p.name()))
-                    .collect()
-            })
-            .collect()
+    /// Shard `i` of datacenter `dc` at `http://<dc>-ip-<i>:7070` inside its
+    /// cluster and `http://<dc>-lb-<i>:7070` from the others.
+    fn endpoints(view: &JobView, registry: Option<&str>) -> Endpoints {
+        let table = |kind: &str| {
+            view.placements
+                .iter()
+                .map(|p| {
+                    (0..p.spec.parameter_servers)
+                        .map(|i| format!("http://{}-{kind}-{i}:7070", p.name()))
+                        .collect()
+                })
+                .collect()
+        };
+        Endpoints {
+            local: table("ip"),
+            peer: table("lb"),
+            registry: registry.map(|r| ("http://10.96.0.9:7071".to_owned(), r.to_owned())),
+        }
     }
 
     use serde::Deserialize;
@@ -795,12 +918,9 @@ mod tests {
     #[test]
     fn asp_topology_has_own_shards_and_every_other_datacenters_mirrors() {
         let view = view("gaia-3dc.yaml");
-        let topology = view.topology(0, &peer_urls(&view), None);
+        let topology = view.topology(0, &endpoints(&view, None));
         assert_eq!(topology.datacenter, "us-east");
-        assert_eq!(
-            topology.parameter_servers,
-            ["http://fashion-mnist-gaia-us-east-ps-0.fashion-mnist-gaia-us-east.ml.svc:7070"]
-        );
+        assert_eq!(topology.parameter_servers, ["http://us-east-ip-0:7070"]);
         assert_eq!(topology.mirrors.len(), 2);
         assert_eq!(topology.mirrors["eu-west"], ["http://eu-west-lb-0:7070"]);
         assert_eq!(
@@ -813,15 +933,12 @@ mod tests {
     #[test]
     fn naive_bsp_topology_lists_every_datacenters_shards_in_spec_order() {
         let view = view("bsp-3dc.yaml");
-        let topology = view.topology(1, &peer_urls(&view), None);
+        let topology = view.topology(1, &endpoints(&view, None));
         let mut expected = Vec::new();
         for (j, p) in view.placements.iter().enumerate() {
+            let kind = if j == 1 { "ip" } else { "lb" };
             for i in 0..p.spec.parameter_servers {
-                expected.push(if j == 1 {
-                    view.local_shard_url(p, i)
-                } else {
-                    format!("http://{}-lb-{i}:7070", p.name())
-                });
+                expected.push(format!("http://{}-{kind}-{i}:7070", p.name()));
             }
         }
         assert!(expected.len() >= 3, "{expected:?}");
@@ -832,12 +949,10 @@ mod tests {
     fn cartel_workers_get_the_registry_address() {
         let view = view("cartel-flights.yaml");
         assert!(view.collaborative());
-        let first = view.topology(0, &peer_urls(&view), Some("http://203.0.113.9:7071"));
-        assert_eq!(
-            first.registry.as_deref(),
-            Some("http://cartel-flights-registry.ml.svc:7071")
-        );
-        let other = view.topology(2, &peer_urls(&view), Some("http://203.0.113.9:7071"));
+        let endpoints = endpoints(&view, Some("http://203.0.113.9:7071"));
+        let first = view.topology(0, &endpoints);
+        assert_eq!(first.registry.as_deref(), Some("http://10.96.0.9:7071"));
+        let other = view.topology(2, &endpoints);
         assert_eq!(other.registry.as_deref(), Some("http://203.0.113.9:7071"));
         let deployment = view.registry_deployment(&view.placements[0]);
         let args = deployment.spec.unwrap().template.spec.unwrap().containers[0]
@@ -854,7 +969,7 @@ mod tests {
     fn config_map_holds_a_manifest_without_status_and_the_topology() {
         let view = view("gaia-3dc.yaml");
         let manifest = view.manifest_yaml().unwrap();
-        let topology = view.topology(2, &peer_urls(&view), None);
+        let topology = view.topology(2, &endpoints(&view, None));
         let cm = view.config_map(2, &manifest, &topology).unwrap();
         let data = cm.data.unwrap();
         assert_eq!(

@@ -18,7 +18,9 @@ use geoml_crds::training_job::{CleanPodPolicy, DatacenterProgress, JobPhase};
 use geoml_crds::{Datacenter, SyncPolicy, TrainingJob, TrainingJobStatus};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod, Service,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -614,14 +616,14 @@ async fn place(
     suspended: bool,
 ) -> Result<Result<usize, Blocked>, Error> {
     let mut objects = 0;
-    let mut peer_urls: Vec<Vec<String>> = Vec::new();
-    let mut registry_url = None;
+    let mut endpoints = build::Endpoints::default();
     let mut pending: Vec<String> = Vec::new();
     let mut down: Vec<String> = Vec::new();
     for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
         let Ok(cluster) = cluster else {
             down.push(p.name().to_owned());
-            peer_urls.push(Vec::new());
+            endpoints.local.push(Vec::new());
+            endpoints.peer.push(Vec::new());
             continue;
         };
         let client = &cluster.client;
@@ -629,28 +631,45 @@ async fn place(
             ensure_namespace(client, &p.namespace).await?;
         }
         apply_object(client, &p.namespace, &view.headless_service(p)).await?;
+        if let Some(claim) = view.checkpoint_pvc(p) {
+            apply_object(client, &p.namespace, &claim).await?;
+            objects += 1;
+        }
         let access = &p.datacenter.spec.peer_access;
         let node = node_address(client, access).await?;
-        let mut urls = Vec::new();
+        let (mut local, mut peer) = (Vec::new(), Vec::new());
         for (shard, service) in (0..).zip(view.peer_services(p)) {
             let applied = apply_object(client, &p.namespace, &service).await?;
-            match build::peer_url(access, &applied, node.as_deref(), shard) {
-                Some(url) => urls.push(url),
+            let urls = build::local_url(&applied).zip(if view.placements.len() > 1 {
+                build::peer_url(access, &applied, node.as_deref(), shard)
+            } else {
+                Some(String::new())
+            });
+            match urls {
+                Some((l, r)) => {
+                    local.push(l);
+                    peer.push(r);
+                }
                 None => pending.push(format!("{}/{}", p.name(), applied.name_any())),
             }
         }
-        objects += 1 + urls.len();
+        objects += 1 + local.len();
         if view.collaborative() && i == 0 {
             let applied = apply_object(client, &p.namespace, &view.registry_service(p)).await?;
             apply_object(client, &p.namespace, &view.registry_deployment(p)).await?;
             objects += 2;
-            registry_url =
-                build::peer_url(access, &applied, node.as_deref(), p.spec.parameter_servers);
-            if registry_url.is_none() {
+            endpoints.registry = build::local_url(&applied).zip(build::peer_url(
+                access,
+                &applied,
+                node.as_deref(),
+                p.spec.parameter_servers,
+            ));
+            if endpoints.registry.is_none() {
                 pending.push(format!("{}/{}", p.name(), applied.name_any()));
             }
         }
-        peer_urls.push(urls);
+        endpoints.local.push(local);
+        endpoints.peer.push(peer);
     }
     if !down.is_empty() {
         return Ok(Err(Blocked {
@@ -670,7 +689,7 @@ async fn place(
     let manifest = view.manifest_yaml()?;
     for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
         let Ok(cluster) = cluster else { continue };
-        let topology = view.topology(i, &peer_urls, registry_url.as_deref());
+        let topology = view.topology(i, &endpoints);
         apply_object(
             &cluster.client,
             &p.namespace,
@@ -777,6 +796,7 @@ fn observe(view: &JobView, clusters: &[Result<Cluster, Unavailable>], out: &mut 
             workers: status::counts(pods.iter().map(AsRef::as_ref), Role::Worker, p.spec.workers),
             clock: previous.and_then(|d| d.clock),
             wan_bytes_sent: previous.and_then(|d| d.wan_bytes_sent),
+            updates_sent_fraction: previous.and_then(|d| d.updates_sent_fraction),
         };
         if progress.parameter_servers.ready == progress.parameter_servers.desired
             && progress.workers.ready == progress.workers.desired
@@ -798,6 +818,7 @@ async fn read_progress(
     clusters: &[Result<Cluster, Unavailable>],
     out: &mut Outcome,
 ) {
+    out.status.metric_name = Some(view.job.spec.model.kind.metric_name().to_owned());
     let mut metrics = Vec::new();
     for ((p, cluster), progress) in view
         .placements
@@ -827,6 +848,11 @@ async fn read_progress(
         let sent: Vec<i64> = shards.iter().filter_map(|s| s.wan_sent_bytes).collect();
         if !sent.is_empty() {
             progress.wan_bytes_sent = Some(sent.iter().sum());
+        }
+        let updated: f64 = shards.iter().filter_map(|s| s.elements_updated).sum();
+        if updated > 0.0 {
+            let sent: f64 = shards.iter().filter_map(|s| s.elements_sent).sum();
+            progress.updates_sent_fraction = Some(sent / updated);
         }
         metrics.extend(shards.iter().filter_map(|s| s.metric));
     }
@@ -952,6 +978,7 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
         delete_labelled::<Service>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<ConfigMap>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<Deployment>(&cluster.client, &p.namespace, &selector).await?;
+        delete_labelled::<PersistentVolumeClaim>(&cluster.client, &p.namespace, &selector).await?;
     }
     publish(
         ctx,

@@ -21,6 +21,10 @@ pub struct ShardProgress {
     /// `geoml_mirror_sent_bytes_total`: bytes sent to its mirrors in other
     /// datacenters (modes with mirrors; naive WAN BSP/SSP traffic is not in it).
     pub wan_sent_bytes: Option<i64>,
+    /// `geoml_mirror_elements_updated_total`: parameter elements changed here.
+    pub elements_updated: Option<f64>,
+    /// `geoml_mirror_elements_sent_total`: of those, sent to the mirrors.
+    pub elements_sent: Option<f64>,
 }
 
 /// Reads a parameter server's metrics; None when it does not answer.
@@ -59,6 +63,12 @@ pub fn parse(text: &str) -> ShardProgress {
             "geoml_mirror_sent_bytes_total" => {
                 progress.wan_sent_bytes = Some(progress.wan_sent_bytes.unwrap_or(0) + whole);
             }
+            "geoml_mirror_elements_updated_total" => {
+                progress.elements_updated = Some(progress.elements_updated.unwrap_or(0.0) + value);
+            }
+            "geoml_mirror_elements_sent_total" => {
+                progress.elements_sent = Some(progress.elements_sent.unwrap_or(0.0) + value);
+            }
             _ => {}
         }
     }
@@ -81,6 +91,7 @@ mod tests {
                 clock: Some(42),
                 metric: Some(0.81),
                 wan_sent_bytes: Some(3024),
+                ..ShardProgress::default()
             }
         );
         assert_eq!(parse("garbage"), ShardProgress::default());

@@ -1,0 +1,289 @@
+//! A one-node Kubernetes cluster in its own network namespace: the control
+//! plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) and
+//! a real node (containerd, kubelet, kube-proxy), with geoml's images loaded.
+//! Several run at once; pods of one reach the others' NodePorts through the
+//! router (see [`crate::network`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use crate::image::{self, Image, run};
+use crate::network::{Network, NodeNetwork};
+use crate::node::Node;
+use crate::{ControlPlane, Error, k8s_bin_dir, storage};
+use geoml_crds::training_job::DEFAULT_DATA_CLAIM;
+
+/// Namespace the operator runs in, and where kubeconfig Secrets live.
+pub const OPERATOR_NAMESPACE: &str = "geoml-system";
+
+/// A running cluster; dropping it stops the provisioner, the node, then the
+/// control plane, then deletes the node's network namespace.
+pub struct Cluster {
+    name: String,
+    provisioner: tokio::task::JoinHandle<()>,
+    node: Node,
+    plane: ControlPlane,
+    net: NodeNetwork,
+    _network: Arc<Network>,
+}
+
+impl Cluster {
+    /// Starts a cluster called `name` (its node is `<name>-node`) with
+    /// `images` loaded, and installs the geoml CRDs.
+    pub async fn start(name: &str, images: &[Image]) -> Result<Self, Error> {
+        let network = Network::shared()?;
+        let net = network.add_node()?;
+        let plane = ControlPlane::start_on(name, Some(&net)).await?;
+        plane.install_crds().await?;
+        let node = Node::start(&format!("{name}-node"), &net, &plane, images).await?;
+        let provisioner =
+            storage::start_provisioner(plane.client(), node.dir().join("volumes")).await?;
+        Ok(Self {
+            name: name.to_owned(),
+            provisioner,
+            node,
+            plane,
+            net,
+            _network: network,
+        })
+    }
+
+    /// The cluster's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A cluster-admin client.
+    #[must_use]
+    pub fn client(&self) -> kube::Client {
+        self.plane.client()
+    }
+
+    /// An admin kubeconfig, valid from the host and from pods of any cluster.
+    #[must_use]
+    pub fn kubeconfig(&self) -> &Path {
+        self.plane.kubeconfig()
+    }
+
+    /// The real `kubectl`, pointed at this cluster.
+    #[must_use]
+    pub fn kubectl(&self) -> Command {
+        self.plane.kubectl()
+    }
+
+    /// The control plane (its logs and audit log are in its `dir()`).
+    #[must_use]
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.plane
+    }
+
+    /// The node (its component logs are in its `dir()`).
+    #[must_use]
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The node's address.
+    #[must_use]
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        self.net.address()
+    }
+
+    /// Creates claim `geoml-data` (a TrainingJob's default
+    /// `spec.dataset.claimName`) in `namespace`, bound read-only to `dir`,
+    /// a data cache in the layout `geoml data fetch` writes.
+    pub async fn provide_data(&self, namespace: &str, dir: &Path) -> Result<(), Error> {
+        storage::provide_data(&self.client(), namespace, DEFAULT_DATA_CLAIM, dir).await
+    }
+
+    /// Loads another image into the node.
+    pub fn load(&self, image: &Image) -> Result<(), Error> {
+        self.node.load(image)
+    }
+
+    /// Stores this cluster's admin kubeconfig in Secret `<name>-kubeconfig`
+    /// (key `kubeconfig`) of namespace [`OPERATOR_NAMESPACE`] in `hub`, as a
+    /// remote Datacenter's `kubeconfigSecretRef` names it.
+    pub async fn publish_kubeconfig(&self, hub: &Self) -> Result<String, Error> {
+        let name = format!("{}-kubeconfig", self.name);
+        let text = std::fs::read_to_string(self.kubeconfig())
+            .map_err(Error::io("reading a kubeconfig"))?;
+        hub.apply(
+            &Api::<Secret>::namespaced(hub.client(), OPERATOR_NAMESPACE),
+            &name,
+            &json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": OPERATOR_NAMESPACE},
+                    "stringData": {"kubeconfig": text}}),
+        )
+        .await?;
+        Ok(name)
+    }
+
+    /// Runs the operator in this cluster as the chart does: namespace
+    /// [`OPERATOR_NAMESPACE`], the chart's ServiceAccount and RBAC, and a
+    /// Deployment of the `geoml-operator` image whose jobs use the `geoml`
+    /// image.
+    pub async fn install_operator(&self) -> Result<(), Error> {
+        self.apply(
+            &Api::<Namespace>::all(self.client()),
+            OPERATOR_NAMESPACE,
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}}),
+        )
+        .await?;
+        let rbac = std::fs::read_to_string(chart_dir().join("templates/rbac.yaml"))
+            .map_err(Error::io("reading the chart's RBAC"))?
+            .replace("{{ .Release.Namespace }}", OPERATOR_NAMESPACE);
+        let mut apply = self.kubectl();
+        apply.args(["apply", "--server-side", "-f", "-"]);
+        pipe(&mut apply, &rbac)?;
+        let deployment = operator_deployment();
+        self.apply(
+            &Api::<Deployment>::namespaced(self.client(), OPERATOR_NAMESPACE),
+            "geoml-operator",
+            &deployment,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn apply<K>(&self, api: &Api<K>, name: &str, object: &serde_json::Value) -> Result<(), Error>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        api.patch(name, &PatchParams::apply("geoml-tests").force(), &Patch::Apply(object))
+            .await
+            .map_err(|e| Error::Client(format!("applying {name}: {e}")))
+            .map(drop)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.provisioner.abort();
+    }
+}
+
+/// The operator's Deployment, with the values the chart defaults to.
+fn operator_deployment() -> serde_json::Value {
+    let labels = json!({"app.kubernetes.io/name": "geoml-operator"});
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "geoml-operator", "namespace": OPERATOR_NAMESPACE, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": "geoml-operator",
+                    "containers": [{
+                        "name": "operator",
+                        "image": image::reference("geoml-operator"),
+                        "imagePullPolicy": "IfNotPresent",
+                        "args": [
+                            "run",
+                            "--listen=0.0.0.0:8080",
+                            format!("--image={}", image::reference("geoml")),
+                            "--lease-namespace=$(POD_NAMESPACE)",
+                            "--identity=$(POD_NAME)",
+                            "--probe-seconds=10",
+                            "--progress-seconds=5",
+                        ],
+                        "env": [
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        ],
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}},
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }],
+                },
+            },
+        },
+    })
+}
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/geoml")
+}
+
+fn pipe(cmd: &mut Command, stdin: &str) -> Result<(), Error> {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(Error::io("starting kubectl"))?;
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(stdin.as_bytes())
+            .map_err(Error::io("writing to kubectl"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(Error::io("waiting for kubectl"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command(format!(
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The images geoml's pods run, built from this workspace's binaries (the
+/// same dev build the tests use, built here if missing) and the pause image,
+/// written under `<target>/images`.
+pub fn geoml_images() -> Result<Vec<Image>, Error> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).args([
+        "build",
+        "--locked",
+        "-p",
+        "geoml-runtime",
+        "--bin",
+        "geoml",
+        "-p",
+        "geoml-operator",
+        "--bin",
+        "geoml-operator",
+    ]))?;
+    let profile_dir = profile_dir()?;
+    let dir = profile_dir.join("images");
+    std::fs::create_dir_all(&dir).map_err(Error::io("creating the image directory"))?;
+    Ok(vec![
+        image::build_binary_image(&profile_dir.join("geoml"), &dir)?,
+        image::build_binary_image(&profile_dir.join("geoml-operator"), &dir)?,
+        image::build_pause_image(&k8s_bin_dir()?.join("pause"), &dir)?,
+    ])
+}
+
+/// `target/<profile>`: the directory of the running executable, or its parent
+/// when that is `deps` (a test binary).
+fn profile_dir() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe().map_err(Error::io("locating the test binary"))?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| Error::Image("the test binary has no directory".into()))?
+        .to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
