@@ -31,13 +31,15 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Paths every node must have to itself (from the recipe: shared, they
 /// mix two nodes' devices, logs, CNI results and shim sockets).
-const PRIVATE_PATHS: [&str; 6] = [
+const PRIVATE_PATHS: [&str; 7] = [
     "/var/lib/kubelet/device-plugins",
     "/var/log/containers",
     "/var/log/pods",
     "/var/lib/cni",
     "/run/containerd/s",
     "/run/containerd/runc",
+    // The pods' network namespaces.
+    "/run/netns",
 ];
 
 /// Where the CNI plugins are (Debian's `containernetworking-plugins`).
@@ -132,6 +134,8 @@ impl Node {
             node.load(image)?;
         }
 
+        // kubelet's cgroupRoot must exist in every hierarchy.
+        cgroup::create(&cgroup);
         let bin = plane.bin();
         node.kubelet = Some(Process::spawn(
             "kubelet",
