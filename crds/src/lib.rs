@@ -12,6 +12,7 @@
 //! `x-kubernetes-validations`, enforced by the apiserver itself.
 
 pub mod datacenter;
+pub mod metrics;
 pub mod sync_policy;
 pub mod topology;
 pub mod training_job;

@@ -1,0 +1,36 @@
+//! Names of the Prometheus series `geoml` pods serve that the operator reads.
+//!
+//! The runtime registers its metrics under these names and the operator
+//! parses them from a parameter server's `/metrics`, so a rename changes both.
+//! Every series of a parameter server carries the labels [`DATACENTER_LABEL`]
+//! and [`SHARD_LABEL`].
+
+/// Label naming the datacenter of the parameter server that serves a series.
+pub const DATACENTER_LABEL: &str = "datacenter";
+
+/// Label naming the shard (its index within its datacenter's parameter
+/// server) that serves a series.
+pub const SHARD_LABEL: &str = "shard";
+
+/// Gauge: the lowest clock over the workers a shard serves (iterations every
+/// one of them has completed).
+pub const PS_CLOCK: &str = "geoml_ps_clock";
+
+/// Gauge: the latest evaluation metric (accuracy or RMSE) the evaluating
+/// worker reported to the shard.
+pub const PS_METRIC: &str = "geoml_ps_metric";
+
+/// Counter: bytes of mirror messages (updates, announcements, clock ticks)
+/// a shard sent to its mirrors in other datacenters, summed over peers. Only
+/// the modes with mirrors (Gaia's ASP, federated averaging) send any.
+pub const MIRROR_SENT_BYTES: &str = "geoml_mirror_sent_bytes_total";
+
+/// Counter: request and response bytes a shard exchanged with workers of
+/// other datacenters: the WAN traffic of the naive WAN modes (inter-datacenter
+/// BSP and SSP), where every worker pushes to and pulls from every shard.
+/// Zero in the modes where workers only reach their own datacenter's shards.
+pub const PS_WAN_BYTES: &str = "geoml_ps_wan_bytes_total";
+
+/// Gauge: a shard's current significance threshold (Gaia's ASP); follows
+/// live SyncPolicy changes.
+pub const MIRROR_THRESHOLD: &str = "geoml_mirror_threshold";
