@@ -52,6 +52,10 @@ pub struct SiteArgs {
     /// Where data sets are cached.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Never fetch: a data set missing from --data-dir is an error (fill the
+    /// directory with `geoml data fetch`; see docs/data.md).
+    #[arg(long)]
+    pub no_fetch: bool,
     /// The topology file; gives the site (its datacenter) and the registry URL.
     #[arg(long)]
     pub topology: Option<PathBuf>,
@@ -112,6 +116,9 @@ pub async fn site(
         .data_dir
         .clone()
         .unwrap_or_else(crate::data::default_cache_dir);
+    if args.no_fetch {
+        crate::data::require_cached(spec.dataset.name, &data_dir)?;
+    }
     let scenario = Scenario::build(spec, &data_dir)?;
     let index = scenario
         .sites

