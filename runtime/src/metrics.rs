@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use axum::Router;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
+use geoml_crds::metrics as names;
 use prometheus::{
     Counter, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -15,7 +16,7 @@ use prometheus::{
 /// Metrics of one parameter-server shard.
 #[derive(Clone)]
 pub struct PsMetrics {
-    /// Lowest clock over the workers (`geoml_ps_clock`).
+    /// Lowest clock over the workers ([`names::PS_CLOCK`]).
     pub clock: IntGauge,
     /// Pushes applied (`geoml_ps_updates_applied_total`).
     pub updates_applied: IntCounter,
@@ -25,11 +26,14 @@ pub struct PsMetrics {
     pub bytes_received: IntCounter,
     /// Response bytes sent to workers (`geoml_ps_lan_sent_bytes_total`).
     pub bytes_sent: IntCounter,
+    /// Request and response bytes exchanged with workers of other
+    /// datacenters ([`names::PS_WAN_BYTES`]).
+    pub wan_bytes: IntCounter,
     /// Requests refused, by reason (`geoml_ps_requests_rejected_total`).
     pub rejected: IntCounterVec,
     /// Time pulls waited for the consistency model (`geoml_ps_read_wait_seconds_total`).
     pub read_wait_seconds: Counter,
-    /// Latest evaluation reported (`geoml_ps_metric`).
+    /// Latest evaluation reported ([`names::PS_METRIC`]).
     pub metric: Gauge,
     /// Mirror synchronisation (`geoml_mirror_*`).
     pub mirror: MirrorMetrics,
@@ -76,11 +80,11 @@ impl MirrorMetrics {
                 "Accumulated parameter updates sent to the mirrors (significant ones)",
             ))?,
             bytes_sent: IntCounter::with_opts(opts(
-                "geoml_mirror_sent_bytes_total",
+                names::MIRROR_SENT_BYTES,
                 "Bytes of mirror messages sent, summed over peers",
             ))?,
             threshold: Gauge::with_opts(opts(
-                "geoml_mirror_threshold",
+                names::MIRROR_THRESHOLD,
                 "Current significance threshold",
             ))?,
             barrier_blocks: IntCounter::with_opts(opts(
@@ -180,11 +184,11 @@ impl PsMetrics {
     pub fn new(registry: &Registry, datacenter: &str, shard: u32) -> prometheus::Result<Self> {
         let opts = |name: &str, help: &str| {
             Opts::new(name, help)
-                .const_label("datacenter", datacenter)
-                .const_label("shard", shard.to_string())
+                .const_label(names::DATACENTER_LABEL, datacenter)
+                .const_label(names::SHARD_LABEL, shard.to_string())
         };
         let metrics = Self {
-            clock: IntGauge::with_opts(opts("geoml_ps_clock", "Lowest clock over all workers"))?,
+            clock: IntGauge::with_opts(opts(names::PS_CLOCK, "Lowest clock over all workers"))?,
             updates_applied: IntCounter::with_opts(opts(
                 "geoml_ps_updates_applied_total",
                 "Pushes applied to the shard",
@@ -201,6 +205,10 @@ impl PsMetrics {
                 "geoml_ps_lan_sent_bytes_total",
                 "Bytes of responses sent to workers",
             ))?,
+            wan_bytes: IntCounter::with_opts(opts(
+                names::PS_WAN_BYTES,
+                "Bytes of requests and responses exchanged with workers of other datacenters",
+            ))?,
             rejected: IntCounterVec::new(
                 opts(
                     "geoml_ps_requests_rejected_total",
@@ -213,7 +221,7 @@ impl PsMetrics {
                 "Seconds pulls waited for slower workers",
             ))?,
             metric: Gauge::with_opts(opts(
-                "geoml_ps_metric",
+                names::PS_METRIC,
                 "Latest evaluation metric the evaluating worker reported",
             ))?,
             mirror: MirrorMetrics::new(&opts)?,
@@ -223,6 +231,7 @@ impl PsMetrics {
         registry.register(Box::new(metrics.updates_duplicate.clone()))?;
         registry.register(Box::new(metrics.bytes_received.clone()))?;
         registry.register(Box::new(metrics.bytes_sent.clone()))?;
+        registry.register(Box::new(metrics.wan_bytes.clone()))?;
         registry.register(Box::new(metrics.rejected.clone()))?;
         registry.register(Box::new(metrics.read_wait_seconds.clone()))?;
         registry.register(Box::new(metrics.metric.clone()))?;

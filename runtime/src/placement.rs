@@ -62,7 +62,6 @@ pub enum PlacementError {
     },
 }
 
-
 /// A datacenter's place in a job.
 #[derive(Clone, Debug)]
 pub struct Placement {
@@ -246,6 +245,16 @@ impl Placement {
                     })
             })
             .collect()
+    }
+
+    /// The indexes, among the workers of its shards, of the datacenter's own
+    /// workers: in the global modes the shards also serve other
+    /// datacenters' workers, which reach them over the WAN.
+    #[must_use]
+    pub fn local_workers(&self) -> std::ops::Range<u32> {
+        let start = if self.global { self.worker_offset } else { 0 };
+        let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        to_u32(start)..to_u32(start + self.own_workers)
     }
 
     /// For the datacenter's worker `index`: its index among the workers of

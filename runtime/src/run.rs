@@ -698,6 +698,9 @@ impl LocalCluster {
             format!("--listen=127.0.0.1:{port}"),
             format!("--metrics-listen={metrics}"),
             format!("--topology={}", topology.display()),
+            // Statuses and snapshots are read after training; `shutdown`
+            // stops the shards.
+            "--keep-serving".to_owned(),
         ];
         if job.job.spec.checkpoint.is_some() {
             let dir = self.processes.options.work_dir.join(&name);

@@ -259,6 +259,26 @@ impl Session<'_> {
         Ok(try_join_all(calls).await?.iter().any(|r| r.stop))
     }
 
+    /// Tells every shard this worker stopped and sends nothing more (shards
+    /// exit once all their workers left). Best effort: a shard that cannot
+    /// be told gives up waiting on its own.
+    async fn leave(&self) {
+        let calls = self.clients.iter().enumerate().map(|(shard, client)| {
+            let request = pb::LeaveRequest {
+                worker: self.config.index,
+            };
+            retry(shard, self.config.retry_for, move || {
+                let mut client = client.clone();
+                async move { client.leave(request).await }
+            })
+        });
+        for result in futures::future::join_all(calls).await {
+            if let Err(e) = result {
+                warn!(worker = self.config.index, "could not say it left: {e}");
+            }
+        }
+    }
+
     /// The clock this worker resumes from: the lowest any shard recorded for it.
     async fn resume_clock(&mut self) -> Result<u64, WorkerError> {
         let index = self.config.index as usize;
@@ -376,6 +396,7 @@ pub async fn run(
         }
         if stop {
             info!(worker = config.index, clock, "stopping");
+            session.leave().await;
             return Ok(WorkerSummary { clock, metric });
         }
     }

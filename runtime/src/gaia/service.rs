@@ -221,6 +221,19 @@ impl Links {
             .collect()
     }
 
+    /// Sends `tick` to every peer and waits until each acknowledged it
+    /// (or refused it for good).
+    pub async fn tell(&self, tick: &ClockTick) {
+        let calls = self.peers.iter().map(|link| {
+            let client = link.control.clone();
+            deliver("tick", move || {
+                let (mut client, message) = (client.clone(), tick.clone());
+                async move { client.tick(message).await }
+            })
+        });
+        futures::future::join_all(calls).await;
+    }
+
     /// Sends `out` to every peer in the background; acknowledgements record
     /// RTT and throughput in `state`'s mirror.
     pub fn send(&self, out: &Outgoing, state: &Arc<Mutex<State>>) {

@@ -38,6 +38,21 @@ impl Filter {
         }
     }
 
+    /// Takes a changed SyncPolicy's filter while training runs. The
+    /// threshold restarts from the new initial one when that or the
+    /// schedule changed (time-based schedules then place it at the current
+    /// clock on their next [`Self::on_clock`]); otherwise it stays where the
+    /// schedule had moved it, so a new WAN budget nudges from there.
+    pub fn reconfigure(&mut self, spec: &Significance, budget_mbps: Option<f64>) {
+        #[allow(clippy::float_cmp)] // did the spec's number change, not a computed one
+        let restart = spec.threshold != self.initial || spec.schedule != self.schedule;
+        let threshold = self.threshold;
+        *self = Self::new(spec, budget_mbps);
+        if !restart {
+            self.threshold = threshold;
+        }
+    }
+
     /// The current threshold.
     #[must_use]
     pub fn threshold(&self) -> f64 {
@@ -158,6 +173,38 @@ mod tests {
         assert!((f.threshold() - 0.01).abs() < 1e-12);
         f.on_clock(1000);
         assert!((f.threshold() - 0.01).abs() < 1e-12);
+    }
+
+    #[test]
+    fn reconfiguring_restarts_the_threshold_only_when_it_or_the_schedule_changed() {
+        let mut f = filter(ThresholdSchedule::BandwidthBudget, None, None);
+        f.on_rate(2e6);
+        let nudged = f.threshold();
+        assert!(nudged > 0.04);
+        // A new budget only: the nudged threshold stays, the budget is new.
+        let spec = Significance {
+            function: SignificanceFunction::RelativeChange,
+            threshold: 0.04,
+            schedule: ThresholdSchedule::BandwidthBudget,
+            floor: None,
+            decay_clocks: None,
+        };
+        f.reconfigure(&spec, Some(80.0));
+        assert_eq!(f.threshold(), nudged);
+        f.on_rate(2e6); // below 0.9× the new 10 MB/s
+        assert!(f.threshold() < nudged);
+        // A new threshold: it starts from there.
+        f.reconfigure(
+            &Significance {
+                threshold: 0.3,
+                schedule: ThresholdSchedule::Constant,
+                ..spec
+            },
+            None,
+        );
+        assert_eq!(f.threshold(), 0.3);
+        assert!(!f.significant(0.2, 1.0));
+        assert!(f.significant(0.31, 1.0));
     }
 
     #[test]

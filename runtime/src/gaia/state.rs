@@ -72,6 +72,7 @@ struct Peer {
     name: String,
     mirror_clock: u64,
     stopped: bool,
+    drained: bool,
     rtt: Option<Duration>,
     throughput: Option<f64>,
     applied: HashSet<u64>,
@@ -289,6 +290,7 @@ impl MirrorState {
                 datacenter: self.config.datacenter.clone(),
                 mirror_clock,
                 stopped,
+                drained: false,
             });
             let elapsed = self.window_start.elapsed().as_secs_f64();
             if elapsed > 0.0 {
@@ -302,6 +304,29 @@ impl MirrorState {
         }
         self.count(&out);
         out
+    }
+
+    /// Applies the live part of a SyncPolicy change: the significance filter
+    /// and WAN budget, the selective barrier, the mirror-clock bound and
+    /// period. Readers waiting on the bound must be woken (the read limit
+    /// may have moved).
+    pub fn reconfigure(&mut self, change: &crate::ps::policy::PolicyChange) {
+        if let Some((significance, budget)) = &change.filter {
+            self.config.filter.reconfigure(significance, *budget);
+            self.config.filter.on_clock(self.checked_clock);
+        }
+        if let (Some(on), Exchange::Asp { selective_barrier }) =
+            (change.selective_barrier, &mut self.config.exchange)
+        {
+            *selective_barrier = on;
+        }
+        if let Some(bound) = change.mirror_clock_bound {
+            self.config.bound = bound;
+        }
+        if let Some(period) = change.mirror_clock_period {
+            self.config.period = period.max(1);
+        }
+        self.epoch += 1;
     }
 
     /// The current significance threshold.
@@ -375,7 +400,8 @@ impl MirrorState {
         let p = self.peer(&tick.datacenter)?;
         let peer = &mut self.peers[p];
         peer.mirror_clock = peer.mirror_clock.max(tick.mirror_clock);
-        if tick.stopped && !peer.stopped {
+        peer.drained |= tick.drained;
+        if (tick.stopped || tick.drained) && !peer.stopped {
             peer.stopped = true;
             // A stopped peer sends no more rounds; one may be complete now.
             self.complete_round(shard);
@@ -521,6 +547,29 @@ impl MirrorState {
                 || self.changes.accumulated.iter().all(|&a| a == 0.0))
     }
 
+    /// The tick that tells every peer this shard is drained (see
+    /// [`Self::drained`]) and sends nothing more.
+    pub fn drained_tick(&mut self) -> ClockTick {
+        let tick = ClockTick {
+            datacenter: self.config.datacenter.clone(),
+            mirror_clock: self.mirror_clock,
+            stopped: true,
+            drained: true,
+        };
+        self.count(&Outgoing {
+            tick: Some(tick.clone()),
+            ..Outgoing::default()
+        });
+        tick
+    }
+
+    /// Whether every peer said it is drained: none sends anything more, so
+    /// this shard may exit without leaving a peer's update undelivered.
+    #[must_use]
+    pub fn peers_drained(&self) -> bool {
+        self.peers.iter().all(|p| p.drained)
+    }
+
     /// The state for the shard's status.
     #[must_use]
     pub fn status(&self, unacknowledged: u64) -> pb::MirrorStatus {
@@ -544,6 +593,7 @@ impl MirrorState {
                     datacenter: p.name.clone(),
                     mirror_clock: p.mirror_clock,
                     stopped: p.stopped,
+                    drained: p.drained,
                     rtt_seconds: p.rtt.map_or(0.0, |r| r.as_secs_f64()),
                     throughput_bytes_per_second: p.throughput.unwrap_or(0.0),
                 })
@@ -727,6 +777,7 @@ mod tests {
             datacenter: dc.into(),
             mirror_clock,
             stopped,
+            drained: false,
         };
         m.on_tick(&tick("b", 3, false), &mut s).unwrap();
         assert_eq!(m.read_limit(), 19, "c is still at 0");

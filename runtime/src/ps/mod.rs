@@ -3,14 +3,17 @@
 
 pub mod durability;
 pub mod optimizer;
+pub mod policy;
 pub mod rows;
 pub mod service;
 pub mod shard;
 pub mod stopping;
 
 use std::future::Future;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use geoml_crds::training_job::Optimizer;
 use prometheus::Registry;
@@ -19,11 +22,11 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tower::util::MapResponseLayer;
-use tracing::info;
+use tracing::{info, warn};
 
 use self::durability::Durability;
 use self::rows::{unpack_keys, unpack_values};
-use self::service::{Progress, ShardService, State};
+use self::service::{Progress, ShardService, State, lock};
 use self::shard::{Consistency, Shard, ShardError};
 use self::stopping::StoppingRule;
 use crate::gaia::service::{Links, MirrorService};
@@ -67,6 +70,18 @@ pub struct PsConfig {
     /// Where to keep checkpoints and the write-ahead log, and how often to
     /// checkpoint (in clocks); `None` keeps everything in memory.
     pub checkpoint: Option<(PathBuf, u64)>,
+    /// Global indexes of the workers of this shard's own datacenter; the
+    /// others (naive WAN modes) reach it over the WAN.
+    pub local_workers: Range<u32>,
+    /// Stop serving on its own once training is done (see [`serve`]);
+    /// otherwise serve until the shutdown future completes.
+    pub exit_when_done: bool,
+    /// Once training stopped, how long to wait for every worker to leave
+    /// and every update to reach the mirrors before exiting anyway.
+    pub drain_timeout: Duration,
+    /// The manifest file and the text the job was started from: re-read
+    /// every [`policy::RELOAD_INTERVAL`] to apply SyncPolicy changes live.
+    pub manifest: Option<(PathBuf, String)>,
 }
 
 /// What can stop a parameter server.
@@ -143,8 +158,123 @@ fn restore(
     Ok((durability, stopped))
 }
 
+/// How often a shard looks whether its part of training is over.
+const FINISH_POLL: Duration = Duration::from_millis(100);
+
+/// Completes once the shard may exit: training stopped, every worker left,
+/// everything generated here reached the mirrors, this shard told its peers
+/// so and heard the same from each of them (so none is left with an update
+/// it cannot deliver). Waiting for workers and own deliveries gives up after
+/// `drain_timeout`; waiting for peers does not (a peer may train longer).
+async fn training_done(
+    state: Arc<Mutex<State>>,
+    links: Option<Arc<Links>>,
+    drain_timeout: Duration,
+) {
+    let mut since = None;
+    let tick = loop {
+        tokio::time::sleep(FINISH_POLL).await;
+        let mut guard = lock(&state);
+        if guard.stopped.is_none() {
+            continue;
+        }
+        let since = *since.get_or_insert_with(Instant::now);
+        let unacknowledged = links.as_ref().map_or(0, |l| l.unacknowledged());
+        if guard.finished(unacknowledged) {
+            break guard.mirror.as_mut().map(MirrorState::drained_tick);
+        }
+        if since.elapsed() > drain_timeout {
+            let left = guard.left.iter().filter(|&&l| l).count();
+            warn!(
+                left,
+                workers = guard.left.len(),
+                unacknowledged,
+                "training stopped {drain_timeout:?} ago, yet not every worker left or not every update reached the mirrors; exiting anyway"
+            );
+            return;
+        }
+        // A shard restored stopped sees no push that would flush what it
+        // holds: flush once the workers are gone (a no-op when nothing is left).
+        if guard.left.iter().all(|&l| l)
+            && let (
+                Some(links),
+                State {
+                    shard,
+                    mirror: Some(mirror),
+                    ..
+                },
+            ) = (&links, &mut *guard)
+        {
+            let out = mirror.on_clock(shard.values(), shard.min_clock(), true, &links.backlog());
+            links.send(&out, &state);
+        }
+    };
+    let (Some(tick), Some(links)) = (tick, links) else {
+        return;
+    };
+    info!("drained; telling the mirrors and waiting for theirs");
+    if tokio::time::timeout(drain_timeout, links.tell(&tick))
+        .await
+        .is_err()
+    {
+        warn!("a mirror did not take the drained tick within {drain_timeout:?}");
+    }
+    loop {
+        if lock(&state)
+            .mirror
+            .as_ref()
+            .is_none_or(MirrorState::peers_drained)
+        {
+            return;
+        }
+        tokio::time::sleep(FINISH_POLL).await;
+    }
+}
+
+/// Completes when `shutdown` does or, if given, when training is `done`.
+async fn first_of(shutdown: impl Future<Output = ()>, done: Option<impl Future<Output = ()>>) {
+    let done = async move {
+        match done {
+            Some(done) => {
+                done.await;
+                info!("training is done; stopping");
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = done => {}
+    }
+}
+
+/// Starts re-reading the manifest file `manifest` (path and the text the
+/// shard started from) for live SyncPolicy changes.
+fn watch_policy(
+    (path, text): (PathBuf, String),
+    state: &Arc<Mutex<State>>,
+    progress: &Arc<watch::Sender<Progress>>,
+    metrics: PsMetrics,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match policy::PolicyWatcher::new(path, text) {
+        Ok(watcher) => Some(tokio::spawn(policy::watch(
+            watcher,
+            state.clone(),
+            progress.clone(),
+            metrics,
+            policy::RELOAD_INTERVAL,
+        ))),
+        Err(e) => {
+            warn!("not watching the manifest for SyncPolicy changes: {e}");
+            None
+        }
+    }
+}
+
 /// Serves shard `config.shard` of `model` on `listener` until `shutdown`
-/// completes, restoring from and writing checkpoints when configured.
+/// completes or, with `config.exit_when_done`, until training is done (see
+/// [`training_done`]); restores from and writes checkpoints when configured,
+/// a final one included.
 pub async fn serve(
     config: PsConfig,
     model: &dyn Model,
@@ -177,7 +307,7 @@ pub async fn serve(
                 shard.values().len(),
                 shard.num_rows(),
             )),
-            Some(Links::connect(&addresses)?),
+            Some(Arc::new(Links::connect(&addresses)?)),
         ),
     };
     let state = Arc::new(Mutex::new(State {
@@ -187,6 +317,8 @@ pub async fn serve(
         history: Vec::new(),
         bytes_received: 0,
         bytes_sent: 0,
+        wan_bytes: 0,
+        left: vec![false; config.workers],
         datacenter: config.datacenter,
         mirror,
     }));
@@ -194,12 +326,20 @@ pub async fn serve(
     let service = ShardService::new(
         state.clone(),
         progress.clone(),
-        links,
+        links.clone(),
         config.consistency,
         config.stopping,
-        metrics,
+        metrics.clone(),
+        config.local_workers.clone(),
     );
+    let watcher = config
+        .manifest
+        .and_then(|manifest| watch_policy(manifest, &state, &progress, metrics));
     let mirror_service = MirrorService::new(state.clone(), progress);
+    let done = config
+        .exit_when_done
+        .then(|| training_done(state.clone(), links, config.drain_timeout));
+    let shutdown = first_of(shutdown, done);
     // Small messages (acks, pull requests) must not wait for Nagle, and
     // megabyte pushes must not wait for 64 KiB flow-control windows.
     let incoming = TcpListenerStream::new(listener).map(|stream| {
@@ -223,6 +363,9 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     let mut state = state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -1,13 +1,14 @@
 //! The gRPC face of a parameter-server shard: decodes requests at the edge,
 //! gates reads by the consistency model, logs and applies pushes.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use prost::Message;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::{instrument, warn};
+use tracing::{info, instrument, warn};
 
 use super::durability::Durability;
 use super::rows::{RowsError, rows, unpack_keys, unpack_values};
@@ -72,6 +73,10 @@ pub struct State {
     pub bytes_received: u64,
     /// Response bytes sent.
     pub bytes_sent: u64,
+    /// Request and response bytes exchanged with workers of other datacenters.
+    pub wan_bytes: u64,
+    /// Per worker, whether it said it left (stopped and sends nothing more).
+    pub left: Vec<bool>,
     /// This shard's datacenter.
     pub datacenter: String,
     /// Synchronisation with the mirrors in other datacenters, if any.
@@ -79,6 +84,19 @@ pub struct State {
 }
 
 impl State {
+    /// Whether this shard's own part of training is over: training stopped,
+    /// every worker left, and (with mirrors) everything generated here
+    /// reached every peer, `unacknowledged` updates being still on their way.
+    #[must_use]
+    pub fn finished(&self, unacknowledged: u64) -> bool {
+        self.stopped.is_some()
+            && self.left.iter().all(|&l| l)
+            && self
+                .mirror
+                .as_ref()
+                .is_none_or(|m| m.drained(unacknowledged))
+    }
+
     /// Writes a checkpoint now, if checkpoints are enabled.
     pub fn checkpoint(&mut self) -> std::io::Result<()> {
         let min_clock = self.shard.min_clock();
@@ -96,23 +114,34 @@ impl State {
 pub struct ShardService {
     state: Arc<Mutex<State>>,
     progress: Arc<watch::Sender<Progress>>,
-    links: Option<Links>,
+    links: Option<Arc<Links>>,
     consistency: Consistency,
     stopping: StoppingRule,
     metrics: PsMetrics,
+    /// Global indexes of the workers of this shard's own datacenter; the
+    /// others reach it over the WAN.
+    local_workers: Range<u32>,
 }
 
 impl ShardService {
-    /// Wraps `state`; readers wait on `progress`; `links` reach the mirrors.
+    /// Wraps `state`; readers wait on `progress`; `links` reach the mirrors;
+    /// workers outside `local_workers` are in other datacenters.
     pub fn new(
         state: Arc<Mutex<State>>,
         progress: Arc<watch::Sender<Progress>>,
-        links: Option<Links>,
+        links: Option<Arc<Links>>,
         consistency: Consistency,
         stopping: StoppingRule,
         metrics: PsMetrics,
+        local_workers: Range<u32>,
     ) -> Self {
-        publish(&lock(&state), &progress);
+        {
+            let state = lock(&state);
+            publish(&state, &progress);
+            if let Some(m) = &state.mirror {
+                metrics.observe_mirror(&m.status(0));
+            }
+        }
         Self {
             state,
             progress,
@@ -120,6 +149,7 @@ impl ShardService {
             consistency,
             stopping,
             metrics,
+            local_workers,
         }
     }
 
@@ -129,11 +159,17 @@ impl ShardService {
         status
     }
 
-    fn count(&self, state: &mut State, received: usize, sent: usize) {
+    /// Counts a request of `worker` and its response.
+    fn count(&self, state: &mut State, worker: u32, received: usize, sent: usize) {
         state.bytes_received += received as u64;
         state.bytes_sent += sent as u64;
         self.metrics.bytes_received.inc_by(received as u64);
         self.metrics.bytes_sent.inc_by(sent as u64);
+        if !self.local_workers.contains(&worker) {
+            let both = (received + sent) as u64;
+            state.wan_bytes += both;
+            self.metrics.wan_bytes.inc_by(both);
+        }
     }
 
     /// Publishes the clock after a change and stops on the clock budget.
@@ -306,7 +342,7 @@ impl ParameterServer for ShardService {
             min_clock: state.shard.min_clock(),
             stop: state.stopped.is_some(),
         };
-        self.count(&mut state, received, response.encoded_len());
+        self.count(&mut state, req.worker, received, response.encoded_len());
         Ok(Response::new(response))
     }
 
@@ -357,7 +393,7 @@ impl ParameterServer for ShardService {
             min_clock: state.shard.min_clock(),
             stop: state.stopped.is_some(),
         };
-        self.count(&mut state, received, response.encoded_len());
+        self.count(&mut state, req.worker, received, response.encoded_len());
         Ok(Response::new(response))
     }
 
@@ -413,7 +449,30 @@ impl ParameterServer for ShardService {
             mirror: state
                 .mirror
                 .as_ref()
-                .map(|m| m.status(self.links.as_ref().map_or(0, Links::unacknowledged))),
+                .map(|m| m.status(self.links.as_ref().map_or(0, |l| l.unacknowledged()))),
+            wan_bytes: state.wan_bytes,
+            workers_left: u32::try_from(state.left.iter().filter(|&&l| l).count())
+                .unwrap_or(u32::MAX),
         }))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker))]
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let worker = request.into_inner().worker;
+        let mut state = lock(&self.state);
+        state
+            .shard
+            .check_worker(worker)
+            .map_err(|e| self.reject("unknown_worker", e.into()))?;
+        if let Some(left) = state.left.get_mut(worker as usize)
+            && !*left
+        {
+            *left = true;
+            info!(worker, "worker left");
+        }
+        Ok(Response::new(pb::LeaveResponse {}))
     }
 }
