@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps k8s-tools lint generate control-plane
+.PHONY: test deps k8s-tools lint generate control-plane cluster
 
 test: deps k8s-tools lint
 	$(CARGO) test --workspace --locked
@@ -28,3 +28,9 @@ generate:
 KUBECONFIG_OUT ?= $(CURDIR)/target/dev.kubeconfig
 control-plane: k8s-tools
 	$(CARGO) run -q -p geoml-tests --bin control-plane -- --crds --kubeconfig $(KUBECONFIG_OUT)
+
+# Throwaway one-node clusters with the operator running as a pod in the first:
+# make cluster KUBECONFIG_OUT=/tmp/geoml.kubeconfig [DATACENTERS=3]
+DATACENTERS ?= 1
+cluster: k8s-tools
+	$(CARGO) run -q -p geoml-tests --bin cluster -- --kubeconfig $(KUBECONFIG_OUT) --datacenters $(DATACENTERS)

@@ -34,3 +34,23 @@ pub const PS_WAN_BYTES: &str = "geoml_ps_wan_bytes_total";
 /// Gauge: a shard's current significance threshold (Gaia's ASP); follows
 /// live SyncPolicy changes.
 pub const MIRROR_THRESHOLD: &str = "geoml_mirror_threshold";
+
+/// Counter: parameter elements changed by a datacenter's workers, as a
+/// shard accumulates them for its mirrors (Gaia's ASP).
+pub const MIRROR_ELEMENTS_UPDATED: &str = "geoml_mirror_elements_updated_total";
+
+/// Counter: of [`MIRROR_ELEMENTS_UPDATED`], the elements sent to the mirrors
+/// (the significant ones); the ratio is the fraction of updates sent.
+pub const MIRROR_ELEMENTS_SENT: &str = "geoml_mirror_elements_sent_total";
+
+/// The series the operator reads for a job's progress: from a running
+/// parameter server's `/metrics`, and from a finished one's termination
+/// message, which holds their final values in the same text format.
+pub const PROGRESS: [&str; 6] = [
+    PS_CLOCK,
+    PS_METRIC,
+    MIRROR_SENT_BYTES,
+    PS_WAN_BYTES,
+    MIRROR_ELEMENTS_UPDATED,
+    MIRROR_ELEMENTS_SENT,
+];

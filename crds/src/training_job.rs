@@ -492,9 +492,9 @@ pub enum JobPhase {
 pub struct DatacenterProgress {
     /// Name of the Datacenter.
     pub name: String,
-    /// Parameter-server replicas.
+    /// Parameter-server replicas (none in the Collaborative mode).
     pub parameter_servers: ReplicaCounts,
-    /// Worker replicas.
+    /// Worker replicas; in the Collaborative mode, the datacenter's Cartel site.
     pub workers: ReplicaCounts,
     /// Clock of this datacenter's parameter servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]

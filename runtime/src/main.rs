@@ -205,6 +205,11 @@ struct PsArgs {
     /// every update to reach the mirrors before exiting anyway.
     #[arg(long, default_value_t = 300)]
     drain_timeout: u64,
+    /// On a clean exit, write the final values of the series the operator
+    /// reads for progress (Prometheus text) to this file: the pod's
+    /// termination message, read once the pod can no longer be scraped.
+    #[arg(long)]
+    termination_log: Option<PathBuf>,
     #[command(flatten)]
     role: RoleArgs,
 }
@@ -301,6 +306,10 @@ async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await?;
+    if let Some(path) = &args.termination_log {
+        std::fs::write(path, metrics::progress_text(&registry))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }
 

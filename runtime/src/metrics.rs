@@ -72,11 +72,11 @@ impl MirrorMetrics {
     fn new(opts: &dyn Fn(&str, &str) -> Opts) -> prometheus::Result<Self> {
         Ok(Self {
             elements_updated: IntCounter::with_opts(opts(
-                "geoml_mirror_elements_updated_total",
+                names::MIRROR_ELEMENTS_UPDATED,
                 "Parameter updates made by this datacenter's workers",
             ))?,
             elements_sent: IntCounter::with_opts(opts(
-                "geoml_mirror_elements_sent_total",
+                names::MIRROR_ELEMENTS_SENT,
                 "Accumulated parameter updates sent to the mirrors (significant ones)",
             ))?,
             bytes_sent: IntCounter::with_opts(opts(
@@ -306,6 +306,25 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The samples of the series the operator reads for progress
+/// ([`names::PROGRESS`]), in the Prometheus text format, without comments:
+/// small enough for a pod's termination message (4 KiB).
+#[must_use]
+pub fn progress_text(registry: &Registry) -> String {
+    let families: Vec<_> = registry
+        .gather()
+        .into_iter()
+        .filter(|f| names::PROGRESS.contains(&f.name()))
+        .collect();
+    let mut text = String::new();
+    // Encoding only fails on invalid metric families, which registration rejected.
+    let _ = TextEncoder::new().encode_utf8(&families, &mut text);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// Fetches `http://addr/metrics` (a plain HTTP/1.0 GET; enough for our own

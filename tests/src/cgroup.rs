@@ -54,7 +54,11 @@ pub fn join_script(name: &str) -> String {
 pub fn remove_all(prefix: &str) {
     let mut tops = Vec::new();
     for hierarchy in hierarchies() {
-        for entry in std::fs::read_dir(&hierarchy).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(&hierarchy)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if entry.file_name().to_string_lossy().starts_with(prefix) {
                 tops.push(entry.path());
             }

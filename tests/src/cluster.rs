@@ -154,14 +154,23 @@ impl Cluster {
         Ok(())
     }
 
-    async fn apply<K>(&self, api: &Api<K>, name: &str, object: &serde_json::Value) -> Result<(), Error>
+    async fn apply<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        object: &serde_json::Value,
+    ) -> Result<(), Error>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
-        api.patch(name, &PatchParams::apply("geoml-tests").force(), &Patch::Apply(object))
-            .await
-            .map_err(|e| Error::Client(format!("applying {name}: {e}")))
-            .map(drop)
+        api.patch(
+            name,
+            &PatchParams::apply("geoml-tests").force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map_err(|e| Error::Client(format!("applying {name}: {e}")))
+        .map(drop)
     }
 }
 

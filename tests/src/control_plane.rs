@@ -136,8 +136,11 @@ impl ControlPlane {
             format!("--audit-log-path={}", path(&dir.path().join("audit.log"))),
         ];
         if node.is_some() {
-            let (cert, key) =
-                pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters")?;
+            let (cert, key) = pki.client(
+                "apiserver-kubelet-client",
+                "kube-apiserver-kubelet-client",
+                "system:masters",
+            )?;
             apiserver_args.extend([
                 "--bind-address=0.0.0.0".to_owned(),
                 "--authorization-mode=Node,RBAC".to_owned(),
@@ -163,7 +166,14 @@ impl ControlPlane {
 
         let server = format!("https://{address}:{secure}");
         let kubeconfig = dir.path().join("admin.kubeconfig");
-        write_kubeconfig(&kubeconfig, name, &server, &pki.ca_cert, &pki.admin_cert, &pki.admin_key)?;
+        write_kubeconfig(
+            &kubeconfig,
+            name,
+            &server,
+            &pki.ca_cert,
+            &pki.admin_cert,
+            &pki.admin_key,
+        )?;
         let client = client_for(&kubeconfig).await?;
         wait_ready(&client, &mut apiserver, &mut etcd).await?;
 
@@ -174,7 +184,10 @@ impl ControlPlane {
                 "kube-controller-manager",
                 command("kube-controller-manager").args([
                     kubeconfig.clone(),
-                    format!("--service-account-private-key-file={}", path(&pki.service_account_key)),
+                    format!(
+                        "--service-account-private-key-file={}",
+                        path(&pki.service_account_key)
+                    ),
                     format!("--root-ca-file={}", path(&pki.ca_cert)),
                     "--use-service-account-credentials=false".to_owned(),
                     "--leader-elect=false".to_owned(),
@@ -310,7 +323,9 @@ pub(crate) fn in_netns(netns: Option<&str>, binary: &Path) -> Command {
         None => Command::new(binary),
         Some(ns) => {
             let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(binary);
+            cmd.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(binary);
             cmd
         }
     }

@@ -58,8 +58,13 @@ pub fn build_binary_image(binary: &Path, dir: &Path) -> Result<Image, Error> {
     let mut layer = Layer::default();
     layer.file(&format!("usr/local/bin/{name}"), &read(&stripped)?, 0o755)?;
     for lib in linked_libraries(binary)? {
-        let inside = lib.strip_prefix("/").unwrap_or(&lib).to_string_lossy().into_owned();
-        let real = std::fs::canonicalize(&lib).map_err(Error::io(format!("resolving {}", lib.display())))?;
+        let inside = lib
+            .strip_prefix("/")
+            .unwrap_or(&lib)
+            .to_string_lossy()
+            .into_owned();
+        let real = std::fs::canonicalize(&lib)
+            .map_err(Error::io(format!("resolving {}", lib.display())))?;
         layer.file(&inside, &read(&real)?, 0o755)?;
     }
     layer.file(
@@ -121,7 +126,10 @@ fn linked_libraries(binary: &Path) -> Result<BTreeSet<PathBuf>, Error> {
         // "/lib64/ld-linux-x86-64.so.2 (0x...)"; "linux-vdso.so.1 (0x...)" has no file.
         let path = match line.split_once("=>") {
             Some((_, right)) => right.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
         };
         if let Some(path) = path.filter(|p| p.starts_with('/')) {
             libs.insert(PathBuf::from(path));
@@ -163,7 +171,15 @@ impl Layer {
             prefix.push_str(part);
             prefix.push('/');
             if self.dirs.insert(prefix.clone()) {
-                let mut header = Self::header(tar::EntryType::Directory, if prefix == format!("{path}/") { mode } else { 0o755 }, 0);
+                let mut header = Self::header(
+                    tar::EntryType::Directory,
+                    if prefix == format!("{path}/") {
+                        mode
+                    } else {
+                        0o755
+                    },
+                    0,
+                );
                 self.tar
                     .append_data(&mut header, &prefix, std::io::empty())
                     .map_err(Error::io(format!("adding {prefix} to a layer")))?;
@@ -290,6 +306,9 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
-        assert_eq!(names, ["usr/", "usr/local/", "usr/local/bin/", "usr/local/bin/x"]);
+        assert_eq!(
+            names,
+            ["usr/", "usr/local/", "usr/local/bin/", "usr/local/bin/x"]
+        );
     }
 }

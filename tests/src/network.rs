@@ -56,7 +56,8 @@ impl Network {
         std::fs::create_dir_all(locks).map_err(Error::io("creating /run/geoml"))?;
         for slot in 0..SLOTS {
             let path = locks.join(format!("network-{slot}.lock"));
-            let lock = File::create(&path).map_err(Error::io(format!("creating {}", path.display())))?;
+            let lock =
+                File::create(&path).map_err(Error::io(format!("creating {}", path.display())))?;
             if lock.try_lock().is_err() {
                 continue;
             }
@@ -96,14 +97,39 @@ impl Network {
         let router_link = format!("{}-up", self.prefix());
         let o = self.octet();
         ip(&["netns", "add", &router])?;
-        ip(&["link", "add", &host_link, "type", "veth", "peer", "name", &router_link, "netns", &router])?;
+        ip(&[
+            "link",
+            "add",
+            &host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &router_link,
+            "netns",
+            &router,
+        ])?;
         ip(&["addr", "add", &format!("10.{o}.0.2/30"), "dev", &host_link])?;
         ip(&["link", "set", &host_link, "up"])?;
-        ip(&["-n", &router, "addr", "add", &format!("10.{o}.0.1/30"), "dev", &router_link])?;
+        ip(&[
+            "-n",
+            &router,
+            "addr",
+            "add",
+            &format!("10.{o}.0.1/30"),
+            "dev",
+            &router_link,
+        ])?;
         ip(&["-n", &router, "link", "set", &router_link, "up"])?;
         ip(&["-n", &router, "link", "set", "lo", "up"])?;
         sysctl(&router, "net.ipv4.ip_forward=1")?;
-        ip(&["route", "add", &format!("10.{o}.0.0/16"), "via", &format!("10.{o}.0.1")])?;
+        ip(&[
+            "route",
+            "add",
+            &format!("10.{o}.0.0/16"),
+            "via",
+            &format!("10.{o}.0.1"),
+        ])?;
         Ok(())
     }
 
@@ -199,13 +225,40 @@ impl NodeNetwork {
         let n = self.index;
         let _ = ip(&["netns", "delete", &ns]);
         ip(&["netns", "add", &ns])?;
-        ip(&["-n", &router, "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &router, "addr", "add", &format!("10.{o}.{n}.1/24"), "dev", &link])?;
+        ip(&[
+            "-n", &router, "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &router,
+            "addr",
+            "add",
+            &format!("10.{o}.{n}.1/24"),
+            "dev",
+            &link,
+        ])?;
         ip(&["-n", &router, "link", "set", &link, "up"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("10.{o}.{n}.2/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.{o}.{n}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", &format!("10.{o}.{n}.1")])?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.{o}.{n}.1"),
+        ])?;
         sysctl(&ns, "net.ipv4.ip_forward=1")?;
         // Bridged pod traffic must pass iptables, or a pod's reply to a pod
         // that reached it through a Service skips the reverse NAT.

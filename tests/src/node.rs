@@ -103,7 +103,11 @@ impl Node {
                 private = private.display()
             );
         }
-        let _ = writeln!(script, "touch {}/holder.ready\nexec sleep infinity", d.display());
+        let _ = writeln!(
+            script,
+            "touch {}/holder.ready\nexec sleep infinity",
+            d.display()
+        );
         let mut holder = in_netns(Some(&netns), Path::new("unshare"));
         holder.args(["--mount", "--propagation", "slave", "sh", "-c", &script]);
         let mut holder = Process::spawn("holder", &mut holder, &d)?;
@@ -199,9 +203,13 @@ impl Node {
                     return Ok(());
                 }
             }
-            for process in [&mut self.kubelet, &mut self.containerd, &mut self.kube_proxy]
-                .into_iter()
-                .flatten()
+            for process in [
+                &mut self.kubelet,
+                &mut self.containerd,
+                &mut self.kube_proxy,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if process.exited() {
                     return Err(process.not_ready());
@@ -244,7 +252,12 @@ fn wait_for(process: &mut Process, mut done: impl FnMut() -> bool) -> Result<(),
 
 /// Writes containerd's, the CNI's, kubelet's and kube-proxy's configuration
 /// and the kubelet's kubeconfig into `d`.
-fn write_configs(d: &Path, name: &str, net: &NodeNetwork, plane: &ControlPlane) -> Result<(), Error> {
+fn write_configs(
+    d: &Path,
+    name: &str,
+    net: &NodeNetwork,
+    plane: &ControlPlane,
+) -> Result<(), Error> {
     let write = |file: &str, text: String| {
         let path = d.join(file);
         std::fs::write(&path, text).map_err(Error::io(format!("writing {}", path.display())))
@@ -301,7 +314,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     let pki = plane.pki();
     let (cert, key) = pki.client("kubelet", &format!("system:node:{name}"), "system:nodes")?;
     let server = format!("https://{}:6443", net.address());
-    write_kubeconfig(&d.join("kubelet.kubeconfig"), name, &server, &pki.ca_cert, &cert, &key)?;
+    write_kubeconfig(
+        &d.join("kubelet.kubeconfig"),
+        name,
+        &server,
+        &pki.ca_cert,
+        &cert,
+        &key,
+    )?;
     write(
         "kubelet.yaml",
         format!(

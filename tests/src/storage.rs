@@ -46,7 +46,11 @@ pub async fn start_provisioner(
         "reclaimPolicy": "Delete",
     });
     classes
-        .patch(STORAGE_CLASS, &PatchParams::apply("geoml-tests").force(), &Patch::Apply(&class))
+        .patch(
+            STORAGE_CLASS,
+            &PatchParams::apply("geoml-tests").force(),
+            &Patch::Apply(&class),
+        )
         .await
         .map_err(|e| Error::Client(format!("creating StorageClass {STORAGE_CLASS}: {e}")))?;
     Ok(tokio::spawn(async move {
@@ -72,7 +76,9 @@ async fn provision(
     claim: &PersistentVolumeClaim,
     volumes: &Path,
 ) -> Result<(), Error> {
-    let Some(spec) = &claim.spec else { return Ok(()) };
+    let Some(spec) = &claim.spec else {
+        return Ok(());
+    };
     if spec.storage_class_name.as_deref() != Some(STORAGE_CLASS) || spec.volume_name.is_some() {
         return Ok(());
     }
@@ -116,7 +122,9 @@ async fn provision(
     match pvs.create(&PostParams::default(), &pv).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(Error::Client(format!("creating PersistentVolume {name}: {e}"))),
+        Err(e) => Err(Error::Client(format!(
+            "creating PersistentVolume {name}: {e}"
+        ))),
     }
 }
 

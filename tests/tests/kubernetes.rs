@@ -25,7 +25,9 @@ fn data_cache(name: DatasetName) -> std::path::PathBuf {
 }
 
 fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/examples")
+        .join(name);
     std::fs::read_to_string(path).unwrap()
 }
 
@@ -118,7 +120,10 @@ async fn fashion_mnist_lan_trains_to_succeeded_on_a_real_node() {
     let mut clocks = Vec::new();
     let mut metrics = Vec::new();
     let output = eventually_within(TRAINING, "the clock to rise twice", || {
-        let out = run(cluster.kubectl().args(["get", "tj", "fashion-mnist-lan"]), None);
+        let out = run(
+            cluster.kubectl().args(["get", "tj", "fashion-mnist-lan"]),
+            None,
+        );
         let mut fields = out.lines().nth(1).unwrap_or("").split_whitespace();
         // NAME PHASE REASON DATACENTERS CLOCK METRIC WAN-BYTES AGE
         let clock = fields.nth(4).and_then(|c| c.parse::<i64>().ok());
@@ -145,10 +150,297 @@ async fn fashion_mnist_lan_trains_to_succeeded_on_a_real_node() {
     // so the finished pods stay for their logs.
     let pods = job_pods(&cluster, "fashion-mnist-lan").await;
     assert_eq!(pods.len(), 6);
-    assert!(pods.iter().all(|p| phase(p) == "Succeeded"), "{:?}", pods.iter().map(|p| (p.name_any(), phase(p).to_owned())).collect::<Vec<_>>());
+    assert!(
+        pods.iter().all(|p| phase(p) == "Succeeded"),
+        "{:?}",
+        pods.iter()
+            .map(|p| (p.name_any(), phase(p).to_owned()))
+            .collect::<Vec<_>>()
+    );
     eprintln!(
         "fashion-mnist-lan: all pods Running {:.1} s after apply, Succeeded after {:.1} s, accuracy {metric:.4}, clocks seen {clocks:?}",
         running.as_secs_f64(),
         succeeded.as_secs_f64()
     );
+}
+
+/// The example with its Datacenters spread over `clusters`: the first stays
+/// local (the hub, where the operator runs), each other one becomes the
+/// remote cluster at the same position, reached through the kubeconfig
+/// Secret `<cluster>-kubeconfig`; every datacenter exposes its parameter
+/// servers as NodePorts (the test bed has no load balancer).
+fn spread_over(manifest: &str, clusters: &[Cluster]) -> String {
+    let mut out = String::new();
+    let mut dc = 0;
+    for doc in serde_yaml::Deserializer::from_str(manifest) {
+        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+        if value["kind"] == "Datacenter" {
+            let spec = &mut value["spec"];
+            if dc > 0 {
+                let secret = format!("{}-kubeconfig", clusters[dc].name());
+                spec["cluster"] = serde_yaml::from_str(&format!(
+                    "remote: {{kubeconfigSecretRef: {{name: {secret}, namespace: geoml-system}}}}"
+                ))
+                .unwrap();
+            }
+            spec["peerAccess"] = serde_yaml::from_str("serviceType: NodePort").unwrap();
+            dc += 1;
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&value).unwrap());
+    }
+    out
+}
+
+use serde::Deserialize as _;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gaia_trains_across_three_clusters() {
+    let data = data_cache(DatasetName::FashionMnist);
+    let images = geoml_images().unwrap();
+    let (a, b, c) = tokio::join!(
+        Cluster::start("us-east", &images),
+        Cluster::start("eu-west", &images),
+        Cluster::start("ap-southeast", &images)
+    );
+    let clusters = [a.unwrap(), b.unwrap(), c.unwrap()];
+    let hub = &clusters[0];
+    hub.install_operator().await.unwrap();
+    for cluster in &clusters {
+        cluster.provide_data("default", &data).await.unwrap();
+    }
+    for remote in &clusters[1..] {
+        remote.publish_kubeconfig(hub).await.unwrap();
+    }
+
+    let applied = Instant::now();
+    apply(hub, &spread_over(&example("gaia-3dc.yaml"), &clusters));
+    for cluster in &clusters {
+        eventually_within(
+            Duration::from_secs(240),
+            "3 pods per cluster Running",
+            || async {
+                let pods = job_pods(cluster, "fashion-mnist-gaia").await;
+                (pods.len() == 3 && pods.iter().all(|p| phase(p) == "Running")).then_some(())
+            },
+        )
+        .await;
+    }
+    let running = applied.elapsed();
+    let done = wait_for_success(hub, "fashion-mnist-gaia").await;
+    let succeeded = applied.elapsed();
+    let status = done.status.unwrap();
+    let wan = status.wan_bytes.unwrap_or(0);
+    assert!(wan > 0, "no WAN bytes in {status:#?}");
+    for dc in &status.per_datacenter {
+        let sent = dc.updates_sent_fraction.unwrap_or(0.0);
+        assert!(
+            sent > 0.0 && sent < 1.0,
+            "{}: fraction of updates sent {sent}",
+            dc.name
+        );
+    }
+    eprintln!(
+        "fashion-mnist-gaia over 3 clusters: all pods Running {:.1} s after apply, Succeeded after {:.1} s, \
+         accuracy {:?}, WAN bytes {wan}, fraction sent {:?}",
+        running.as_secs_f64(),
+        succeeded.as_secs_f64(),
+        status.metric,
+        status
+            .per_datacenter
+            .iter()
+            .map(|d| d.updates_sent_fraction)
+            .collect::<Vec<_>>()
+    );
+    threshold_edit_applies_live(&clusters).await;
+}
+
+/// The value of gauge `name` in pod `pod`'s `/metrics`, read through the
+/// apiserver's pod proxy.
+async fn gauge(cluster: &Cluster, pod: &str, name: &str) -> Option<f64> {
+    let request = http::Request::get(format!(
+        "/api/v1/namespaces/default/pods/{pod}:9090/proxy/metrics"
+    ))
+    .body(Vec::new())
+    .ok()?;
+    let text = cluster.client().request_text(request).await.ok()?;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+fn uids(pods: &[Pod]) -> Vec<String> {
+    let mut uids: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
+    uids.sort();
+    uids
+}
+
+/// `manifest` with its TrainingJob renamed `name` and stopping only after
+/// `max_clocks` (no target): a job that runs until it is deleted.
+fn long_running(manifest: &str, name: &str, max_clocks: u64) -> String {
+    let mut out = String::new();
+    for doc in serde_yaml::Deserializer::from_str(manifest) {
+        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+        if value["kind"] == "TrainingJob" {
+            value["metadata"]["name"] = name.into();
+            value["spec"]["stopping"] =
+                serde_yaml::from_str(&format!("maxClocks: {max_clocks}")).unwrap();
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&value).unwrap());
+    }
+    out
+}
+
+/// A SyncPolicy threshold edit reaches every running parameter server in
+/// every cluster, without restarting a pod.
+async fn threshold_edit_applies_live(clusters: &[Cluster]) {
+    let hub = &clusters[0];
+    let manifest = long_running(
+        &spread_over(&example("gaia-3dc.yaml"), clusters),
+        "gaia-live",
+        1_000_000,
+    );
+    apply(hub, &manifest);
+    let mut before = Vec::new();
+    for cluster in clusters {
+        let pods = eventually_within(Duration::from_secs(180), "gaia-live Running", || async {
+            let pods = job_pods(cluster, "gaia-live").await;
+            (pods.len() == 3 && pods.iter().all(|p| phase(p) == "Running")).then_some(pods)
+        })
+        .await;
+        before.push(uids(&pods));
+    }
+    let ps_pods: Vec<(usize, String)> = ["us-east", "eu-west", "ap-southeast"]
+        .iter()
+        .enumerate()
+        .map(|(i, dc)| (i, format!("gaia-live-{dc}-ps-0")))
+        .collect();
+    for (i, pod) in &ps_pods {
+        let cluster = &clusters[*i];
+        eventually_within(Duration::from_secs(60), "the threshold 0.2", || async {
+            (gauge(cluster, pod, "geoml_mirror_threshold").await == Some(0.2)).then_some(())
+        })
+        .await;
+    }
+    run(
+        hub.kubectl().args([
+            "patch",
+            "sp",
+            "gaia",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"significance":{"threshold":0.05}}}"#,
+        ]),
+        None,
+    );
+    let edited = Instant::now();
+    for (i, pod) in &ps_pods {
+        let cluster = &clusters[*i];
+        eventually_within(
+            Duration::from_secs(30),
+            &format!("{pod} at threshold 0.05"),
+            || async {
+                (gauge(cluster, pod, "geoml_mirror_threshold").await == Some(0.05)).then_some(())
+            },
+        )
+        .await;
+    }
+    eprintln!(
+        "threshold edit seen by every parameter server {:.1} s after kubectl patch",
+        edited.elapsed().as_secs_f64()
+    );
+    for (cluster, before) in clusters.iter().zip(&before) {
+        assert_eq!(&uids(&job_pods(cluster, "gaia-live").await), before);
+    }
+    run(
+        hub.kubectl()
+            .args(["delete", "tj", "gaia-live", "--wait=true"]),
+        None,
+    );
+}
+
+/// `manifest` with its SyncPolicy's inter-datacenter model set to `model`,
+/// every Datacenter reached at its Services' cluster IPs (they share one
+/// cluster).
+fn in_one_cluster_as(manifest: &str, model: &str) -> String {
+    let mut out = String::new();
+    for doc in serde_yaml::Deserializer::from_str(manifest) {
+        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+        if value["kind"] == "SyncPolicy" {
+            value["spec"]["interDatacenter"] =
+                serde_yaml::from_str(&format!("model: {model}")).unwrap();
+        }
+        if value["kind"] == "Datacenter" {
+            value["spec"]["peerAccess"] = serde_yaml::from_str("serviceType: ClusterIP").unwrap();
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&value).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains() {
+    let data = data_cache(DatasetName::FashionMnist);
+    let images = geoml_images().unwrap();
+    let cluster = Cluster::start("recovery", &images).await.unwrap();
+    cluster.install_operator().await.unwrap();
+    cluster.provide_data("default", &data).await.unwrap();
+
+    // The example checkpoints every 20 clocks into a claim the operator
+    // creates; kill shard 0 once it has checkpointed twice.
+    apply(&cluster, &example("fashion-mnist-lan.yaml"));
+    let ps = "fashion-mnist-lan-lan-ps-0";
+    let clock = eventually_within(TRAINING, "clock 40 on shard 0", || async {
+        let clock = gauge(&cluster, ps, "geoml_ps_clock").await?;
+        (clock >= 40.0).then_some(clock)
+    })
+    .await;
+    let killed = job_pods(&cluster, "fashion-mnist-lan")
+        .await
+        .into_iter()
+        .find(|p| p.name_any() == ps)
+        .and_then(|p| p.uid())
+        .unwrap();
+    run(
+        cluster
+            .kubectl()
+            .args(["delete", "pod", ps, "--wait=false"]),
+        None,
+    );
+    let resumed = eventually_within(Duration::from_secs(120), "shard 0 back", || async {
+        let pod = job_pods(&cluster, "fashion-mnist-lan")
+            .await
+            .into_iter()
+            .find(|p| {
+                p.name_any() == ps && p.uid().as_ref() != Some(&killed) && phase(p) == "Running"
+            })?;
+        let clock = gauge(&cluster, ps, "geoml_ps_clock").await?;
+        Some((pod, clock))
+    })
+    .await;
+    // A blank shard would start at clock 0 and refuse the workers' pushes.
+    assert!(
+        resumed.1 >= 20.0,
+        "restarted shard 0 at clock {}, killed at {clock}",
+        resumed.1
+    );
+    let done = wait_for_success(&cluster, "fashion-mnist-lan").await;
+    let metric = done.status.unwrap().metric.unwrap();
+    assert!(metric >= 0.83, "accuracy {metric} below the target 0.83");
+    eprintln!(
+        "shard 0 killed at clock {clock}, resumed at clock {}, job Succeeded at {metric:.4}",
+        resumed.1
+    );
+
+    // Three datacenters in one cluster as one parameter server (LAN).
+    apply(
+        &cluster,
+        &in_one_cluster_as(&example("bsp-3dc.yaml"), "LAN"),
+    );
+    let name = "fashion-mnist-bsp";
+    let done = wait_for_success(&cluster, name).await;
+    let metric = done.status.unwrap().metric.unwrap();
+    eprintln!("{name} as LAN over 3 datacenters Succeeded at {metric:.4}");
 }

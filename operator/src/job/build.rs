@@ -5,9 +5,10 @@
 //! datacenter's workers reach it, so pods need no cluster DNS; with several
 //! datacenters it is of the type `peerAccess` names, and how the other
 //! datacenters reach it), a ConfigMap with `manifest.yaml` and
-//! `topology.yaml`, the parameter-server and worker pods and, in the
-//! Collaborative (Cartel) mode, the registry Deployment and Service in the
-//! job's first datacenter.
+//! `topology.yaml`, and the parameter-server and worker pods; in the
+//! Collaborative (Cartel) mode instead one site pod and its Service per
+//! datacenter, and the registry pod and Service in the job's first one.
+//! Every pod has `restartPolicy: Never` and exits 0 when training is done.
 
 use std::collections::BTreeMap;
 
@@ -15,17 +16,15 @@ use geoml_crds::datacenter::{PeerAccess, PeerServiceType};
 use geoml_crds::sync_policy::InterDatacenterModel;
 use geoml_crds::training_job::{DatacenterPlacement, DatasetName};
 use geoml_crds::{Datacenter, SyncPolicy, Topology, TrainingJob};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
@@ -35,10 +34,15 @@ pub const PS_PORT: i32 = 7070;
 pub const METRICS_PORT: i32 = 9090;
 /// Port of the Cartel registry.
 pub const REGISTRY_PORT: i32 = 7071;
+/// Port of a Cartel site's model exchange.
+pub const SITE_PORT: i32 = 7072;
 /// Where the topology ConfigMap is mounted.
 const CONFIG_DIR: &str = "/etc/geoml";
 /// Where parameter servers write checkpoints.
 const CHECKPOINT_DIR: &str = "/var/lib/geoml/checkpoints";
+/// Where a parameter server leaves its final progress for the operator
+/// (Kubernetes' default `terminationMessagePath`).
+const TERMINATION_LOG: &str = "/dev/termination-log";
 /// Where the data set's claim is mounted, read-only.
 const DATA_DIR: &str = "/var/lib/geoml/data";
 /// The user geoml's image runs as (distroless's `nonroot`).
@@ -72,6 +76,10 @@ pub enum Role {
     ParameterServer,
     /// A worker.
     Worker,
+    /// A Cartel site (Collaborative mode): one per datacenter.
+    Site,
+    /// The Cartel registry (Collaborative mode): one, in the first datacenter.
+    Registry,
 }
 
 impl Role {
@@ -81,6 +89,8 @@ impl Role {
         match self {
             Self::ParameterServer => "ps",
             Self::Worker => "worker",
+            Self::Site => "site",
+            Self::Registry => "registry",
         }
     }
 }
@@ -169,10 +179,15 @@ pub mod names {
     pub fn config_map(job: &str, dc: &str) -> String {
         format!("{job}-{dc}-topology")
     }
-    /// The registry Deployment and Service.
+    /// The registry pod and Service.
     #[must_use]
     pub fn registry(job: &str) -> String {
         format!("{job}-registry")
+    }
+    /// The Service through which the other sites reach a datacenter's site.
+    #[must_use]
+    pub fn site_service(job: &str, dc: &str) -> String {
+        format!("{job}-{dc}-site")
     }
     /// The claim the operator creates for a datacenter's checkpoints.
     #[must_use]
@@ -191,7 +206,6 @@ impl JobView {
     pub fn collaborative(&self) -> bool {
         self.policy.spec.inter_datacenter.model == InterDatacenterModel::Collaborative
     }
-
 
     /// Labels of every object of this job in datacenter `p`.
     #[must_use]
@@ -303,91 +317,63 @@ impl JobView {
         }
     }
 
-    /// The registry's Deployment: one `geoml registry` replica.
+    /// The Service of datacenter `p`'s Cartel site (Collaborative mode),
+    /// of the datacenter's `peerAccess.serviceType` so that the other sites
+    /// borrow from it.
     #[must_use]
-    pub fn registry_deployment(&self, p: &Placement) -> Deployment {
-        let name = names::registry(&self.job_name());
-        let extra = [(ROLE_LABEL, "registry".to_owned())];
-        let meta = self.meta(p, name, &extra);
+    pub fn site_service(&self, p: &Placement) -> Service {
+        let name = names::site_service(&self.job_name(), p.name());
+        let extra = [(ROLE_LABEL, Role::Site.as_str().to_owned())];
         let mut selector = self.labels(p);
-        selector.insert(ROLE_LABEL.to_owned(), "registry".to_owned());
-        let container = Container {
-            name: "registry".to_owned(),
-            image: Some(self.image.clone()),
-            command: Some(vec!["geoml".to_owned()]),
-            args: Some(strings(&[
-                "registry",
-                "--listen",
-                &format!("0.0.0.0:{REGISTRY_PORT}"),
-                "--state-dir",
-                REGISTRY_STATE_DIR,
-            ])),
-            ports: Some(vec![container_port("grpc", REGISTRY_PORT)]),
-            volume_mounts: Some(vec![mount("state", REGISTRY_STATE_DIR, None)]),
-            security_context: Some(container_security()),
-            ..Container::default()
-        };
-        Deployment {
-            metadata: meta.clone(),
-            spec: Some(DeploymentSpec {
-                replicas: Some(1),
-                selector: LabelSelector {
-                    match_labels: Some(selector),
-                    ..LabelSelector::default()
-                },
-                template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: meta.labels,
-                        ..ObjectMeta::default()
-                    }),
-                    spec: Some(PodSpec {
-                        containers: vec![container],
-                        node_selector: non_empty(&p.node_selector),
-                        volumes: Some(vec![Volume {
-                            name: "state".to_owned(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Volume::default()
-                        }]),
-                        automount_service_account_token: Some(false),
-                        enable_service_links: Some(false),
-                        security_context: Some(pod_security()),
-                        ..PodSpec::default()
-                    }),
-                },
-                ..DeploymentSpec::default()
+        selector.insert(ROLE_LABEL.to_owned(), Role::Site.as_str().to_owned());
+        Service {
+            metadata: self.meta(p, name, &extra),
+            spec: Some(ServiceSpec {
+                type_: Some(self.service_type(p).to_owned()),
+                selector: Some(selector),
+                ports: Some(vec![port("grpc", SITE_PORT)]),
+                ..ServiceSpec::default()
             }),
             status: None,
         }
     }
 
-    /// The pod of `role` number `index` in datacenter `p`.
+    /// The pod of `role` number `index` in datacenter `p`. A site pod
+    /// advertises `site_url`, where the other datacenters reach it.
     #[must_use]
     #[allow(clippy::too_many_lines)] // one container spec, field by field
-    pub fn pod(&self, p: &Placement, role: Role, index: i32) -> Pod {
+    pub fn pod(&self, p: &Placement, role: Role, index: i32, site_url: &str) -> Pod {
         let job = self.job_name();
-        let name = names::pod(&job, p.name(), role, index);
-        let config = format!("{CONFIG_DIR}/");
-        let mut args = strings(&[
-            role.as_str(),
-            "--manifest",
-            &format!("{config}manifest.yaml"),
-            "--topology",
-            &format!("{config}topology.yaml"),
-        ]);
-        let mut ports = vec![container_port("metrics", METRICS_PORT)];
-        let mut mounts = vec![mount("topology", CONFIG_DIR, None)];
-        let mut volumes = vec![Volume {
-            name: "topology".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: names::config_map(&job, p.name()),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }];
+        let name = match role {
+            Role::Registry => names::registry(&job),
+            _ => names::pod(&job, p.name(), role, index),
+        };
+        let mut args = vec![role.as_str().to_owned()];
+        let mut ports = Vec::new();
+        let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
+        if role != Role::Registry {
+            args.extend(strings(&[
+                "--manifest",
+                &format!("{CONFIG_DIR}/manifest.yaml"),
+                "--topology",
+                &format!("{CONFIG_DIR}/topology.yaml"),
+            ]));
+            mounts.push(mount("topology", CONFIG_DIR, None));
+            volumes.push(Volume {
+                name: "topology".to_owned(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: names::config_map(&job, p.name()),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+        }
         let resources = p.spec.resources.as_ref().and_then(|r| match role {
-            Role::ParameterServer => r.parameter_server.clone(),
-            Role::Worker => r.worker.clone(),
+            Role::ParameterServer | Role::Registry => r.parameter_server.clone(),
+            Role::Worker | Role::Site => r.worker.clone(),
         });
+        let sites = self.placements.len().to_string();
         match role {
             Role::ParameterServer => {
                 args.extend(strings(&[
@@ -395,8 +381,10 @@ impl JobView {
                     &index.to_string(),
                     "--listen",
                     &format!("0.0.0.0:{PS_PORT}"),
+                    "--termination-log",
+                    TERMINATION_LOG,
                 ]));
-                ports.insert(0, container_port("grpc", PS_PORT));
+                ports.push(container_port("grpc", PS_PORT));
                 if let Some(claim) = self.checkpoint_claim(p) {
                     args.extend(strings(&["--checkpoint-dir", CHECKPOINT_DIR]));
                     // One claim holds every shard's checkpoints, each in its own directory.
@@ -405,24 +393,58 @@ impl JobView {
                     volumes.push(claim_volume("checkpoints", &claim, false));
                 }
             }
-            Role::Worker => {
-                args.extend(strings(&["--index", &index.to_string()]));
+            Role::Worker => args.extend(strings(&["--index", &index.to_string()])),
+            Role::Site => {
+                args.extend(strings(&[
+                    "--listen",
+                    &format!("0.0.0.0:{SITE_PORT}"),
+                    "--advertise",
+                    site_url,
+                    "--expect-sites",
+                    &sites,
+                ]));
+                ports.push(container_port("grpc", SITE_PORT));
+            }
+            Role::Registry => {
+                args.extend(strings(&[
+                    "--listen",
+                    &format!("0.0.0.0:{REGISTRY_PORT}"),
+                    "--state-dir",
+                    REGISTRY_STATE_DIR,
+                    "--exit-when-finished",
+                    &sites,
+                ]));
+                ports.push(container_port("grpc", REGISTRY_PORT));
+                mounts.push(mount("state", REGISTRY_STATE_DIR, None));
+                volumes.push(Volume {
+                    name: "state".to_owned(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                });
             }
         }
-        args.extend(strings(&[
-            "--metrics-listen",
-            &format!("0.0.0.0:{METRICS_PORT}"),
-        ]));
-        if self.job.spec.dataset.name != DatasetName::Digits {
+        if matches!(role, Role::ParameterServer | Role::Worker) {
+            args.extend(strings(&[
+                "--metrics-listen",
+                &format!("0.0.0.0:{METRICS_PORT}"),
+            ]));
+            ports.push(container_port("metrics", METRICS_PORT));
+        }
+        let loads_data = matches!(role, Role::ParameterServer | Role::Worker | Role::Site);
+        if loads_data && self.job.spec.dataset.name != DatasetName::Digits {
             args.extend(strings(&["--data-dir", DATA_DIR, "--no-fetch"]));
             mounts.push(VolumeMount {
                 read_only: Some(true),
                 ..mount("data", DATA_DIR, None)
             });
-            volumes.push(claim_volume("data", &self.job.spec.dataset.claim_name, true));
+            volumes.push(claim_volume(
+                "data",
+                &self.job.spec.dataset.claim_name,
+                true,
+            ));
         }
-        // A parameter server is ready once it accepts connections.
-        let readiness_probe = (role == Role::ParameterServer).then(|| Probe {
+        // A server is ready once it accepts connections; workers serve nothing.
+        let readiness_probe = (role != Role::Worker).then(|| Probe {
             tcp_socket: Some(TCPSocketAction {
                 port: IntOrString::String("grpc".to_owned()),
                 host: None,
@@ -479,6 +501,28 @@ impl JobView {
         }
     }
 
+    /// Every pod of datacenter `p`: its shards, then its workers; in the
+    /// Collaborative mode its site (advertising `site_url`) and, in the
+    /// first datacenter, the registry.
+    #[must_use]
+    pub fn pods(&self, p: &Placement, site_url: &str) -> Vec<Pod> {
+        if self.collaborative() {
+            let mut pods = vec![self.pod(p, Role::Site, 0, site_url)];
+            if self
+                .placements
+                .first()
+                .is_some_and(|first| first.name() == p.name())
+            {
+                pods.push(self.pod(p, Role::Registry, 0, site_url));
+            }
+            return pods;
+        }
+        let ps =
+            (0..p.spec.parameter_servers).map(|i| self.pod(p, Role::ParameterServer, i, site_url));
+        let workers = (0..p.spec.workers).map(|i| self.pod(p, Role::Worker, i, site_url));
+        ps.chain(workers).collect()
+    }
+
     /// The claim datacenter `p`'s shards keep checkpoints in, when the job
     /// checkpoints: `checkpoint.claimName`, or the job's own
     /// [`Self::checkpoint_pvc`].
@@ -518,14 +562,6 @@ impl JobView {
             }),
             status: None,
         })
-    }
-
-    /// Every pod of datacenter `p`: its shards, then its workers.
-    #[must_use]
-    pub fn pods(&self, p: &Placement) -> Vec<Pod> {
-        let ps = (0..p.spec.parameter_servers).map(|i| self.pod(p, Role::ParameterServer, i));
-        let workers = (0..p.spec.workers).map(|i| self.pod(p, Role::Worker, i));
-        ps.chain(workers).collect()
     }
 
     /// The topology of datacenter number `dc`, given where every
@@ -621,6 +657,9 @@ pub struct Endpoints {
     pub peer: Vec<Vec<String>>,
     /// The registry's URL from inside its cluster and from the others.
     pub registry: Option<(String, String)>,
+    /// Per datacenter, its Cartel site's URL from the other datacenters
+    /// (Collaborative mode).
+    pub sites: Vec<String>,
 }
 
 /// The URL at which a Service is reached from inside its own cluster: its
@@ -863,6 +902,7 @@ mod tests {
             local: table("ip"),
             peer: table("lb"),
             registry: registry.map(|r| ("http://10.96.0.9:7071".to_owned(), r.to_owned())),
+            sites: Vec::new(),
         }
     }
 
@@ -872,7 +912,7 @@ mod tests {
     fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
         let view = view("gaia-3dc.yaml");
         let eu = &view.placements[1];
-        let pods = view.pods(eu);
+        let pods = view.pods(eu, "");
         let names: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
         assert_eq!(
             names,
@@ -888,7 +928,8 @@ mod tests {
         assert_eq!(
             container.args.as_deref().unwrap().join(" "),
             "ps --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
-             --shard 0 --listen 0.0.0.0:7070 --metrics-listen 0.0.0.0:9090"
+             --shard 0 --listen 0.0.0.0:7070 --termination-log /dev/termination-log \
+             --metrics-listen 0.0.0.0:9090 --data-dir /var/lib/geoml/data --no-fetch"
         );
         assert_eq!(ps.subdomain.as_deref(), Some("fashion-mnist-gaia-eu-west"));
         assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
@@ -896,7 +937,7 @@ mod tests {
         assert_eq!(
             worker.args.as_deref().unwrap().join(" "),
             "worker --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
-             --index 1 --metrics-listen 0.0.0.0:9090"
+             --index 1 --metrics-listen 0.0.0.0:9090 --data-dir /var/lib/geoml/data --no-fetch"
         );
         let env: BTreeMap<_, _> = worker
             .env
@@ -946,7 +987,7 @@ mod tests {
     }
 
     #[test]
-    fn cartel_workers_get_the_registry_address() {
+    fn cartel_runs_a_site_per_datacenter_and_the_registry_in_the_first() {
         let view = view("cartel-flights.yaml");
         assert!(view.collaborative());
         let endpoints = endpoints(&view, Some("http://203.0.113.9:7071"));
@@ -954,15 +995,37 @@ mod tests {
         assert_eq!(first.registry.as_deref(), Some("http://10.96.0.9:7071"));
         let other = view.topology(2, &endpoints);
         assert_eq!(other.registry.as_deref(), Some("http://203.0.113.9:7071"));
-        let deployment = view.registry_deployment(&view.placements[0]);
-        let args = deployment.spec.unwrap().template.spec.unwrap().containers[0]
-            .args
-            .clone()
-            .unwrap();
+        let args = |pod: &Pod| {
+            pod.spec.as_ref().unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+                .join(" ")
+        };
+        let first = view.pods(&view.placements[0], "http://192.0.2.1:30072");
+        let names: Vec<String> = first.iter().map(ResourceExt::name_any).collect();
         assert_eq!(
-            args.join(" "),
-            "registry --listen 0.0.0.0:7071 --state-dir /var/lib/geoml/registry"
+            names,
+            ["cartel-flights-ewr-site-0", "cartel-flights-registry"]
         );
+        assert_eq!(
+            args(&first[0]),
+            "site --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
+             --listen 0.0.0.0:7072 --advertise http://192.0.2.1:30072 --expect-sites 3 \
+             --data-dir /var/lib/geoml/data --no-fetch"
+        );
+        assert_eq!(
+            args(&first[1]),
+            "registry --listen 0.0.0.0:7071 --state-dir /var/lib/geoml/registry --exit-when-finished 3"
+        );
+        let other = view.pods(&view.placements[1], "http://192.0.2.2:30072");
+        assert_eq!(other.len(), 1);
+        for pod in first.iter().chain(&other) {
+            assert_eq!(
+                pod.spec.as_ref().unwrap().restart_policy.as_deref(),
+                Some("Never")
+            );
+        }
     }
 
     #[test]

@@ -17,10 +17,7 @@ use futures::{StreamExt, future};
 use geoml_crds::training_job::{CleanPodPolicy, DatacenterProgress, JobPhase};
 use geoml_crds::{Datacenter, SyncPolicy, TrainingJob, TrainingJobStatus};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod, Service,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -388,6 +385,9 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
     if failed || succeeded {
         if out.status.completion_time.is_none() {
             out.status.completion_time = Some(out.now.clone());
+            // The final figures, from the parameter servers' termination
+            // messages, before any clean-up deletes the pods.
+            read_progress(&view, &clusters, &mut out).await;
         }
         clean_pods(&view, &clusters, job.spec.run_policy.clean_pod_policy).await?;
         out.condition(
@@ -524,19 +524,35 @@ async fn check_pods(
 ) -> Result<(), Error> {
     let job = &view.job;
     let limit = job.spec.run_policy.backoff_limit;
-    let mut all_ps_succeeded = true;
+    // The pods whose exit ends training: the parameter servers, or the
+    // Cartel sites.
+    let finisher = if view.collaborative() {
+        Role::Site
+    } else {
+        Role::ParameterServer
+    };
+    let per_dc = |p: &Placement| {
+        if view.collaborative() {
+            1
+        } else {
+            p.spec.parameter_servers
+        }
+    };
+    let mut all_finished = true;
     for (p, cluster) in view.placements.iter().zip(clusters) {
         let Ok(cluster) = cluster else {
-            all_ps_succeeded = false;
+            all_finished = false;
             continue;
         };
-        let pods = cluster.job_pods(job);
-        let ps: Vec<_> = pods
+        let pods = cluster.datacenter_pods(job, p.name());
+        let finishers: Vec<_> = pods
             .iter()
-            .filter(|pod| status::has_role(pod, Role::ParameterServer))
+            .filter(|pod| status::has_role(pod, finisher))
             .collect();
-        all_ps_succeeded &= ps.len() == usize::try_from(p.spec.parameter_servers).unwrap_or(0)
-            && ps.iter().all(|pod| status::phase(pod) == "Succeeded");
+        all_finished &= finishers.len() == usize::try_from(per_dc(p)).unwrap_or(0)
+            && finishers
+                .iter()
+                .all(|pod| status::phase(pod) == "Succeeded");
         for pod in pods.iter().filter(|pod| {
             status::phase(pod) == "Failed" && pod.metadata.deletion_timestamp.is_none()
         }) {
@@ -587,13 +603,13 @@ async fn check_pods(
             }
         }
     }
-    if all_ps_succeeded {
-        out.condition(
-            "Succeeded",
-            true,
-            "StoppingRuleMet",
-            "every parameter server finished: a stopping rule held",
-        );
+    if all_finished {
+        let message = if view.collaborative() {
+            "every site trained its whole stream"
+        } else {
+            "every parameter server finished: a stopping rule held"
+        };
+        out.condition("Succeeded", true, "StoppingRuleMet", message);
         publish(
             ctx,
             job,
@@ -624,6 +640,7 @@ async fn place(
             down.push(p.name().to_owned());
             endpoints.local.push(Vec::new());
             endpoints.peer.push(Vec::new());
+            endpoints.sites.push(String::new());
             continue;
         };
         let client = &cluster.client;
@@ -654,10 +671,29 @@ async fn place(
             }
         }
         objects += 1 + local.len();
+        let mut site = String::new();
+        if view.collaborative() {
+            let applied = apply_object(client, &p.namespace, &view.site_service(p)).await?;
+            objects += 1;
+            let url = if view.placements.len() > 1 {
+                build::peer_url(
+                    access,
+                    &applied,
+                    node.as_deref(),
+                    p.spec.parameter_servers + 1,
+                )
+            } else {
+                build::local_url(&applied)
+            };
+            match url {
+                Some(url) => site = url,
+                None => pending.push(format!("{}/{}", p.name(), applied.name_any())),
+            }
+        }
+        endpoints.sites.push(site);
         if view.collaborative() && i == 0 {
             let applied = apply_object(client, &p.namespace, &view.registry_service(p)).await?;
-            apply_object(client, &p.namespace, &view.registry_deployment(p)).await?;
-            objects += 2;
+            objects += 1;
             endpoints.registry = build::local_url(&applied).zip(build::peer_url(
                 access,
                 &applied,
@@ -697,7 +733,8 @@ async fn place(
         )
         .await?;
         objects += 1;
-        objects += sync_pods(view, p, cluster, suspended).await?;
+        let site = endpoints.sites.get(i).map_or("", String::as_str);
+        objects += sync_pods(view, p, site, cluster, suspended).await?;
     }
     Ok(Ok(objects))
 }
@@ -708,10 +745,15 @@ async fn place(
 async fn sync_pods(
     view: &JobView,
     p: &Placement,
+    site_url: &str,
     cluster: &Cluster,
     suspended: bool,
 ) -> Result<usize, Error> {
-    let desired = if suspended { Vec::new() } else { view.pods(p) };
+    let desired = if suspended {
+        Vec::new()
+    } else {
+        view.pods(p, site_url)
+    };
     let existing = cluster.datacenter_pods(&view.job, p.name());
     tracing::debug!(
         datacenter = p.name(),
@@ -791,9 +833,17 @@ fn observe(view: &JobView, clusters: &[Result<Cluster, Unavailable>], out: &mut 
             parameter_servers: status::counts(
                 pods.iter().map(AsRef::as_ref),
                 Role::ParameterServer,
-                p.spec.parameter_servers,
+                if view.collaborative() {
+                    0
+                } else {
+                    p.spec.parameter_servers
+                },
             ),
-            workers: status::counts(pods.iter().map(AsRef::as_ref), Role::Worker, p.spec.workers),
+            workers: if view.collaborative() {
+                status::counts(pods.iter().map(AsRef::as_ref), Role::Site, 1)
+            } else {
+                status::counts(pods.iter().map(AsRef::as_ref), Role::Worker, p.spec.workers)
+            },
             clock: previous.and_then(|d| d.clock),
             wan_bytes_sent: previous.and_then(|d| d.wan_bytes_sent),
             updates_sent_fraction: previous.and_then(|d| d.updates_sent_fraction),
@@ -840,7 +890,7 @@ async fn read_progress(
             })
             .collect();
         let shards =
-            future::join_all(ps.iter().map(|pod| progress::scrape(&cluster.client, pod))).await;
+            future::join_all(ps.iter().map(|pod| progress::read(&cluster.client, pod))).await;
         let shards: Vec<_> = shards.into_iter().flatten().collect();
         if let Some(clock) = shards.iter().filter_map(|s| s.clock).min() {
             progress.clock = Some(clock);
@@ -977,7 +1027,6 @@ async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
         delete_labelled::<Pod>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<Service>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<ConfigMap>(&cluster.client, &p.namespace, &selector).await?;
-        delete_labelled::<Deployment>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<PersistentVolumeClaim>(&cluster.client, &p.namespace, &selector).await?;
     }
     publish(

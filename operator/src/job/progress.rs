@@ -1,10 +1,14 @@
 //! Training progress read from the parameter servers' `/metrics`, through
-//! the apiserver's pod proxy (which also reaches remote clusters).
+//! the apiserver's pod proxy (which also reaches remote clusters), and, once
+//! a parameter server has exited, from its termination message: the final
+//! values of the same series ([`geoml_crds::metrics::PROGRESS`]).
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Client, ResourceExt};
+
+use geoml_crds::metrics as names;
 
 use super::build::METRICS_PORT;
 
@@ -18,13 +22,30 @@ pub struct ShardProgress {
     pub clock: Option<i64>,
     /// `geoml_ps_metric`: the latest evaluated metric.
     pub metric: Option<f64>,
-    /// `geoml_mirror_sent_bytes_total`: bytes sent to its mirrors in other
-    /// datacenters (modes with mirrors; naive WAN BSP/SSP traffic is not in it).
+    /// `geoml_mirror_sent_bytes_total` plus `geoml_ps_wan_bytes_total`:
+    /// bytes sent to its mirrors in other datacenters (ASP, FedAvg) and
+    /// exchanged with workers of other datacenters (naive WAN BSP/SSP).
     pub wan_sent_bytes: Option<i64>,
     /// `geoml_mirror_elements_updated_total`: parameter elements changed here.
     pub elements_updated: Option<f64>,
     /// `geoml_mirror_elements_sent_total`: of those, sent to the mirrors.
     pub elements_sent: Option<f64>,
+}
+
+/// A parameter server's progress: its termination message once it has
+/// exited, else its live metrics; None when neither can be read.
+pub async fn read(client: &Client, pod: &Pod) -> Option<ShardProgress> {
+    let message = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone());
+    match message {
+        Some(text) => Some(parse(&text)),
+        None => scrape(client, pod).await,
+    }
 }
 
 /// Reads a parameter server's metrics; None when it does not answer.
@@ -42,7 +63,7 @@ pub async fn scrape(client: &Client, pod: &Pod) -> Option<ShardProgress> {
     Some(parse(&text))
 }
 
-/// Parses the Prometheus text format for the three series the operator reads.
+/// Parses the Prometheus text format for the series the operator reads.
 #[must_use]
 pub fn parse(text: &str) -> ShardProgress {
     let mut progress = ShardProgress::default();
@@ -57,18 +78,19 @@ pub fn parse(text: &str) -> ShardProgress {
         // Prometheus values are floats; clocks and byte counts are whole numbers.
         #[allow(clippy::cast_possible_truncation)]
         let whole = value as i64;
+        let add = |total: Option<f64>| Some(total.unwrap_or(0.0) + value);
         match name {
-            "geoml_ps_clock" => progress.clock = Some(whole),
-            "geoml_ps_metric" => progress.metric = Some(value),
-            "geoml_mirror_sent_bytes_total" => {
+            names::PS_CLOCK => progress.clock = Some(whole),
+            names::PS_METRIC => progress.metric = Some(value),
+            // Mirror traffic (ASP, FedAvg) and remote workers' traffic
+            // (naive WAN BSP/SSP) both cross the WAN.
+            names::MIRROR_SENT_BYTES | names::PS_WAN_BYTES => {
                 progress.wan_sent_bytes = Some(progress.wan_sent_bytes.unwrap_or(0) + whole);
             }
-            "geoml_mirror_elements_updated_total" => {
-                progress.elements_updated = Some(progress.elements_updated.unwrap_or(0.0) + value);
+            names::MIRROR_ELEMENTS_UPDATED => {
+                progress.elements_updated = add(progress.elements_updated)
             }
-            "geoml_mirror_elements_sent_total" => {
-                progress.elements_sent = Some(progress.elements_sent.unwrap_or(0.0) + value);
-            }
+            names::MIRROR_ELEMENTS_SENT => progress.elements_sent = add(progress.elements_sent),
             _ => {}
         }
     }
