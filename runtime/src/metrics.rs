@@ -321,10 +321,8 @@ pub fn progress_text(registry: &Registry) -> String {
     let mut text = String::new();
     // Encoding only fails on invalid metric families, which registration rejected.
     let _ = TextEncoder::new().encode_utf8(&families, &mut text);
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| format!("{l}\n"))
-        .collect()
+    let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    samples.join("\n") + "\n"
 }
 
 /// Fetches `http://addr/metrics` (a plain HTTP/1.0 GET; enough for our own

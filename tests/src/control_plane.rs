@@ -110,54 +110,14 @@ impl ControlPlane {
             etcd.wait_for_port(etcd_client)?;
         }
 
-        let path = |p: &Path| p.display().to_string();
-        let mut apiserver_args = vec![
-            format!("--etcd-servers={etcd_url}"),
-            format!("--advertise-address={address}"),
-            format!("--secure-port={secure}"),
-            format!("--cert-dir={}", dir.path().join("certs").display()),
-            format!("--tls-cert-file={}", path(&pki.server_cert)),
-            format!("--tls-private-key-file={}", path(&pki.server_key)),
-            format!("--client-ca-file={}", path(&pki.ca_cert)),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
-            format!(
-                "--service-account-key-file={}",
-                path(&pki.service_account_pub)
-            ),
-            format!(
-                "--service-account-signing-key-file={}",
-                path(&pki.service_account_key)
-            ),
-            "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
-            "--allow-privileged=true".to_owned(),
-            "--enable-priority-and-fairness=false".to_owned(),
-            "--profiling=false".to_owned(),
-            format!("--audit-policy-file={}", path(&audit_policy)),
-            format!("--audit-log-path={}", path(&dir.path().join("audit.log"))),
-        ];
-        if node.is_some() {
-            let (cert, key) = pki.client(
-                "apiserver-kubelet-client",
-                "kube-apiserver-kubelet-client",
-                "system:masters",
-            )?;
-            apiserver_args.extend([
-                "--bind-address=0.0.0.0".to_owned(),
-                "--authorization-mode=Node,RBAC".to_owned(),
-                format!("--kubelet-client-certificate={}", path(&cert)),
-                format!("--kubelet-client-key={}", path(&key)),
-                // Else `kubectl logs` resolves the node's name, and times out.
-                "--kubelet-preferred-address-types=InternalIP".to_owned(),
-            ]);
-        } else {
-            apiserver_args.extend([
-                "--bind-address=127.0.0.1".to_owned(),
-                "--authorization-mode=RBAC".to_owned(),
-                // No controller-manager creates namespaces' `default`
-                // ServiceAccounts, so pods could never be admitted.
-                "--disable-admission-plugins=ServiceAccount".to_owned(),
-            ]);
-        }
+        let apiserver_args = apiserver_args(
+            &etcd_url,
+            &address,
+            secure,
+            dir.path(),
+            &pki,
+            node.is_some(),
+        )?;
         let mut apiserver = Process::spawn(
             "kube-apiserver",
             command("kube-apiserver").args(&apiserver_args),
@@ -177,34 +137,11 @@ impl ControlPlane {
         let client = client_for(&kubeconfig).await?;
         wait_ready(&client, &mut apiserver, &mut etcd).await?;
 
-        let mut controllers = Vec::new();
-        if node.is_some() {
-            let kubeconfig = format!("--kubeconfig={}", path(&kubeconfig));
-            controllers.push(Process::spawn(
-                "kube-controller-manager",
-                command("kube-controller-manager").args([
-                    kubeconfig.clone(),
-                    format!(
-                        "--service-account-private-key-file={}",
-                        path(&pki.service_account_key)
-                    ),
-                    format!("--root-ca-file={}", path(&pki.ca_cert)),
-                    "--use-service-account-credentials=false".to_owned(),
-                    "--leader-elect=false".to_owned(),
-                    "--bind-address=127.0.0.1".to_owned(),
-                ]),
-                dir.path(),
-            )?);
-            controllers.push(Process::spawn(
-                "kube-scheduler",
-                command("kube-scheduler").args([
-                    kubeconfig,
-                    "--leader-elect=false".to_owned(),
-                    "--bind-address=127.0.0.1".to_owned(),
-                ]),
-                dir.path(),
-            )?);
-        }
+        let controllers = if node.is_some() {
+            start_controllers(&command, &kubeconfig, &pki, dir.path())?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             client,
             server,
@@ -311,6 +248,107 @@ impl ControlPlane {
         cmd.arg("--kubeconfig").arg(&self.kubeconfig);
         cmd
     }
+}
+
+/// kube-apiserver's arguments; `with_node` adds what a kubelet needs (the
+/// Node authorizer, a client certificate for the kubelet API) and keeps the
+/// ServiceAccount admission plugin, whose tokens the controller-manager signs.
+fn apiserver_args(
+    etcd_url: &str,
+    address: &str,
+    secure: u16,
+    dir: &Path,
+    pki: &pki::Pki,
+    with_node: bool,
+) -> Result<Vec<String>, Error> {
+    let path = |p: &Path| p.display().to_string();
+    let audit_policy = dir.join("audit-policy.yaml");
+    let mut args = vec![
+        format!("--etcd-servers={etcd_url}"),
+        format!("--advertise-address={address}"),
+        format!("--secure-port={secure}"),
+        format!("--cert-dir={}", dir.join("certs").display()),
+        format!("--tls-cert-file={}", path(&pki.server_cert)),
+        format!("--tls-private-key-file={}", path(&pki.server_key)),
+        format!("--client-ca-file={}", path(&pki.ca_cert)),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
+        format!(
+            "--service-account-key-file={}",
+            path(&pki.service_account_pub)
+        ),
+        format!(
+            "--service-account-signing-key-file={}",
+            path(&pki.service_account_key)
+        ),
+        "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
+        "--allow-privileged=true".to_owned(),
+        "--enable-priority-and-fairness=false".to_owned(),
+        "--profiling=false".to_owned(),
+        format!("--audit-policy-file={}", path(&audit_policy)),
+        format!("--audit-log-path={}", path(&dir.join("audit.log"))),
+    ];
+    if with_node {
+        let (cert, key) = pki.client(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            "system:masters",
+        )?;
+        args.extend([
+            "--bind-address=0.0.0.0".to_owned(),
+            "--authorization-mode=Node,RBAC".to_owned(),
+            format!("--kubelet-client-certificate={}", path(&cert)),
+            format!("--kubelet-client-key={}", path(&key)),
+            // Else `kubectl logs` resolves the node's name, and times out.
+            "--kubelet-preferred-address-types=InternalIP".to_owned(),
+        ]);
+    } else {
+        args.extend([
+            "--bind-address=127.0.0.1".to_owned(),
+            "--authorization-mode=RBAC".to_owned(),
+            // No controller-manager creates namespaces' `default`
+            // ServiceAccounts, so pods could never be admitted.
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+        ]);
+    }
+    Ok(args)
+}
+
+/// Starts kube-controller-manager (ServiceAccounts and their tokens,
+/// EndpointSlices, volume binding, garbage collection) and kube-scheduler.
+fn start_controllers(
+    command: &dyn Fn(&str) -> Command,
+    kubeconfig: &Path,
+    pki: &pki::Pki,
+    dir: &Path,
+) -> Result<Vec<Process>, Error> {
+    let path = |p: &Path| p.display().to_string();
+    let kubeconfig = format!("--kubeconfig={}", path(kubeconfig));
+    Ok(vec![
+        Process::spawn(
+            "kube-controller-manager",
+            command("kube-controller-manager").args([
+                kubeconfig.clone(),
+                format!(
+                    "--service-account-private-key-file={}",
+                    path(&pki.service_account_key)
+                ),
+                format!("--root-ca-file={}", path(&pki.ca_cert)),
+                "--use-service-account-credentials=false".to_owned(),
+                "--leader-elect=false".to_owned(),
+                "--bind-address=127.0.0.1".to_owned(),
+            ]),
+            dir,
+        )?,
+        Process::spawn(
+            "kube-scheduler",
+            command("kube-scheduler").args([
+                kubeconfig,
+                "--leader-elect=false".to_owned(),
+                "--bind-address=127.0.0.1".to_owned(),
+            ]),
+            dir,
+        )?,
+    ])
 }
 
 /// Cluster IP of the `kubernetes` Service (the first of the Service range).

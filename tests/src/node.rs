@@ -252,6 +252,7 @@ fn wait_for(process: &mut Process, mut done: impl FnMut() -> bool) -> Result<(),
 
 /// Writes containerd's, the CNI's, kubelet's and kube-proxy's configuration
 /// and the kubelet's kubeconfig into `d`.
+#[allow(clippy::too_many_lines)] // four configuration files, written out in full
 fn write_configs(
     d: &Path,
     name: &str,

@@ -1,6 +1,7 @@
 //! TrainingJobs on real one-node clusters: the images this repository builds,
 //! the operator running as a pod, `kubectl apply` of the examples, and the
 //! jobs trained to `Succeeded` by real pods.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::path::Path;
 use std::process::Command;
@@ -270,7 +271,7 @@ async fn gauge(cluster: &Cluster, pod: &str, name: &str) -> Option<f64> {
 }
 
 fn uids(pods: &[Pod]) -> Vec<String> {
-    let mut uids: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
+    let mut uids: Vec<String> = pods.iter().filter_map(ResourceExt::uid).collect();
     uids.sort();
     uids
 }

@@ -270,9 +270,13 @@ impl JobView {
 
     /// The Services of datacenter `p`'s shards, one per shard: their cluster
     /// IPs serve the datacenter's own workers, and with several datacenters
-    /// they are of the type `peerAccess.serviceType` says.
+    /// they are of the type `peerAccess.serviceType` says. None in the
+    /// Collaborative mode, which runs no parameter servers.
     #[must_use]
     pub fn peer_services(&self, p: &Placement) -> Vec<Service> {
+        if self.collaborative() {
+            return Vec::new();
+        }
         let job = self.job_name();
         (0..p.spec.parameter_servers)
             .map(|i| {

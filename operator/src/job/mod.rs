@@ -643,69 +643,7 @@ async fn place(
             endpoints.sites.push(String::new());
             continue;
         };
-        let client = &cluster.client;
-        if !p.owned {
-            ensure_namespace(client, &p.namespace).await?;
-        }
-        apply_object(client, &p.namespace, &view.headless_service(p)).await?;
-        if let Some(claim) = view.checkpoint_pvc(p) {
-            apply_object(client, &p.namespace, &claim).await?;
-            objects += 1;
-        }
-        let access = &p.datacenter.spec.peer_access;
-        let node = node_address(client, access).await?;
-        let (mut local, mut peer) = (Vec::new(), Vec::new());
-        for (shard, service) in (0..).zip(view.peer_services(p)) {
-            let applied = apply_object(client, &p.namespace, &service).await?;
-            let urls = build::local_url(&applied).zip(if view.placements.len() > 1 {
-                build::peer_url(access, &applied, node.as_deref(), shard)
-            } else {
-                Some(String::new())
-            });
-            match urls {
-                Some((l, r)) => {
-                    local.push(l);
-                    peer.push(r);
-                }
-                None => pending.push(format!("{}/{}", p.name(), applied.name_any())),
-            }
-        }
-        objects += 1 + local.len();
-        let mut site = String::new();
-        if view.collaborative() {
-            let applied = apply_object(client, &p.namespace, &view.site_service(p)).await?;
-            objects += 1;
-            let url = if view.placements.len() > 1 {
-                build::peer_url(
-                    access,
-                    &applied,
-                    node.as_deref(),
-                    p.spec.parameter_servers + 1,
-                )
-            } else {
-                build::local_url(&applied)
-            };
-            match url {
-                Some(url) => site = url,
-                None => pending.push(format!("{}/{}", p.name(), applied.name_any())),
-            }
-        }
-        endpoints.sites.push(site);
-        if view.collaborative() && i == 0 {
-            let applied = apply_object(client, &p.namespace, &view.registry_service(p)).await?;
-            objects += 1;
-            endpoints.registry = build::local_url(&applied).zip(build::peer_url(
-                access,
-                &applied,
-                node.as_deref(),
-                p.spec.parameter_servers,
-            ));
-            if endpoints.registry.is_none() {
-                pending.push(format!("{}/{}", p.name(), applied.name_any()));
-            }
-        }
-        endpoints.local.push(local);
-        endpoints.peer.push(peer);
+        objects += place_services(view, i, &cluster.client, &mut endpoints, &mut pending).await?;
     }
     if !down.is_empty() {
         return Ok(Err(Blocked {
@@ -737,6 +675,75 @@ async fn place(
         objects += sync_pods(view, p, site, cluster, suspended).await?;
     }
     Ok(Ok(objects))
+}
+
+/// Applies datacenter number `i`'s Services (and checkpoint claim) and
+/// records where they are reached in `endpoints`, or in `pending` those
+/// without an address yet. Returns how many objects it applied.
+async fn place_services(
+    view: &JobView,
+    i: usize,
+    client: &Client,
+    endpoints: &mut build::Endpoints,
+    pending: &mut Vec<String>,
+) -> Result<usize, Error> {
+    let p = &view.placements[i];
+    if !p.owned {
+        ensure_namespace(client, &p.namespace).await?;
+    }
+    apply_object(client, &p.namespace, &view.headless_service(p)).await?;
+    let mut objects = 1;
+    if let Some(claim) = view.checkpoint_pvc(p) {
+        apply_object(client, &p.namespace, &claim).await?;
+        objects += 1;
+    }
+    let access = &p.datacenter.spec.peer_access;
+    let node = node_address(client, access).await?;
+    // Inside its own cluster and from the others; with one datacenter, the
+    // same address.
+    let urls = |applied: &Service, offset: i32| {
+        let local = build::local_url(applied)?;
+        let peer = if view.placements.len() > 1 {
+            build::peer_url(access, applied, node.as_deref(), offset)?
+        } else {
+            local.clone()
+        };
+        Some((local, peer))
+    };
+    let mut apply =
+        async |service: Service, offset: i32| -> Result<Option<(String, String)>, Error> {
+            let applied = apply_object(client, &p.namespace, &service).await?;
+            objects += 1;
+            let found = urls(&applied, offset);
+            if found.is_none() {
+                pending.push(format!("{}/{}", p.name(), applied.name_any()));
+            }
+            Ok(found)
+        };
+    let (mut local, mut peer) = (Vec::new(), Vec::new());
+    let shards = view.peer_services(p);
+    let count = i32::try_from(shards.len()).unwrap_or(i32::MAX);
+    for (offset, service) in (0..).zip(shards) {
+        if let Some((l, r)) = apply(service, offset).await? {
+            local.push(l);
+            peer.push(r);
+        }
+    }
+    // Cartel: the site's Service (gateway port after the shards'), and the
+    // registry's in the first datacenter.
+    let mut site = String::new();
+    if view.collaborative() {
+        if let Some((_, r)) = apply(view.site_service(p), count).await? {
+            site = r;
+        }
+        if i == 0 {
+            endpoints.registry = apply(view.registry_service(p), count + 1).await?;
+        }
+    }
+    endpoints.sites.push(site);
+    endpoints.local.push(local);
+    endpoints.peer.push(peer);
+    Ok(objects)
 }
 
 /// Makes the datacenter's pods what the job asks for: creates missing ones,

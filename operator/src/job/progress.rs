@@ -88,7 +88,7 @@ pub fn parse(text: &str) -> ShardProgress {
                 progress.wan_sent_bytes = Some(progress.wan_sent_bytes.unwrap_or(0) + whole);
             }
             names::MIRROR_ELEMENTS_UPDATED => {
-                progress.elements_updated = add(progress.elements_updated)
+                progress.elements_updated = add(progress.elements_updated);
             }
             names::MIRROR_ELEMENTS_SENT => progress.elements_sent = add(progress.elements_sent),
             _ => {}

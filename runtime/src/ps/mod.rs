@@ -299,6 +299,10 @@ pub async fn serve(
         }
     };
     let metrics = PsMetrics::new(registry, &config.datacenter, config.shard)?;
+    // A restored shard shows its clock before the first push.
+    metrics
+        .clock
+        .set(i64::try_from(shard.min_clock()).unwrap_or(i64::MAX));
     let (mirror, links) = match config.mirror {
         None => (None, None),
         Some((mirror, addresses)) => (
