@@ -1,7 +1,8 @@
 //! Cartel collaborative learning: drift detection on synthetic error
 //! streams, the registry as a real process surviving a restart, and a
 //! Collaborative job whose registry and sites are real processes talking
-//! gRPC over loopback.
+//! gRPC over loopback, and that exit 0 on their own once every site's
+//! stream has ended.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -9,14 +10,15 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use geoml_runtime::cartel::divergence::jensen_shannon;
 use geoml_runtime::cartel::drift::{Adwin, DriftDetector, WindowLimit};
 use geoml_runtime::cartel::pb::registry_client::RegistryClient;
 use geoml_runtime::cartel::pb::{NeighboursRequest, SiteMetadata, SitesRequest};
+use geoml_runtime::cartel::site::SiteReport;
 use geoml_runtime::cartel::{Mode, run_detailed};
 use geoml_runtime::data::rng::SplitMix64;
 use serde_yaml::Value;
@@ -258,4 +260,276 @@ async fn cartel_sites_borrow_class_blocks_and_move_no_raw_samples() {
     assert!(central.bytes_by_type.contains_key("raw_batch"));
     assert!(central.wan_bytes_total > 100 * cartel.wan_bytes_total);
     assert!(central.model_bytes > cartel.model_bytes);
+}
+
+/// Waits for `child` to exit, at most `within`; its status, or `None`.
+async fn exit_within(
+    child: &mut tokio::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    tokio::time::timeout(within, child.wait())
+        .await
+        .ok()
+        .map(Result::unwrap)
+}
+
+fn finished(mut metadata: SiteMetadata) -> SiteMetadata {
+    metadata.finished = true;
+    metadata
+}
+
+#[tokio::test]
+async fn a_registry_told_the_job_size_exits_zero_after_its_grace_once_every_site_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut registry = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(["registry", &format!("--listen=127.0.0.1:{port}")])
+        .arg(format!("--state-dir={}", dir.path().display()))
+        .args(["--exit-when-finished=2", "--exit-grace=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut client = connect(port).await;
+    let a = site("a", &[1.0, 0.0], &[0]);
+    let b = site("b", &[0.0, 1.0], &[1]);
+    client.publish(a.clone()).await.unwrap();
+    client.publish(b.clone()).await.unwrap();
+    // One site finishing, even twice, is not every site.
+    for _ in 0..2 {
+        let reply = client.publish(finished(a.clone())).await.unwrap();
+        assert_eq!(reply.into_inner().finished, 1);
+    }
+    assert!(
+        exit_within(&mut registry, Duration::from_secs(3))
+            .await
+            .is_none()
+    );
+
+    let reply = client.publish(finished(b)).await.unwrap().into_inner();
+    assert_eq!((reply.sites, reply.finished), (2, 2));
+    let all_done = Instant::now();
+    // During the grace it still answers, and says so.
+    let listed = client.sites(SitesRequest {}).await.unwrap().into_inner();
+    assert!(listed.sites.iter().all(|s| s.finished), "{listed:?}");
+    let status = exit_within(&mut registry, Duration::from_secs(20))
+        .await
+        .expect("the registry did not exit after every site finished");
+    assert!(status.success(), "{status}");
+    assert!(all_done.elapsed() >= Duration::from_millis(1500));
+}
+
+/// The class-swap example on the embedded Digits data, short: a few
+/// seconds of training per site.
+fn short_digits_job(dir: &Path) -> PathBuf {
+    let mut docs = common::example("cartel-fashion.yaml");
+    let job = common::doc(&mut docs, "TrainingJob");
+    common::set(job, "spec.dataset.name", Value::from("Digits"));
+    common::set(job, "spec.stopping.maxClocks", Value::from(200));
+    common::write(dir, &docs)
+}
+
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+
+/// `geoml site` for `name` of `manifest`, logging to `dir`.
+fn start_site(
+    dir: &Path,
+    manifest: &Path,
+    name: &str,
+    registry: u16,
+    extra: &[&str],
+) -> tokio::process::Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .arg("site")
+        .arg(format!("--manifest={}", manifest.display()))
+        .arg(format!("--site={name}"))
+        .arg(format!("--listen=127.0.0.1:{}", free_port()))
+        .arg(format!("--registry=http://127.0.0.1:{registry}"))
+        .arg(format!("--report={}", report_path(dir, name).display()))
+        .args(["--no-fetch", "--expect-sites=3"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+fn report_path(dir: &Path, site: &str) -> PathBuf {
+    dir.join(format!("{site}.json"))
+}
+
+fn log_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Polls the processes until all exited (each 0) or `within` passed;
+/// returns when each was seen to have exited (no earlier than it did), and
+/// when each site's report was written.
+async fn watch_exits(
+    dir: &Path,
+    children: &mut [(&str, tokio::process::Child)],
+    within: Duration,
+) -> (Vec<SystemTime>, Vec<SystemTime>) {
+    let deadline = Instant::now() + within;
+    let mut exits = vec![None; children.len()];
+    while exits.iter().any(Option::is_none) {
+        let now = SystemTime::now();
+        for ((name, child), exit) in children.iter_mut().zip(&mut exits) {
+            if exit.is_none()
+                && let Some(status) = child.try_wait().unwrap()
+            {
+                *exit = Some(now);
+                assert!(
+                    status.success(),
+                    "{name} exited {status}:\n{}",
+                    log_of(dir, name)
+                );
+            }
+        }
+        let waiting: Vec<&str> = children
+            .iter()
+            .zip(&exits)
+            .filter(|(_, e)| e.is_none())
+            .map(|((n, _), _)| *n)
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "still running after {within:?}: {waiting:?}\n{}",
+            waiting
+                .iter()
+                .map(|n| log_of(dir, n))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reports are written under a temporary name and renamed.
+    let reports = SITES
+        .iter()
+        .map(|site| {
+            std::fs::metadata(report_path(dir, site))
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|e| panic!("{site} exited 0 without a report: {e}"))
+        })
+        .collect();
+    (exits.into_iter().map(Option::unwrap).collect(), reports)
+}
+
+fn read_report(dir: &Path, site: &str) -> SiteReport {
+    serde_json::from_str(&std::fs::read_to_string(report_path(dir, site)).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_collaborative_jobs_registry_and_sites_all_exit_zero_on_their_own_after_every_stream() {
+    let _one = common::ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = short_digits_job(dir.path());
+    let port = free_port();
+    let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+    // The defaults a pod gets: sites poll every second, the registry keeps
+    // answering 5 s once every site finished.
+    let registry = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(["registry", &format!("--listen=127.0.0.1:{port}")])
+        .arg(format!(
+            "--state-dir={}",
+            dir.path().join("state").display()
+        ))
+        .arg("--exit-when-finished=3")
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut children = vec![("registry", registry)];
+    for name in SITES {
+        children.push((name, start_site(dir.path(), &manifest, name, port, &[])));
+    }
+    let (exits, reports) = watch_exits(dir.path(), &mut children, Duration::from_secs(300)).await;
+
+    // Nobody left before every stream had ended: a finished site kept
+    // serving its model exchange for the others, the registry outlived the
+    // sites.
+    let last_report = *reports.iter().max().unwrap();
+    let registry_exit = exits[0];
+    for (name, at) in children.iter().map(|(n, _)| n).zip(&exits) {
+        assert!(
+            *at >= last_report,
+            "{name} exited before every site finished"
+        );
+        assert!(registry_exit >= *at, "the registry exited before {name}");
+    }
+    // It kept answering for its grace.
+    assert!(registry_exit.duration_since(last_report).unwrap() >= Duration::from_secs(4));
+    for site in SITES {
+        let report = read_report(dir.path(), site);
+        assert_eq!(
+            report.accuracy.len(),
+            200,
+            "{site} trained part of its stream"
+        );
+        assert_eq!(report.errors.len(), 200, "{site}");
+        assert!(report.bytes_by_type.contains_key("metadata"), "{site}");
+        // It heard from the registry that all were done, rather than
+        // giving up on a registry gone.
+        let log = log_of(dir.path(), site);
+        assert!(log.contains("every site finished"), "{site}:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn finished_sites_exit_zero_once_the_registry_is_gone() {
+    let _one = common::ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = short_digits_job(dir.path());
+    let port = free_port();
+    let mut registry = start_registry(port, &dir.path().join("state"));
+    let mut client = connect(port).await;
+    // site-c never runs: the two others wait for it after their streams.
+    client.publish(site("site-c", &[], &[])).await.unwrap();
+    let mut children: Vec<_> = ["site-a", "site-b"]
+        .into_iter()
+        .map(|name| {
+            let extra = ["--registry-grace=1", "--finish-poll=0.2"];
+            (name, start_site(dir.path(), &manifest, name, port, &extra))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let listed = client.sites(SitesRequest {}).await.unwrap().into_inner();
+        if listed.sites.iter().filter(|s| s.finished).count() == 2 {
+            break;
+        }
+        for (name, child) in &mut children {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{name} exited while site-c had not finished:\n{}",
+                log_of(dir.path(), name)
+            );
+        }
+        assert!(Instant::now() < deadline, "the sites did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Finished, they keep waiting for site-c...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, child) in &mut children {
+        assert!(child.try_wait().unwrap().is_none(), "{name} left early");
+    }
+    // ... until the registry is gone, which it only is once all finished.
+    registry.kill().await.unwrap();
+    for (name, child) in &mut children {
+        let status = exit_within(child, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("{name} still runs without a registry"));
+        assert!(
+            status.success(),
+            "{name}: {status}\n{}",
+            log_of(dir.path(), name)
+        );
+        assert_eq!(read_report(dir.path(), name).accuracy.len(), 200, "{name}");
+    }
 }

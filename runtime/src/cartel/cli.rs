@@ -8,7 +8,7 @@ use geoml_crds::topology::Topology;
 
 use super::harness::CartelSummary;
 use super::scenario::Scenario;
-use super::site::{Links, run_site};
+use super::site::{FinishWait, Links, run_site};
 use super::{CartelError, Mode, SiteConfig, registry};
 use crate::manifest::Manifest;
 use crate::run::{RunOptions, human_bytes};
@@ -25,13 +25,35 @@ pub struct RegistryArgs {
     /// gRPC URLs of registry replicas to forward every update to, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub replicas: Vec<String>,
+    /// Exit 0 on its own once this many distinct sites (the job's
+    /// datacenters) said their stream ended, after --exit-grace. Without it
+    /// the registry serves until SIGTERM.
+    #[arg(long, value_name = "SITES")]
+    pub exit_when_finished: Option<usize>,
+    /// With --exit-when-finished: seconds to keep answering once every site
+    /// finished, so that each reads that all are done.
+    #[arg(long, value_name = "SECONDS", default_value_t = registry::DEFAULT_EXIT_GRACE.as_secs_f64())]
+    pub exit_grace: f64,
 }
 
-/// Serves the registry until `shutdown` completes.
+/// Serves the registry until `shutdown` completes or, with
+/// `--exit-when-finished`, until every site finished.
 pub async fn registry(
     args: RegistryArgs,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CartelError> {
+    let exit = match args.exit_when_finished {
+        None => None,
+        Some(0) => {
+            return Err(CartelError::Unsupported(
+                "--exit-when-finished needs at least one site".into(),
+            ));
+        }
+        Some(sites) => Some(registry::ExitWhenFinished {
+            sites,
+            grace: seconds("--exit-grace", args.exit_grace)?,
+        }),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(CartelError::io(format!("binding {}", args.listen)))?;
@@ -40,7 +62,20 @@ pub async fn registry(
         .into_iter()
         .filter(|r| !r.is_empty())
         .collect();
-    registry::serve(listener, args.state_dir.as_deref(), replicas, shutdown).await
+    registry::serve(
+        listener,
+        args.state_dir.as_deref(),
+        replicas,
+        exit,
+        shutdown,
+    )
+    .await
+}
+
+/// A duration given in seconds on the command line.
+fn seconds(flag: &str, value: f64) -> Result<std::time::Duration, CartelError> {
+    std::time::Duration::try_from_secs_f64(value)
+        .map_err(|e| CartelError::Unsupported(format!("{flag} {value}: {e}")))
 }
 
 /// `geoml site`: one site of a Collaborative job.
@@ -77,16 +112,34 @@ pub struct SiteArgs {
     /// Detect drift with ADWIN instead of the window W / limit L rule.
     #[arg(long)]
     pub adwin: bool,
-    /// Start training only once the registry knows this many sites.
+    /// Start training only once the registry knows this many sites (the
+    /// job's datacenters); after the stream, wait for this many to finish
+    /// [default 0: start at once, and wait for every site the registry knows].
     #[arg(long, default_value_t = 0)]
     pub expect_sites: usize,
     /// Write the site's report (JSON) here when its stream ends.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Once the stream ended: seconds between asking the registry whether
+    /// every site finished.
+    #[arg(long, value_name = "SECONDS", default_value_t = FinishWait::default().poll.as_secs_f64())]
+    pub finish_poll: f64,
+    /// Once the stream ended: seconds the registry may be unreachable before
+    /// the site takes it to have exited (it does once every site finished)
+    /// and exits 0.
+    #[arg(long, value_name = "SECONDS", default_value_t = FinishWait::default().registry_grace.as_secs_f64())]
+    pub registry_grace: f64,
+    /// Once the stream ended: seconds to wait for every site to finish
+    /// before failing.
+    #[arg(long, value_name = "SECONDS", default_value_t = FinishWait::default().timeout.as_secs_f64())]
+    pub finish_timeout: f64,
 }
 
-/// Runs one site; after its stream it keeps serving its model exchange
-/// until `shutdown` completes.
+/// Runs one site. In the Collaborative mode it tells the registry when its
+/// stream ended and keeps serving its model exchange until the registry
+/// says every site finished (or stays unreachable for --registry-grace),
+/// then returns; in the isolated mode it returns at the end of its stream.
+/// `shutdown` stops it early.
 pub async fn site(
     args: SiteArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -137,6 +190,11 @@ pub async fn site(
             .clone()
             .unwrap_or_else(|| format!("http://{}", args.listen)),
         expect_sites: args.expect_sites,
+        finish: FinishWait {
+            poll: seconds("--finish-poll", args.finish_poll)?,
+            registry_grace: seconds("--registry-grace", args.registry_grace)?,
+            timeout: seconds("--finish-timeout", args.finish_timeout)?,
+        },
     };
     if args.mode == Mode::Cartel && links.registry.is_none() {
         return Err(CartelError::Unsupported(

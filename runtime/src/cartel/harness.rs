@@ -344,8 +344,16 @@ fn spawn(options: &RunOptions, name: &str, args: &[String]) -> Result<Role, Cart
     })
 }
 
-/// The registry and one `geoml site` per datacenter; waits for every
-/// site's report, then stops them all.
+/// Seconds a site waits between asking the registry whether every site
+/// finished (sub-second here, so that runs do not wait on polls).
+const FINISH_POLL_SECONDS: f64 = 0.2;
+
+/// Seconds the registry keeps answering once every site finished.
+const EXIT_GRACE_SECONDS: f64 = 1.0;
+
+/// The registry and one `geoml site` per datacenter; waits for each to exit
+/// on its own (the sites once every site finished, the registry after them)
+/// and fails if any exits unsuccessfully.
 async fn run_processes(
     options: &RunOptions,
     sites: &[String],
@@ -358,13 +366,24 @@ async fn run_processes(
     if mode == Mode::Cartel {
         let port = free_port()?;
         registry_url = Some(format!("http://127.0.0.1:{port}"));
+        // A registry reloads its state: one left by an earlier run in this
+        // directory would count that run's sites as known and finished.
+        let state = dir.join("registry");
+        match std::fs::remove_dir_all(&state) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CartelError::io(format!("removing {}", state.display()))(e));
+            }
+            _ => {}
+        }
         roles.push(spawn(
             options,
             &format!("{}-registry", mode.name()),
             &[
                 "registry".to_owned(),
                 format!("--listen=127.0.0.1:{port}"),
-                format!("--state-dir={}", dir.join("registry").display()),
+                format!("--state-dir={}", state.display()),
+                format!("--exit-when-finished={}", sites.len()),
+                format!("--exit-grace={EXIT_GRACE_SECONDS}"),
             ],
         )?);
     }
@@ -385,6 +404,7 @@ async fn run_processes(
         if let Some(url) = &registry_url {
             args.push(format!("--registry={url}"));
             args.push(format!("--expect-sites={}", sites.len()));
+            args.push(format!("--finish-poll={FINISH_POLL_SECONDS}"));
         }
         roles.push(spawn(
             options,
@@ -394,34 +414,34 @@ async fn run_processes(
         report_paths.push(report);
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        if report_paths.iter().all(|p| p.exists()) {
-            break;
-        }
-        for role in &mut roles {
-            if let Some(status) = role
+    let mut running: Vec<&mut Role> = roles.iter_mut().collect();
+    while !running.is_empty() {
+        let mut still = Vec::with_capacity(running.len());
+        for role in running {
+            match role
                 .child
                 .try_wait()
                 .map_err(CartelError::io(format!("watching {}", role.name)))?
             {
-                return Err(CartelError::Failed {
-                    role: role.name.clone(),
-                    status,
-                    log: log_tail(&role.log),
-                });
+                Some(status) if status.success() => {}
+                Some(status) => {
+                    return Err(CartelError::Failed {
+                        role: role.name.clone(),
+                        status,
+                        log: log_tail(&role.log),
+                    });
+                }
+                None => still.push(role),
             }
         }
+        running = still;
         if Instant::now() > deadline {
+            // Dropping the roles kills the processes left.
             return Err(CartelError::Protocol(
                 "sites did not finish within an hour".into(),
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for role in &mut roles {
-        // Every report is in: the processes only serve now.
-        let _ = role.child.start_kill();
-        let _ = role.child.wait().await;
     }
     report_paths
         .iter()

@@ -2,14 +2,18 @@
 //! data-distribution summaries; a drifting site asks for its logical
 //! neighbours. Every accepted update is persisted (atomically) before it is
 //! acknowledged, so a restarted registry answers as before; updates can be
-//! forwarded to replicas.
+//! forwarded to replicas. A site says when its stream has ended
+//! (`SiteMetadata.finished`); with [`ExitWhenFinished`] the registry exits
+//! on its own once every site of the job has, after a grace period in which
+//! the sites still read that everyone is done.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -127,6 +131,12 @@ impl RegistryState {
         .collect()
     }
 
+    /// Sites whose latest metadata says their stream has ended.
+    #[must_use]
+    pub fn finished(&self) -> usize {
+        self.sites.values().filter(|s| s.finished).count()
+    }
+
     /// Every site's metadata, by name.
     #[must_use]
     pub fn sites(&self) -> Vec<SiteMetadata> {
@@ -138,16 +148,26 @@ impl RegistryState {
 pub struct RegistryService {
     state: Arc<Mutex<RegistryState>>,
     replicas: Vec<String>,
+    /// How many sites have finished, updated on every publish.
+    finished: watch::Sender<usize>,
 }
 
 impl RegistryService {
     /// A service over `state` forwarding updates to `replicas` (gRPC URLs).
     #[must_use]
     pub fn new(state: RegistryState, replicas: Vec<String>) -> Self {
+        let (finished, _) = watch::channel(state.finished());
         Self {
             state: Arc::new(Mutex::new(state)),
             replicas,
+            finished,
         }
+    }
+
+    /// Follows the number of sites that have finished.
+    #[must_use]
+    pub fn finished(&self) -> watch::Receiver<usize> {
+        self.finished.subscribe()
     }
 }
 
@@ -174,7 +194,16 @@ impl Registry for RegistryService {
         }
         let forward = !metadata.forwarded && !self.replicas.is_empty();
         let copy = forward.then(|| metadata.clone());
-        let sites = self.state.lock().await.publish(metadata)?;
+        let (sites, finished) = {
+            let mut state = self.state.lock().await;
+            let sites = state.publish(metadata)?;
+            (sites, state.finished())
+        };
+        self.finished.send_if_modified(|n| {
+            let changed = *n != finished;
+            *n = finished;
+            changed
+        });
         if let Some(mut copy) = copy {
             copy.forwarded = true;
             for replica in &self.replicas {
@@ -192,6 +221,7 @@ impl Registry for RegistryService {
         }
         Ok(Response::new(PublishReply {
             sites: u32::try_from(sites).unwrap_or(u32::MAX),
+            finished: u32::try_from(finished).unwrap_or(u32::MAX),
         }))
     }
 
@@ -211,18 +241,90 @@ impl Registry for RegistryService {
     }
 }
 
-/// Serves the registry on `listener` until `shutdown` completes.
+/// When a registry stops on its own: once `sites` distinct sites have
+/// finished, it keeps answering for `grace` (so that every site, polling,
+/// reads that all are done), then exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitWhenFinished {
+    /// Sites of the job.
+    pub sites: usize,
+    /// How long to keep answering once they all finished.
+    pub grace: Duration,
+}
+
+/// Default of [`ExitWhenFinished::grace`]: a few of the sites' 1 s polls.
+pub const DEFAULT_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves the registry on `listener` until `shutdown` completes or, with
+/// `exit`, until the job's sites have all finished and the grace is over.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state_dir: Option<&Path>,
     replicas: Vec<String>,
+    exit: Option<ExitWhenFinished>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CartelError> {
     let state = RegistryState::open(state_dir)?;
-    tracing::info!(sites = state.sites.len(), "registry serving");
+    tracing::info!(
+        sites = state.sites.len(),
+        finished = state.finished(),
+        "registry serving"
+    );
+    let service = RegistryService::new(state, replicas);
+    let mut finished = service.finished();
+    let all_finished = async move {
+        let Some(exit) = exit else {
+            return std::future::pending().await;
+        };
+        // The sender lives in the service, which outlives this future;
+        // should it go, there is nobody left to serve.
+        let _ = finished.wait_for(|n| *n >= exit.sites).await;
+        tracing::info!(
+            sites = exit.sites,
+            grace = ?exit.grace,
+            "every site finished; exiting after the grace period"
+        );
+        tokio::time::sleep(exit.grace).await;
+    };
+    let stop = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = all_finished => {}
+        }
+    };
     tonic::transport::Server::builder()
-        .add_service(RegistryServer::new(RegistryService::new(state, replicas)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .add_service(RegistryServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
         .map_err(|e| CartelError::Protocol(format!("serving the registry: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata(site: &str, finished: bool) -> SiteMetadata {
+        SiteMetadata {
+            site: site.into(),
+            finished,
+            ..SiteMetadata::default()
+        }
+    }
+
+    #[test]
+    fn finished_counts_distinct_sites_and_survives_a_restart() -> Result<(), CartelError> {
+        let dir = tempfile::tempdir().map_err(CartelError::io("temporary directory"))?;
+        let mut state = RegistryState::open(Some(dir.path()))?;
+        state.publish(metadata("a", false))?;
+        state.publish(metadata("b", false))?;
+        assert_eq!(state.finished(), 0);
+        state.publish(metadata("a", true))?;
+        state.publish(metadata("a", true))?;
+        assert_eq!(state.finished(), 1);
+        state.publish(metadata("b", true))?;
+        assert_eq!(state.finished(), 2);
+        let reopened = RegistryState::open(Some(dir.path()))?;
+        assert_eq!(reopened.finished(), 2);
+        Ok(())
+    }
 }

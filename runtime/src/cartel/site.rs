@@ -2,7 +2,10 @@
 //! that trains on its stream, and — in the Collaborative mode — publishing
 //! to the registry and borrowing model portions from logical neighbours on
 //! drift. `geoml site` runs one as a process; the model exchange it serves
-//! hands out per-class weight blocks, never examples.
+//! hands out per-class weight blocks, never examples. Once its stream has
+//! ended a site tells the registry it finished and keeps serving its
+//! exchange until the registry says every site of the job has (see
+//! [`FinishWait`]), then exits.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,6 +14,7 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 use prost::Message;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -317,6 +321,7 @@ impl<'a> SiteEngine<'a> {
             batches: self.report.errors.len() as u64,
             classes: model.classes().into_iter().map(u32::from).collect(),
             forwarded: false,
+            finished: false,
         }
     }
 }
@@ -356,8 +361,115 @@ pub struct Links {
     pub registry: Option<String>,
     /// The URL other sites reach this site's exchange at.
     pub advertise: String,
-    /// Start training only once the registry knows this many sites (0: at once).
+    /// Start training only once the registry knows this many sites (0: at
+    /// once); after its stream, wait for this many to finish (0: every site
+    /// the registry knows).
     pub expect_sites: usize,
+    /// How the site waits for the others once its stream has ended.
+    pub finish: FinishWait,
+}
+
+/// How a site whose stream has ended waits, still serving its model
+/// exchange, for the registry to say that every site of the job has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FinishWait {
+    /// How often to ask the registry.
+    pub poll: Duration,
+    /// How long the registry may be unreachable before the site takes it
+    /// to have exited, which it does only once every site finished.
+    pub registry_grace: Duration,
+    /// How long to wait for the other sites at most; then the site fails.
+    pub timeout: Duration,
+}
+
+impl Default for FinishWait {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(1),
+            registry_grace: Duration::from_secs(5),
+            timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// True when the registry's list of `sites` says every site of the job has
+/// finished: at least `expect_sites` of them, or with 0 every site listed.
+#[must_use]
+pub fn everyone_finished(sites: &[SiteMetadata], expect_sites: usize) -> bool {
+    let finished = sites.iter().filter(|s| s.finished).count();
+    if expect_sites == 0 {
+        finished > 0 && finished == sites.len()
+    } else {
+        finished >= expect_sites
+    }
+}
+
+/// Why a finished site stopped waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waited {
+    /// The registry said every site finished.
+    Everyone,
+    /// The registry stayed unreachable for the grace period.
+    RegistryGone,
+    /// The process was asked to stop.
+    Stopped,
+}
+
+/// Tells the registry the site finished (`finished` is its last metadata,
+/// flagged) until it has heard, then waits until every site of the job has
+/// finished, the registry has gone, or `stop` is set.
+async fn wait_for_everyone(
+    registry: &mut RegistryClient<Channel>,
+    finished: &SiteMetadata,
+    links: &Links,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Waited, CartelError> {
+    let wait = links.finish;
+    let started = Instant::now();
+    let mut announced = false;
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let attempt = async {
+            if !announced {
+                let reply = registry.publish(finished.clone()).await?.into_inner();
+                announced = true;
+                if links.expect_sites > 0
+                    && usize::try_from(reply.finished).unwrap_or(usize::MAX) >= links.expect_sites
+                {
+                    return Ok(true);
+                }
+            }
+            let sites = registry
+                .sites(super::pb::SitesRequest {})
+                .await?
+                .into_inner()
+                .sites;
+            Ok::<_, Status>(everyone_finished(&sites, links.expect_sites))
+        };
+        match tokio::time::timeout(wait.registry_grace, attempt).await {
+            Ok(Ok(true)) => return Ok(Waited::Everyone),
+            Ok(Ok(false)) => unreachable_since = None,
+            Ok(Err(e)) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                tracing::debug!("asking the registry: {}", e.message());
+                if since.elapsed() >= wait.registry_grace {
+                    return Ok(Waited::RegistryGone);
+                }
+            }
+            // The attempt took the whole grace.
+            Err(_) => return Ok(Waited::RegistryGone),
+        }
+        if started.elapsed() >= wait.timeout {
+            return Err(CartelError::Protocol(format!(
+                "not every site finished within {:?} of this one",
+                wait.timeout
+            )));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait.poll) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(Waited::Stopped),
+        }
+    }
 }
 
 /// Waits until the registry lists at least `sites` sites.
@@ -498,8 +610,10 @@ async fn borrow(
 
 /// Runs site `index` of `scenario` to the end of its stream, serving its
 /// model exchange on `listener`; writes its report to `report_path` and
-/// returns it. The exchange keeps serving until `linger` completes, so
-/// neighbours can still borrow.
+/// returns it. In the Collaborative mode the exchange keeps serving, so
+/// that neighbours can still borrow, until the registry says every site
+/// finished or is gone (see [`FinishWait`]); without a registry the site
+/// returns at the end of its stream. `shutdown` stops the exchange early.
 #[allow(clippy::too_many_arguments)] // each is a separate input of a site process; `geoml site` is the caller
 pub async fn run_site(
     scenario: &Scenario,
@@ -509,17 +623,27 @@ pub async fn run_site(
     links: &Links,
     listener: tokio::net::TcpListener,
     report_path: Option<&std::path::Path>,
-    linger: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<SiteReport, CartelError> {
     let mut engine = SiteEngine::new(scenario, index, config, mode);
     let exchange = Exchange {
         name: engine.name().to_owned(),
         model: Arc::clone(&engine.model),
     };
+    // Set on `shutdown`, or once the site is done serving.
+    let (stop, mut stopped) = watch::channel(false);
+    let on_shutdown = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = on_shutdown.send(true);
+    });
+    let mut server_stopped = stopped.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ModelExchangeServer::new(exchange))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), linger),
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = server_stopped.wait_for(|s| *s).await;
+            }),
     );
     let mut registry = match (&links.registry, mode) {
         (Some(url), Mode::Cartel) => Some(connect_registry(url).await?),
@@ -555,9 +679,55 @@ pub async fn run_site(
             .and_then(|()| std::fs::rename(&temp, path))
             .map_err(CartelError::io(format!("writing {}", path.display())))?;
     }
+    if let Some(registry) = registry.as_mut() {
+        let mut finished = engine.metadata(&links.advertise);
+        finished.finished = true;
+        tracing::info!(
+            batches = finished.batches,
+            "stream ended; serving the model exchange until every site finished"
+        );
+        match wait_for_everyone(registry, &finished, links, &mut stopped).await? {
+            Waited::Everyone => tracing::info!("every site finished"),
+            Waited::RegistryGone => tracing::info!(
+                grace = ?links.finish.registry_grace,
+                "the registry is gone, which it is only once every site finished"
+            ),
+            Waited::Stopped => tracing::info!("asked to stop"),
+        }
+    }
+    let _ = stop.send(true);
     server
         .await
         .map_err(|e| CartelError::Protocol(format!("model exchange task: {e}")))?
         .map_err(|e| CartelError::Protocol(format!("serving the model exchange: {e}")))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(finished: &[bool]) -> Vec<SiteMetadata> {
+        finished
+            .iter()
+            .enumerate()
+            .map(|(i, &finished)| SiteMetadata {
+                site: format!("site-{i}"),
+                finished,
+                ..SiteMetadata::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn everyone_finished_counts_the_jobs_sites_not_only_the_ones_listed() {
+        // Told the job has three sites, two finished of two listed is not all.
+        assert!(!everyone_finished(&listed(&[true, true]), 3));
+        assert!(!everyone_finished(&listed(&[true, false, true]), 3));
+        assert!(everyone_finished(&listed(&[true, true, true]), 3));
+        // Without a job size, every listed site must have finished.
+        assert!(!everyone_finished(&listed(&[true, false]), 0));
+        assert!(everyone_finished(&listed(&[true, true]), 0));
+        assert!(!everyone_finished(&[], 0));
+    }
 }
