@@ -181,6 +181,34 @@ pub enum InterDatacenterModel {
     Lan,
 }
 
+impl SyncPolicySpec {
+    /// The fields, as paths under `spec`, that differ between `self` and
+    /// `new` and that running pods cannot take: the consistency models,
+    /// staleness, averaging rounds and Cartel's parameters shape the
+    /// processes themselves. Everything else (significance filter, WAN
+    /// budget, selective barrier, mirror clock) applies live.
+    #[must_use]
+    pub fn changes_needing_new_pods(&self, new: &Self) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        if self.inter_datacenter.model != new.inter_datacenter.model {
+            fields.push("interDatacenter.model");
+        }
+        if self.inter_datacenter.staleness != new.inter_datacenter.staleness {
+            fields.push("interDatacenter.staleness");
+        }
+        if self.intra_datacenter != new.intra_datacenter {
+            fields.push("intraDatacenter");
+        }
+        if self.federated_averaging != new.federated_averaging {
+            fields.push("federatedAveraging");
+        }
+        if self.collaborative != new.collaborative {
+            fields.push("collaborative");
+        }
+        fields
+    }
+}
+
 impl InterDatacenterModel {
     /// Whether the shards of every datacenter form one parameter server that
     /// every worker pushes to (LAN, naive WAN BSP/SSP, Centralized); the other

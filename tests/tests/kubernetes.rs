@@ -361,14 +361,16 @@ async fn threshold_edit_applies_live(clusters: &[Cluster]) {
     );
 }
 
-/// `manifest` with its SyncPolicy's inter-datacenter model set to `model`,
-/// every Datacenter reached at its Services' cluster IPs (they share one
-/// cluster).
-fn in_one_cluster_as(manifest: &str, model: &str) -> String {
+/// `manifest` with every Datacenter reached at its Services' cluster IPs
+/// (they share one cluster) and, if given, its SyncPolicy's inter-datacenter
+/// model set to `model`.
+fn in_one_cluster(manifest: &str, model: Option<&str>) -> String {
     let mut out = String::new();
     for doc in serde_yaml::Deserializer::from_str(manifest) {
         let mut value = serde_yaml::Value::deserialize(doc).unwrap();
-        if value["kind"] == "SyncPolicy" {
+        if let Some(model) = model
+            && value["kind"] == "SyncPolicy"
+        {
             value["spec"]["interDatacenter"] =
                 serde_yaml::from_str(&format!("model: {model}")).unwrap();
         }
@@ -438,10 +440,48 @@ async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains
     // Three datacenters in one cluster as one parameter server (LAN).
     apply(
         &cluster,
-        &in_one_cluster_as(&example("bsp-3dc.yaml"), "LAN"),
+        &in_one_cluster(&example("bsp-3dc.yaml"), Some("LAN")),
     );
     let name = "fashion-mnist-bsp";
     let done = wait_for_success(&cluster, name).await;
     let metric = done.status.unwrap().metric.unwrap();
     eprintln!("{name} as LAN over 3 datacenters Succeeded at {metric:.4}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collaborative_job_runs_its_registry_and_sites_to_completion() {
+    let data = data_cache(DatasetName::FashionMnist);
+    let images = geoml_images().unwrap();
+    let cluster = Cluster::start("cartel", &images).await.unwrap();
+    cluster.install_operator().await.unwrap();
+    cluster.provide_data("default", &data).await.unwrap();
+
+    let applied = Instant::now();
+    apply(
+        &cluster,
+        &in_one_cluster(&example("cartel-fashion.yaml"), None),
+    );
+    let done = wait_for_success(&cluster, "cartel-fashion").await;
+    let pods = job_pods(&cluster, "cartel-fashion").await;
+    let mut roles: Vec<(String, String)> = pods
+        .iter()
+        .map(|p| (p.labels()["geoml.io/role"].clone(), phase(p).to_owned()))
+        .collect();
+    roles.sort();
+    let succeeded = |role: &str| (role.to_owned(), "Succeeded".to_owned());
+    assert_eq!(
+        roles,
+        [
+            succeeded("registry"),
+            succeeded("site"),
+            succeeded("site"),
+            succeeded("site")
+        ],
+        "{:#?}",
+        done.status
+    );
+    eprintln!(
+        "cartel-fashion: registry and 3 sites Succeeded {:.1} s after apply",
+        applied.elapsed().as_secs_f64()
+    );
 }

@@ -457,6 +457,29 @@ spec:
     after.sort();
     assert_eq!(uids, after, "pods were replaced");
 
+    // A change running pods cannot take is refused, with the field named,
+    // and the mounted manifest keeps the old model; undoing it clears that.
+    let set_model = |model: &'static str| {
+        let hub = hub.clone();
+        async move {
+            Api::<geoml_crds::SyncPolicy>::namespaced(hub, NS)
+                .patch(
+                    "gaia",
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({ "spec": { "interDatacenter": { "model": model } } })),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_model("FedAvg").await;
+    let (reason, message) = wait_condition(&hub, JOB, "SyncPolicyChangeRefused", "True").await;
+    assert_eq!(reason, "NeedsNewPods");
+    assert!(message.contains("interDatacenter.model"), "{message}");
+    assert!(topology(&ap, "ap-southeast").await.1.contains("model: ASP"));
+    set_model("ASP").await;
+    wait_condition(&hub, JOB, "SyncPolicyChangeRefused", "False").await;
+
     // A member's apiserver stops: DatacenterUnavailable naming it; back when it returns.
     ap_plane.stop_apiserver();
     let (reason, message) = wait_condition(&hub, JOB, "DatacenterUnavailable", "True").await;

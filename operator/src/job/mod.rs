@@ -26,8 +26,8 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize as _, Serialize};
 use serde_json::json;
 
 use self::build::{JobView, Placement, Role, SPEC_HASH_ANNOTATION};
@@ -425,7 +425,29 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
 
     // Build and apply, datacenter by datacenter.
     let suspended = job.spec.run_policy.suspend;
-    let created = place(&view, &clusters, suspended).await?;
+    let mut refused = Vec::new();
+    let created = place(&view, &clusters, suspended, &mut refused).await?;
+    refused.sort_unstable();
+    refused.dedup();
+    if refused.is_empty() {
+        out.condition(
+            "SyncPolicyChangeRefused",
+            false,
+            "SyncPolicyApplied",
+            "running pods follow the SyncPolicy",
+        );
+    } else {
+        out.condition(
+            "SyncPolicyChangeRefused",
+            true,
+            "NeedsNewPods",
+            &format!(
+                "SyncPolicy {} changed {} while the job runs; running pods cannot take that and keep the old values (re-create the job to use them)",
+                view.policy.name_any(),
+                refused.join(", ")
+            ),
+        );
+    }
     match &created {
         Ok(count) => out.condition(
             "Created",
@@ -524,32 +546,24 @@ async fn check_pods(
 ) -> Result<(), Error> {
     let job = &view.job;
     let limit = job.spec.run_policy.backoff_limit;
-    // The pods whose exit ends training: the parameter servers, or the
-    // Cartel sites.
-    let finisher = if view.collaborative() {
-        Role::Site
-    } else {
-        Role::ParameterServer
-    };
-    let per_dc = |p: &Placement| {
-        if view.collaborative() {
-            1
-        } else {
-            p.spec.parameter_servers
-        }
-    };
+    // The pods whose exit ends training: the parameter servers, or every
+    // Cartel pod (the sites and, in the first datacenter, the registry).
+    let ends_training =
+        |pod: &Pod| view.collaborative() || status::has_role(pod, Role::ParameterServer);
     let mut all_finished = true;
-    for (p, cluster) in view.placements.iter().zip(clusters) {
+    for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
         let Ok(cluster) = cluster else {
             all_finished = false;
             continue;
         };
+        let expected = if view.collaborative() {
+            1 + usize::from(i == 0)
+        } else {
+            usize::try_from(p.spec.parameter_servers).unwrap_or(0)
+        };
         let pods = cluster.datacenter_pods(job, p.name());
-        let finishers: Vec<_> = pods
-            .iter()
-            .filter(|pod| status::has_role(pod, finisher))
-            .collect();
-        all_finished &= finishers.len() == usize::try_from(per_dc(p)).unwrap_or(0)
+        let finishers: Vec<_> = pods.iter().filter(|pod| ends_training(pod)).collect();
+        all_finished &= finishers.len() == expected
             && finishers
                 .iter()
                 .all(|pod| status::phase(pod) == "Succeeded");
@@ -605,7 +619,7 @@ async fn check_pods(
     }
     if all_finished {
         let message = if view.collaborative() {
-            "every site trained its whole stream"
+            "every site trained its whole stream and the registry finished"
         } else {
             "every parameter server finished: a stopping rule held"
         };
@@ -630,6 +644,7 @@ async fn place(
     view: &JobView,
     clusters: &[Result<Cluster, Unavailable>],
     suspended: bool,
+    refused: &mut Vec<&'static str>,
 ) -> Result<Result<usize, Blocked>, Error> {
     let mut objects = 0;
     let mut endpoints = build::Endpoints::default();
@@ -664,6 +679,21 @@ async fn place(
     for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
         let Ok(cluster) = cluster else { continue };
         let topology = view.topology(i, &endpoints);
+        // Running pods keep a manifest whose SyncPolicy they cannot follow.
+        let mounted = mounted_manifest(cluster, view, p).await?;
+        let changed = mounted
+            .as_ref()
+            .map(|(policy, _)| policy.changes_needing_new_pods(&view.policy.spec));
+        let manifest = match (changed, mounted) {
+            (Some(fields), Some((_, text)))
+                if !fields.is_empty()
+                    && !cluster.datacenter_pods(&view.job, p.name()).is_empty() =>
+            {
+                refused.extend(fields);
+                text
+            }
+            _ => manifest.clone(),
+        };
         apply_object(
             &cluster.client,
             &p.namespace,
@@ -675,6 +705,32 @@ async fn place(
         objects += sync_pods(view, p, site, cluster, suspended).await?;
     }
     Ok(Ok(objects))
+}
+
+/// The SyncPolicy spec in datacenter `p`'s mounted manifest and the
+/// manifest's text, if its ConfigMap exists.
+async fn mounted_manifest(
+    cluster: &Cluster,
+    view: &JobView,
+    p: &Placement,
+) -> Result<Option<(geoml_crds::SyncPolicySpec, String)>, Error> {
+    let api = Api::<ConfigMap>::namespaced(cluster.client.clone(), &p.namespace);
+    let name = build::names::config_map(&view.job.name_any(), p.name());
+    let Some(map) = api
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("reading ConfigMap {name}")))?
+    else {
+        return Ok(None);
+    };
+    let Some(text) = map.data.and_then(|mut d| d.remove("manifest.yaml")) else {
+        return Ok(None);
+    };
+    let policy = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+        .find(|doc| doc["kind"] == "SyncPolicy")
+        .and_then(|doc| serde_yaml::from_value::<SyncPolicy>(doc).ok());
+    Ok(policy.map(|p| (p.spec, text)))
 }
 
 /// Applies datacenter number `i`'s Services (and checkpoint claim) and

@@ -72,21 +72,7 @@ pub fn diff(old: &SyncPolicySpec, new: &SyncPolicySpec) -> PolicyChange {
     if old.mirror_clock_period != new.mirror_clock_period {
         change.mirror_clock_period = Some(clocks(new.mirror_clock_period).max(1));
     }
-    if old.inter_datacenter.model != new.inter_datacenter.model {
-        change.ignored.push("interDatacenter.model");
-    }
-    if old.inter_datacenter.staleness != new.inter_datacenter.staleness {
-        change.ignored.push("interDatacenter.staleness");
-    }
-    if old.intra_datacenter != new.intra_datacenter {
-        change.ignored.push("intraDatacenter");
-    }
-    if old.federated_averaging != new.federated_averaging {
-        change.ignored.push("federatedAveraging");
-    }
-    if old.collaborative != new.collaborative {
-        change.ignored.push("collaborative");
-    }
+    change.ignored = old.changes_needing_new_pods(new);
     change
 }
 
