@@ -385,10 +385,13 @@ spec:
             .unwrap();
         let (topology, manifest) = topology(client, dc).await;
         assert_eq!(topology.datacenter, dc);
-        assert_eq!(
-            topology.parameter_servers,
-            [format!("http://{JOB}-{dc}-ps-0.{JOB}-{dc}.ml.svc:7070")]
-        );
+        // Its own shard by the cluster IP of the shard's Service: no cluster DNS needed.
+        let shard = Api::<Service>::namespaced(client.clone(), NS)
+            .get(&format!("{JOB}-{dc}-ps-0-peer"))
+            .await
+            .unwrap();
+        let ip = shard.spec.unwrap().cluster_ip.unwrap();
+        assert_eq!(topology.parameter_servers, [format!("http://{ip}:7070")]);
         let mirrors: BTreeMap<&str, Vec<String>> = ips
             .iter()
             .filter(|(other, _)| **other != dc)
