@@ -17,13 +17,7 @@ fn hierarchies() -> Vec<PathBuf> {
     if root.join("cgroup.controllers").exists() {
         return vec![root.to_owned()];
     }
-    std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect()
+    subdirs(root)
 }
 
 /// The directories of cgroup `name` in every hierarchy, created if missing.

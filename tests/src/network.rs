@@ -187,12 +187,6 @@ pub struct NodeNetwork {
 }
 
 impl NodeNetwork {
-    /// The node's number in its network, from 1.
-    #[must_use]
-    pub fn index(&self) -> u8 {
-        self.index
-    }
-
     /// Name of the network namespace (`/run/netns/<name>`).
     #[must_use]
     pub fn netns(&self) -> String {
