@@ -7,8 +7,9 @@
 //! for each emulated datacenter. Every role reads it with `--topology`:
 //!
 //! ```text
-//! geoml ps       --manifest M --topology T --shard I --listen 0.0.0.0:7070 [--metrics-listen ...] [--checkpoint-dir ...]
+//! geoml ps       --manifest M --topology T --shard I --listen 0.0.0.0:7070 [--metrics-listen ...] [--checkpoint-dir ...] [--termination-log ...]
 //! geoml worker   --manifest M --topology T --index I [--metrics-listen ...]
+//! geoml site     --manifest M --topology T --listen 0.0.0.0:7072 --advertise URL --expect-sites N   (Collaborative)
 //! ```
 //!
 //! `--shard` and `--index` count from 0 within the datacenter. Shard and worker
@@ -25,7 +26,8 @@ pub struct Topology {
     /// The datacenter this file is for (a name in `spec.datacenters`).
     pub datacenter: String,
     /// gRPC URLs (`http://host:port`) of the shards this datacenter's workers
-    /// push to, in shard order. With a per-datacenter model (ASP, FedAvg,
+    /// push to, in shard order; on Kubernetes the datacenter's own shards are
+    /// at their Services' cluster IPs (no cluster DNS needed). With a per-datacenter model (ASP, FedAvg,
     /// Isolated, Centralized, Collaborative) these are the datacenter's own
     /// shards. With naive WAN BSP/SSP they are every datacenter's shards, in
     /// `spec.datacenters` order, and remote ones are reached over the WAN.
