@@ -55,6 +55,17 @@ fn run(cmd: &mut Command, stdin: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The value in column `name` of the first row of `kubectl get` output.
+fn column(table: &str, name: &str) -> Option<String> {
+    let mut lines = table.lines();
+    let start = lines.next()?.find(name)?;
+    let row = lines.next()?;
+    row.get(start..)?
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+}
+
 fn apply(cluster: &Cluster, manifest: &str) {
     run(cluster.kubectl().args(["apply", "-f", "-"]), Some(manifest));
 }
@@ -117,29 +128,31 @@ async fn fashion_mnist_lan_trains_to_succeeded_on_a_real_node() {
         assert_eq!(spec.automount_service_account_token, Some(false));
     }
 
-    // `kubectl get tj` shows the clock and the metric rising.
+    // `kubectl get tj` shows the clock rising, and the metric, while the job
+    // runs (until it has risen three times or the job is done).
     let mut clocks = Vec::new();
     let mut metrics = Vec::new();
-    let output = eventually_within(TRAINING, "the clock to rise twice", || {
+    let output = eventually_within(TRAINING, "the clock to rise", || {
         let out = run(
             cluster.kubectl().args(["get", "tj", "fashion-mnist-lan"]),
             None,
         );
-        let mut fields = out.lines().nth(1).unwrap_or("").split_whitespace();
-        // NAME PHASE REASON DATACENTERS CLOCK METRIC WAN-BYTES AGE
-        let clock = fields.nth(4).and_then(|c| c.parse::<i64>().ok());
-        let metric = fields.next().and_then(|m| m.parse::<f64>().ok());
-        if let Some(clock) = clock
+        let column = |name: &str| column(&out, name);
+        if let Some(clock) = column("CLOCK").and_then(|c| c.parse::<i64>().ok())
             && clocks.last() != Some(&clock)
         {
             clocks.push(clock);
-            metrics.extend(metric);
+            metrics.extend(column("METRIC").and_then(|m| m.parse::<f64>().ok()));
         }
-        let done = clocks.len() >= 3;
+        let done = clocks.len() >= 3 || column("PHASE").as_deref() == Some("Succeeded");
         async move { done.then_some(out) }
     })
     .await;
-    assert!(clocks.is_sorted(), "clocks {clocks:?} in\n{output}");
+    assert!(
+        clocks.len() >= 2 && clocks.windows(2).all(|w| w[0] < w[1]),
+        "clocks {clocks:?} in\n{output}"
+    );
+    assert!(!metrics.is_empty(), "no metric in\n{output}");
 
     let done = wait_for_success(&cluster, "fashion-mnist-lan").await;
     let succeeded = applied.elapsed();
@@ -242,7 +255,7 @@ async fn gaia_trains_across_three_clusters() {
         );
     }
     eprintln!(
-        "fashion-mnist-gaia over 3 clusters: all pods Running {:.1} s after apply, Succeeded after {:.1} s, \
+        "fashion-mnist-gaia over 3 clusters: all pods started {:.1} s after apply, Succeeded after {:.1} s, \
          accuracy {:?}, WAN bytes {wan}, fraction sent {:?}",
         running.as_secs_f64(),
         succeeded.as_secs_f64(),
