@@ -14,10 +14,10 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use crate::image::{self, Image, run};
+use crate::image::{self, Image};
 use crate::network::{Network, NodeNetwork};
 use crate::node::Node;
-use crate::{ControlPlane, Error, k8s_bin_dir, storage};
+use crate::{ControlPlane, Error, k8s_bin_dir, run, storage};
 use geoml_crds::training_job::DEFAULT_DATA_CLAIM;
 
 /// Namespace the operator runs in, and where kubeconfig Secrets live.
@@ -143,7 +143,7 @@ impl Cluster {
             .replace("{{ .Release.Namespace }}", OPERATOR_NAMESPACE);
         let mut apply = self.kubectl();
         apply.args(["apply", "--server-side", "-f", "-"]);
-        pipe(&mut apply, &rbac)?;
+        run(&mut apply, Some(&rbac))?;
         let deployment = operator_deployment();
         self.apply(
             &Api::<Deployment>::namespaced(self.client(), OPERATOR_NAMESPACE),
@@ -230,49 +230,35 @@ fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/geoml")
 }
 
-fn pipe(cmd: &mut Command, stdin: &str) -> Result<(), Error> {
-    use std::io::Write as _;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(Error::io("starting kubectl"))?;
-    if let Some(mut input) = child.stdin.take() {
-        input
-            .write_all(stdin.as_bytes())
-            .map_err(Error::io("writing to kubectl"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(Error::io("waiting for kubectl"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Command(format!(
-            "kubectl apply: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
 /// The images geoml's pods run, built from this workspace's binaries (the
 /// same dev build the tests use, built here if missing) and the pause image,
-/// written under `<target>/images`.
+/// written under `<target>/images`; once per process, so that tests running
+/// side by side never rewrite an archive another one is importing.
 pub fn geoml_images() -> Result<Vec<Image>, Error> {
+    static IMAGES: std::sync::OnceLock<Result<Vec<Image>, String>> = std::sync::OnceLock::new();
+    IMAGES
+        .get_or_init(|| build_images().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::Image)
+}
+
+fn build_images() -> Result<Vec<Image>, Error> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo).args([
-        "build",
-        "--locked",
-        "-p",
-        "geoml-runtime",
-        "--bin",
-        "geoml",
-        "-p",
-        "geoml-operator",
-        "--bin",
-        "geoml-operator",
-    ]))?;
+    run(
+        Command::new(cargo).args([
+            "build",
+            "--locked",
+            "-p",
+            "geoml-runtime",
+            "--bin",
+            "geoml",
+            "-p",
+            "geoml-operator",
+            "--bin",
+            "geoml-operator",
+        ]),
+        None,
+    )?;
     let profile_dir = profile_dir()?;
     let dir = profile_dir.join("images");
     std::fs::create_dir_all(&dir).map_err(Error::io("creating the image directory"))?;

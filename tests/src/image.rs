@@ -15,7 +15,7 @@ use std::process::Command;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::Error;
+use crate::{Error, run};
 
 /// Registry and repository prefix of geoml's images, as the chart and the
 /// operator's defaults name them.
@@ -51,10 +51,13 @@ pub fn build_binary_image(binary: &Path, dir: &Path) -> Result<Image, Error> {
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::Image(format!("{} has no file name", binary.display())))?;
     let stripped = dir.join(format!("{name}.stripped"));
-    run(Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(binary)
-        .arg(&stripped))?;
+    run(
+        Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(binary)
+            .arg(&stripped),
+        None,
+    )?;
     let mut layer = Layer::default();
     layer.file(&format!("usr/local/bin/{name}"), &read(&stripped)?, 0o755)?;
     for lib in linked_libraries(binary)? {
@@ -119,7 +122,7 @@ pub fn build_pause_image(pause: &Path, dir: &Path) -> Result<Image, Error> {
 /// The shared libraries `ldd` says `binary` loads, by the paths it names
 /// (which are where the dynamic loader looks for them in the image too).
 fn linked_libraries(binary: &Path) -> Result<BTreeSet<PathBuf>, Error> {
-    let out = run(Command::new("ldd").arg(binary))?;
+    let out = run(Command::new("ldd").arg(binary), None)?;
     let mut libs = BTreeSet::new();
     for line in out.lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
@@ -270,21 +273,6 @@ fn digest(bytes: &[u8]) -> String {
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))
-}
-
-/// Runs `cmd` and returns its standard output, or its error output as the error.
-pub(crate) fn run(cmd: &mut Command) -> Result<String, Error> {
-    let out = cmd
-        .output()
-        .map_err(Error::io(format!("running {cmd:?}")))?;
-    if !out.status.success() {
-        return Err(Error::Command(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -67,6 +67,39 @@ impl Error {
     }
 }
 
+/// Runs `cmd` with `stdin` (if any) on its standard input and returns its
+/// standard output, or its error output as the error.
+pub fn run(cmd: &mut std::process::Command, stdin: Option<&str>) -> Result<String, Error> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::io(format!("running {cmd:?}")))?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input
+            .write_all(text.as_bytes())
+            .map_err(Error::io(format!("writing to {cmd:?}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(Error::io(format!("waiting for {cmd:?}")))?;
+    if !out.status.success() {
+        return Err(Error::Command(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// How long [`eventually`] keeps polling.
 pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(60);
 

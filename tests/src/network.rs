@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::Error;
-use crate::image::run;
+use crate::run;
 
 /// Slots a machine offers (10.200/16 … 10.215/16).
 const SLOTS: u8 = 16;
@@ -162,7 +162,7 @@ impl Network {
     /// what is already gone.
     fn remove(&self) {
         let prefix = self.prefix();
-        if let Ok(out) = run(Command::new("ip").args(["netns", "list"])) {
+        if let Ok(out) = run(Command::new("ip").args(["netns", "list"]), None) {
             for name in out.lines().filter_map(|l| l.split_whitespace().next()) {
                 if name.starts_with(&format!("{prefix}-")) {
                     let _ = ip(&["netns", "delete", name]);
@@ -277,12 +277,15 @@ impl Drop for NodeNetwork {
 }
 
 fn ip(args: &[&str]) -> Result<(), Error> {
-    run(Command::new("ip").args(args)).map(drop)
+    run(Command::new("ip").args(args), None).map(drop)
 }
 
 fn sysctl(netns: &str, setting: &str) -> Result<(), Error> {
-    run(Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{netns}"))
-        .args(["sysctl", "-q", "-w", setting]))
+    run(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .args(["sysctl", "-q", "-w", setting]),
+        None,
+    )
     .map(drop)
 }

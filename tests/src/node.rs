@@ -23,9 +23,9 @@ use kube::Api;
 use tempfile::TempDir;
 
 use crate::control_plane::{Process, in_netns, write_kubeconfig};
-use crate::image::{Image, PAUSE_IMAGE, run};
+use crate::image::{Image, PAUSE_IMAGE};
 use crate::network::NodeNetwork;
-use crate::{ControlPlane, Error, cgroup};
+use crate::{ControlPlane, Error, cgroup, run};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -180,11 +180,14 @@ impl Node {
     /// Imports an image archive into the node's containerd (namespace
     /// `k8s.io`, where kubelet finds it; pods need no pull).
     pub fn load(&self, image: &Image) -> Result<(), Error> {
-        run(Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["-n", "k8s.io", "images", "import"])
-            .arg(&image.archive))
+        run(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["-n", "k8s.io", "images", "import"])
+                .arg(&image.archive),
+            None,
+        )
         .map(drop)
     }
 

@@ -34,25 +34,7 @@ fn example(name: &str) -> String {
 
 /// Runs `cmd` (kubectl) with `stdin`, asserting success; returns stdout.
 fn run(cmd: &mut Command, stdin: Option<&str>) -> String {
-    use std::io::Write as _;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        let mut input = input;
-        input.write_all(text.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    geoml_tests::run(cmd, stdin).unwrap()
 }
 
 /// The value in column `name` of the first row of `kubectl get` output.
