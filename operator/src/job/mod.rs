@@ -41,6 +41,10 @@ pub const FINALIZER: &str = "geoml.io/cleanup";
 pub const MANAGED_BY_VALUE: &str = "geoml.io/operator";
 /// Wait before looking again for addresses that are not assigned yet.
 const ENDPOINT_POLL: Duration = Duration::from_secs(5);
+/// How long after the parameter servers finished the workers, told to stop,
+/// may take to exit before the job is called finished anyway (and
+/// `cleanPodPolicy: Running` deletes them).
+const EXIT_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs the controller until `shutdown` completes. Besides its own jobs it
 /// watches Datacenters and SyncPolicies (mapped to the jobs that name them)
@@ -345,7 +349,7 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
 
     // Failed pods: recreate them while the backoff limit allows.
     if !finished {
-        check_pods(&view, &clusters, ctx, &mut out).await?;
+        requeue = check_pods(&view, &clusters, ctx, &mut out).await?;
     }
     // Deadline.
     let finished = conditions::is_true(&out.status.conditions, "Succeeded")
@@ -375,7 +379,8 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
                 )
                 .await;
             } else {
-                requeue = Some(Duration::from_secs((limit - elapsed).unsigned_abs()));
+                let left = Duration::from_secs((limit - elapsed).unsigned_abs());
+                requeue = Some(requeue.map_or(left, |r| r.min(left)));
             }
         }
     }
@@ -537,13 +542,15 @@ fn pod_totals(per_dc: &[DatacenterProgress]) -> (i32, i32) {
 
 /// Failed pods: deletes each (to be recreated) while retries stay within
 /// `backoffLimit`, counting one retry per pod actually deleted; past the
-/// limit the job fails. All parameter servers succeeded: the job succeeded.
+/// limit the job fails. All parameter servers succeeded: the job succeeded,
+/// once the other pods (the workers, told to stop) have exited or
+/// [`EXIT_GRACE`] has passed; until then the returned delay asks to look again.
 async fn check_pods(
     view: &JobView,
     clusters: &[Result<Cluster, Unavailable>],
     ctx: &Context,
     out: &mut Outcome,
-) -> Result<(), Error> {
+) -> Result<Option<Duration>, Error> {
     let job = &view.job;
     let limit = job.spec.run_policy.backoff_limit;
     // The pods whose exit ends training: the parameter servers, or every
@@ -551,6 +558,10 @@ async fn check_pods(
     let ends_training =
         |pod: &Pod| view.collaborative() || status::has_role(pod, Role::ParameterServer);
     let mut all_finished = true;
+    // Pods other than the finishers that still run, and when the last
+    // finisher ended.
+    let mut exiting = false;
+    let mut last_finish: Option<Time> = None;
     for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
         let Ok(cluster) = cluster else {
             all_finished = false;
@@ -567,6 +578,14 @@ async fn check_pods(
             && finishers
                 .iter()
                 .all(|pod| status::phase(pod) == "Succeeded");
+        exiting |= pods
+            .iter()
+            .any(|pod| !ends_training(pod) && !status::is_done(pod));
+        last_finish = finishers
+            .iter()
+            .filter_map(|pod| status::finished_at(pod))
+            .chain(last_finish)
+            .max_by_key(|t| t.0);
         for pod in pods.iter().filter(|pod| {
             status::phase(pod) == "Failed" && pod.metadata.deletion_timestamp.is_none()
         }) {
@@ -587,7 +606,7 @@ async fn check_pods(
                     ),
                 );
                 publish(ctx, job, EventType::Warning, "BackoffLimitExceeded", &why).await;
-                return Ok(());
+                return Ok(None);
             }
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
@@ -617,6 +636,14 @@ async fn check_pods(
             }
         }
     }
+    if all_finished && exiting {
+        let since = last_finish.map_or(Duration::ZERO, |t| {
+            out.now.0.duration_since(t.0).unsigned_abs()
+        });
+        if let Some(left) = EXIT_GRACE.checked_sub(since) {
+            return Ok(Some(left.max(Duration::from_secs(1))));
+        }
+    }
     if all_finished {
         let message = if view.collaborative() {
             "every site trained its whole stream and the registry finished"
@@ -633,7 +660,7 @@ async fn check_pods(
         )
         .await;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Build and apply: Services first (their addresses are the mirror

@@ -3,6 +3,7 @@
 
 use geoml_crds::training_job::ReplicaCounts;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use super::build::{ROLE_LABEL, Role};
@@ -53,6 +54,24 @@ pub fn counts<'a>(
         }
     }
     counts
+}
+
+/// Whether the pod has ended, successfully or not.
+#[must_use]
+pub fn is_done(pod: &Pod) -> bool {
+    matches!(phase(pod), "Succeeded" | "Failed")
+}
+
+/// When the pod's last container ended, if every container has.
+#[must_use]
+pub fn finished_at(pod: &Pod) -> Option<Time> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses
+        .iter()
+        .map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.clone())
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .max_by_key(|t| t.0)
 }
 
 /// What a pod that is not ready is doing: its phase and, when known, why
