@@ -1,0 +1,295 @@
+//! Builders checked against the example manifests.
+
+use super::*;
+use geoml_crds::datacenter::PeerAccess;
+use geoml_crds::datacenter::PeerServiceType;
+use geoml_crds::{Datacenter, Topology, TrainingJob};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
+
+/// The example manifest's objects, placed in namespace `ml`, with every
+/// datacenter's shards reachable at `http://<dc>-lb-<shard>:7070`.
+fn view(example: &str) -> JobView {
+    let path = format!(
+        "{}/../manifests/examples/{example}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let (mut dcs, mut policy, mut job) = (Vec::new(), None, None);
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc).unwrap();
+        match value["kind"].as_str().unwrap() {
+            "Datacenter" => dcs.push(serde_yaml::from_value::<Datacenter>(value).unwrap()),
+            "SyncPolicy" => policy = Some(serde_yaml::from_value(value).unwrap()),
+            _ => job = Some(serde_yaml::from_value::<TrainingJob>(value).unwrap()),
+        }
+    }
+    let mut job = job.unwrap();
+    job.metadata.namespace = Some("ml".into());
+    job.metadata.uid = Some("uid-1".into());
+    let placements = job
+        .spec
+        .datacenters
+        .iter()
+        .map(|spec| {
+            let dc = dcs.iter().find(|d| d.name_any() == spec.name).unwrap();
+            Placement::new(&job, spec.clone(), dc.clone())
+        })
+        .collect();
+    JobView {
+        job,
+        policy: policy.unwrap(),
+        placements,
+        image: "geoml:test".into(),
+    }
+}
+
+/// Shard `i` of datacenter `dc` at `http://<dc>-ip-<i>:7070` inside its
+/// cluster and `http://<dc>-lb-<i>:7070` from the others.
+fn endpoints(view: &JobView, registry: Option<&str>) -> Endpoints {
+    let table = |kind: &str| {
+        view.placements
+            .iter()
+            .map(|p| {
+                (0..p.spec.parameter_servers)
+                    .map(|i| format!("http://{}-{kind}-{i}:7070", p.name()))
+                    .collect()
+            })
+            .collect()
+    };
+    Endpoints {
+        local: table("ip"),
+        peer: table("lb"),
+        registry: registry.map(|r| ("http://10.96.0.9:7071".to_owned(), r.to_owned())),
+        sites: Vec::new(),
+    }
+}
+
+use serde::Deserialize;
+
+#[test]
+fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
+    let view = view("gaia-3dc.yaml");
+    let eu = &view.placements[1];
+    let pods = view.pods(eu, "");
+    let names: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(
+        names,
+        [
+            "fashion-mnist-gaia-eu-west-ps-0",
+            "fashion-mnist-gaia-eu-west-worker-0",
+            "fashion-mnist-gaia-eu-west-worker-1"
+        ]
+    );
+    let ps = pods[0].spec.as_ref().unwrap();
+    let container = &ps.containers[0];
+    assert_eq!(container.command.as_deref().unwrap(), ["geoml"]);
+    assert_eq!(
+        container.args.as_deref().unwrap().join(" "),
+        "ps --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
+         --shard 0 --listen 0.0.0.0:7070 --termination-log /dev/termination-log \
+         --metrics-listen 0.0.0.0:9090 --data-dir /var/lib/geoml/data --no-fetch"
+    );
+    assert_eq!(ps.subdomain.as_deref(), Some("fashion-mnist-gaia-eu-west"));
+    assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
+    let worker = &pods[2].spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        worker.args.as_deref().unwrap().join(" "),
+        "worker --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
+         --index 1 --metrics-listen 0.0.0.0:9090 --data-dir /var/lib/geoml/data --no-fetch"
+    );
+    let env: BTreeMap<_, _> = worker
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+        .collect();
+    assert_eq!(env["GEOML_DATACENTER"], "eu-west");
+    assert_eq!(env["GEOML_ROLE"], "worker");
+    assert_eq!(env["GEOML_INDEX"], "1");
+    // Local datacenter in the job's namespace: owned by the job.
+    assert_eq!(
+        pods[0].metadata.owner_references.as_ref().unwrap()[0].name,
+        "fashion-mnist-gaia"
+    );
+    assert_eq!(pods[0].labels()[ROLE_LABEL], "ps");
+}
+
+#[test]
+fn asp_topology_has_own_shards_and_every_other_datacenters_mirrors() {
+    let view = view("gaia-3dc.yaml");
+    let topology = view.topology(0, &endpoints(&view, None));
+    assert_eq!(topology.datacenter, "us-east");
+    assert_eq!(topology.parameter_servers, ["http://us-east-ip-0:7070"]);
+    assert_eq!(topology.mirrors.len(), 2);
+    assert_eq!(topology.mirrors["eu-west"], ["http://eu-west-lb-0:7070"]);
+    assert_eq!(
+        topology.mirrors["ap-southeast"],
+        ["http://ap-southeast-lb-0:7070"]
+    );
+    assert_eq!(topology.registry, None);
+}
+
+#[test]
+fn naive_bsp_topology_lists_every_datacenters_shards_in_spec_order() {
+    let view = view("bsp-3dc.yaml");
+    let topology = view.topology(1, &endpoints(&view, None));
+    let mut expected = Vec::new();
+    for (j, p) in view.placements.iter().enumerate() {
+        let kind = if j == 1 { "ip" } else { "lb" };
+        for i in 0..p.spec.parameter_servers {
+            expected.push(format!("http://{}-{kind}-{i}:7070", p.name()));
+        }
+    }
+    assert!(expected.len() >= 3, "{expected:?}");
+    assert_eq!(topology.parameter_servers, expected);
+}
+
+#[test]
+fn cartel_runs_a_site_per_datacenter_and_the_registry_in_the_first() {
+    let view = view("cartel-flights.yaml");
+    assert!(view.collaborative());
+    let endpoints = endpoints(&view, Some("http://203.0.113.9:7071"));
+    let first = view.topology(0, &endpoints);
+    assert_eq!(first.registry.as_deref(), Some("http://10.96.0.9:7071"));
+    let other = view.topology(2, &endpoints);
+    assert_eq!(other.registry.as_deref(), Some("http://203.0.113.9:7071"));
+    let args = |pod: &Pod| {
+        pod.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ")
+    };
+    let first = view.pods(&view.placements[0], "http://192.0.2.1:30072");
+    let names: Vec<String> = first.iter().map(ResourceExt::name_any).collect();
+    assert_eq!(
+        names,
+        ["cartel-flights-ewr-site-0", "cartel-flights-registry"]
+    );
+    assert_eq!(
+        args(&first[0]),
+        "site --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
+         --listen 0.0.0.0:7072 --advertise http://192.0.2.1:30072 --expect-sites 3 \
+         --data-dir /var/lib/geoml/data --no-fetch"
+    );
+    assert_eq!(
+        args(&first[1]),
+        "registry --listen 0.0.0.0:7071 --state-dir /var/lib/geoml/registry --exit-when-finished 3"
+    );
+    let other = view.pods(&view.placements[1], "http://192.0.2.2:30072");
+    assert_eq!(other.len(), 1);
+    for pod in first.iter().chain(&other) {
+        assert_eq!(
+            pod.spec.as_ref().unwrap().restart_policy.as_deref(),
+            Some("Never")
+        );
+    }
+}
+
+#[test]
+fn config_map_holds_a_manifest_without_status_and_the_topology() {
+    let view = view("gaia-3dc.yaml");
+    let manifest = view.manifest_yaml().unwrap();
+    let topology = view.topology(2, &endpoints(&view, None));
+    let cm = view.config_map(2, &manifest, &topology).unwrap();
+    let data = cm.data.unwrap();
+    assert_eq!(
+        Topology::from_yaml(&data["topology.yaml"]).unwrap(),
+        topology
+    );
+    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&data["manifest.yaml"])
+        .map(|d| {
+            let v = serde_yaml::Value::deserialize(d).unwrap();
+            assert!(v.get("status").is_none());
+            v["kind"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "Datacenter",
+            "Datacenter",
+            "Datacenter",
+            "SyncPolicy",
+            "TrainingJob"
+        ]
+    );
+}
+
+#[test]
+fn peer_urls_follow_the_datacenters_peer_access() {
+    let mut service = Service {
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.7".into()),
+            ports: Some(vec![ServicePort {
+                port: 7070,
+                node_port: Some(30_070),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let access = |service_type, gateway: Option<&str>| PeerAccess {
+        service_type,
+        gateway_address: gateway.map(Into::into),
+    };
+    // A load balancer without an address yet: wait.
+    assert_eq!(
+        peer_url(
+            &access(PeerServiceType::LoadBalancer, None),
+            &service,
+            None,
+            0
+        ),
+        None
+    );
+    service.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some("203.0.113.7".into()),
+                ..LoadBalancerIngress::default()
+            }]),
+        }),
+        ..ServiceStatus::default()
+    });
+    assert_eq!(
+        peer_url(
+            &access(PeerServiceType::LoadBalancer, None),
+            &service,
+            None,
+            0
+        )
+        .as_deref(),
+        Some("http://203.0.113.7:7070")
+    );
+    assert_eq!(
+        peer_url(
+            &access(PeerServiceType::NodePort, None),
+            &service,
+            Some("192.0.2.1"),
+            0
+        )
+        .as_deref(),
+        Some("http://192.0.2.1:30070")
+    );
+    assert_eq!(
+        peer_url(&access(PeerServiceType::NodePort, None), &service, None, 0),
+        None
+    );
+    assert_eq!(
+        peer_url(&access(PeerServiceType::ClusterIp, None), &service, None, 0).as_deref(),
+        Some("http://10.96.0.7:7070")
+    );
+    assert_eq!(
+        peer_url(
+            &access(PeerServiceType::ClusterIp, Some("gw.example.com:8000")),
+            &service,
+            None,
+            2
+        )
+        .as_deref(),
+        Some("http://gw.example.com:8002")
+    );
+}
