@@ -104,7 +104,11 @@ pub struct SecretKeyRef {
     #[schemars(length(min = 1))]
     pub name: String,
 
-    /// Namespace of the Secret (Datacenters are cluster-scoped, so it must be named).
+    /// Namespace of the Secret (Datacenters are cluster-scoped, so it must be
+    /// named). It must be the operator's own namespace (the Helm release's,
+    /// `geoml-system` by default): the operator reads no Secret elsewhere,
+    /// and a Datacenter naming one is not Active (reason
+    /// `KubeconfigSecretOutsideOperatorNamespace`).
     #[schemars(length(min = 1))]
     pub namespace: String,
 

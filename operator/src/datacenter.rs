@@ -86,7 +86,7 @@ fn error_policy(dc: Arc<Datacenter>, error: &Error, ctx: Arc<Context>) -> Action
 async fn connect(dc: &Datacenter, ctx: &Context) -> Result<Cluster, Unavailable> {
     let (client, fingerprint) = match &dc.spec.cluster.remote {
         None => (ctx.client.clone(), "local".to_owned()),
-        Some(remote) => remote_client(remote, &ctx.client).await?,
+        Some(remote) => remote_client(remote, &ctx.client, &ctx.settings.namespace).await?,
     };
     let mut cluster = match ctx.clusters.get(&dc.name_any()) {
         Some(Ok(existing)) if existing.fingerprint == fingerprint => existing,
@@ -111,13 +111,24 @@ async fn probe(client: &Client) -> Result<(), Unavailable> {
 }
 
 /// A client for a remote cluster from its kubeconfig Secret, and a
-/// fingerprint of the kubeconfig.
+/// fingerprint of the kubeconfig. The Secret must be in `own_namespace`:
+/// Datacenters are cluster-scoped, and whoever may create one must not make
+/// the operator use another team's credentials.
 async fn remote_client(
     remote: &RemoteCluster,
     hub: &Client,
+    own_namespace: &str,
 ) -> Result<(Client, String), Unavailable> {
     let reference = &remote.kubeconfig_secret_ref;
     let at = format!("Secret {}/{}", reference.namespace, reference.name);
+    if reference.namespace != own_namespace {
+        return Err(unavailable(
+            "KubeconfigSecretOutsideOperatorNamespace",
+            format!(
+                "spec.cluster.remote.kubeconfigSecretRef.namespace: {at} is refused: the operator reads kubeconfig Secrets only in its own namespace {own_namespace}"
+            ),
+        ));
+    }
     let secret = Api::<Secret>::namespaced(hub.clone(), &reference.namespace)
         .get_opt(&reference.name)
         .await

@@ -80,6 +80,9 @@ impl Error {
 pub struct Settings {
     /// Image of the pods of jobs that do not name one.
     pub default_image: String,
+    /// The operator's own namespace, the only one whose Secrets it reads: a
+    /// remote Datacenter's kubeconfig Secret must be there.
+    pub namespace: String,
     /// How often an active Datacenter's cluster is probed.
     pub probe_interval: Duration,
     /// Longest wait between retries of a failing reconciliation or an

@@ -40,9 +40,16 @@ struct RunArgs {
     /// Image of the pods of jobs that do not name one.
     #[arg(long, default_value = concat!("ghcr.io/geoml/geoml:", env!("CARGO_PKG_VERSION")))]
     image: String,
-    /// Namespace of the leader-election Lease (the operator's own).
-    #[arg(long, default_value = "geoml-system")]
-    lease_namespace: String,
+    /// The operator's own namespace: where its leader-election Lease is, and
+    /// the only namespace whose Secrets (remote Datacenters' kubeconfigs) it
+    /// reads.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "geoml-system",
+        alias = "lease-namespace"
+    )]
+    namespace: String,
     /// Name of the leader-election Lease.
     #[arg(long, default_value = "geoml-operator")]
     lease_name: String,
@@ -86,6 +93,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("connecting to the cluster")?;
     let settings = Settings {
         default_image: args.image,
+        namespace: args.namespace.clone(),
         probe_interval: Duration::from_secs(args.probe_seconds),
         max_backoff: Duration::from_secs(args.max_backoff_seconds),
         progress_interval: Duration::from_secs(args.progress_seconds),
@@ -120,7 +128,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("reaching the apiserver")?;
     let election = Arc::new(LeaderElection::new(
         client,
-        &args.lease_namespace,
+        &args.namespace,
         &args.lease_name,
         &identity,
         Duration::from_secs(args.lease_seconds),

@@ -1,7 +1,8 @@
 //! The `geoml-operator run` binary, authenticated as the ServiceAccount the
 //! chart ships and bound only to the chart's RBAC rules, reconciles a job in
 //! a local and a "remote" datacenter (the same cluster reached through a
-//! kubeconfig Secret holding the same identity) without one forbidden request.
+//! kubeconfig Secret holding the same identity) without one forbidden request,
+//! and refuses a Datacenter whose kubeconfig Secret is in another namespace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use geoml_crds::TrainingJob;
+use geoml_crds::{Datacenter, TrainingJob};
 use geoml_tests::{ControlPlane, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -144,7 +145,7 @@ async fn the_operator_needs_no_rule_beyond_the_charts() {
         .args([
             "run",
             &format!("--listen=127.0.0.1:{port}"),
-            "--lease-namespace=geoml-system",
+            "--namespace=geoml-system",
             "--identity=test-operator",
         ])
         .args([
@@ -250,6 +251,56 @@ spec:
     assert!(
         http_get(port, "/metrics")
             .contains("geoml_operator_reconciliations_total{controller=\"trainingjob\"}")
+    );
+
+    // A Datacenter naming a kubeconfig Secret outside the operator's
+    // namespace is refused without the Secret being read (a read would show
+    // as a forbidden request below).
+    kubectl(
+        &plane,
+        &[
+            "create",
+            "secret",
+            "generic",
+            "team-b-kubeconfig",
+            "-n",
+            "ml",
+            &format!("--from-file=kubeconfig={}", kubeconfig_path.display()),
+        ],
+        None,
+    );
+    kubectl(
+        &plane,
+        &["apply", "-f", "-"],
+        Some(
+            r"
+apiVersion: geoml.io/v1alpha1
+kind: Datacenter
+metadata: {name: elsewhere}
+spec:
+  region: remote
+  cluster: {remote: {kubeconfigSecretRef: {name: team-b-kubeconfig, namespace: ml}}}
+  peerAccess: {serviceType: ClusterIP}
+",
+        ),
+    );
+    let datacenters = Api::<Datacenter>::all(admin.clone());
+    let refused = eventually("the foreign Secret refused", || async {
+        let dc = datacenters.get("elsewhere").await.unwrap();
+        let active = dc
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Active")?;
+        (active.status == "False").then_some(active)
+    })
+    .await;
+    assert_eq!(refused.reason, "KubeconfigSecretOutsideOperatorNamespace");
+    assert!(
+        refused.message.contains("kubeconfigSecretRef.namespace")
+            && refused.message.contains("geoml-system"),
+        "{}",
+        refused.message
     );
 
     jobs.delete("sites", &DeleteParams::default())

@@ -219,6 +219,7 @@ async fn training_jobs_become_pods_services_and_topologies_in_every_cluster() {
 
     let settings = Settings {
         default_image: "geoml:test".into(),
+        namespace: "geoml-system".into(),
         probe_interval: Duration::from_secs(1),
         max_backoff: Duration::from_secs(2),
         progress_interval: Duration::from_secs(30),
