@@ -12,7 +12,9 @@
 //! `x-kubernetes-validations`, enforced by the apiserver itself.
 
 pub mod datacenter;
+pub mod manifest;
 pub mod metrics;
+pub mod mode;
 pub mod sync_policy;
 pub mod topology;
 pub mod training_job;

@@ -6,14 +6,17 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use geoml_crds::Topology;
-use geoml_runtime::manifest::Manifest;
-use geoml_runtime::metrics::{self, WorkerMetrics};
-use geoml_runtime::placement::Placement;
-use geoml_runtime::ps::stopping::StoppingRule;
-use geoml_runtime::ps::{self, PsConfig};
-use geoml_runtime::run::{RunOptions, run};
-use geoml_runtime::worker::{self, WorkerConfig};
-use geoml_runtime::{compare, data, model, wan};
+use geoml_crds::manifest::Manifest;
+use geoml_crds::mode::Mode;
+use geoml_dataplane::cartel::role as cartel_role;
+use geoml_dataplane::metrics::{self, WorkerMetrics};
+use geoml_dataplane::placement::RolePlace;
+use geoml_dataplane::ps::stopping::StoppingRule;
+use geoml_dataplane::ps::{self, PsConfig};
+use geoml_dataplane::worker::{self, WorkerConfig};
+use geoml_dataplane::{data, model};
+use geoml_launcher::run::{RunOptions, run};
+use geoml_launcher::{compare, wan};
 use prometheus::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -40,7 +43,7 @@ enum Command {
     /// Emulate WAN links between datacenters: a TCP proxy adding latency and
     /// a bandwidth limit per link.
     WanProxy {
-        /// The links and routes (YAML; see `geoml_runtime::wan::WanConfig`).
+        /// The links and routes (YAML; see `geoml_launcher::wan::WanConfig`).
         #[arg(long)]
         config: PathBuf,
         /// Serve Prometheus metrics (bytes per link) at http://ADDR/metrics.
@@ -61,12 +64,12 @@ enum Command {
         messages: usize,
     },
     /// Serve Cartel's metadata registry (Collaborative jobs).
-    Registry(geoml_runtime::cartel::cli::RegistryArgs),
+    Registry(cartel_role::RegistryArgs),
     /// Run one site of a Collaborative job (Cartel or isolated).
-    Site(geoml_runtime::cartel::cli::SiteArgs),
+    Site(cartel_role::SiteArgs),
     /// Run Collaborative jobs in every mode (cartel, isolated, centralized,
     /// global) and print the figures with Cartel's ratios (build with --release).
-    CartelBench(geoml_runtime::cartel::cli::BenchArgs),
+    CartelBench(geoml_launcher::cartel::cli::BenchArgs),
     /// Data sets: `geoml data fetch --data-dir DIR NAME...` fetches them into
     /// a cache directory (FashionMNIST, MovieLens100K, Nycflights13, Digits);
     /// `geoml data NAME...` is the older spelling of the same.
@@ -267,7 +270,7 @@ async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
         Manifest::from_yaml(&text).with_context(|| format!("parsing {}", path.display()))?;
     let job = manifest.job()?;
     let topology = topology(&args.role)?;
-    let place = Placement::new(&job, &topology)?;
+    let place = RolePlace::new(&job, &topology)?;
     let mirrors = place.mirrors(&topology, args.shard)?;
     let spec = &job.job.spec;
     let data = args.role.load(spec.dataset.name)?;
@@ -317,7 +320,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(&args.role.manifest)?;
     let job = manifest.job()?;
     let spec = &job.job.spec;
-    let place = Placement::new(&job, &topology(&args.role)?)?;
+    let place = RolePlace::new(&job, &topology(&args.role)?)?;
     let (index, global_index) = place.worker(args.index)?;
     let data = args.role.load(spec.dataset.name)?;
     let model = model::build(&spec.model, &data)?;
@@ -380,7 +383,7 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
     let modes = args
         .modes
         .iter()
-        .map(|m| compare::parse_mode(m))
+        .map(|m| Mode::parse(m))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
     let temp = tempfile::Builder::new()
@@ -462,12 +465,10 @@ async fn main() -> anyhow::Result<()> {
             wan::serve(&config, &registry, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Registry(args) => {
-            Ok(geoml_runtime::cartel::cli::registry(args, shutdown_signal()).await?)
-        }
-        Command::Site(args) => Ok(geoml_runtime::cartel::cli::site(args, shutdown_signal()).await?),
+        Command::Registry(args) => Ok(cartel_role::registry(args, shutdown_signal()).await?),
+        Command::Site(args) => Ok(cartel_role::site(args, shutdown_signal()).await?),
         Command::CartelBench(args) => {
-            print!("{}", geoml_runtime::cartel::cli::bench(args).await?);
+            print!("{}", geoml_launcher::cartel::cli::bench(args).await?);
             Ok(())
         }
         Command::Bench {
@@ -475,7 +476,7 @@ async fn main() -> anyhow::Result<()> {
             width,
             messages,
         } => {
-            let report = geoml_runtime::bench::run(rows, width, messages)
+            let report = geoml_launcher::bench::run(rows, width, messages)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             print!("{}", report.table());

@@ -14,13 +14,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use geoml_runtime::cartel::divergence::jensen_shannon;
-use geoml_runtime::cartel::drift::{Adwin, DriftDetector, WindowLimit};
-use geoml_runtime::cartel::pb::registry_client::RegistryClient;
-use geoml_runtime::cartel::pb::{NeighboursRequest, SiteMetadata, SitesRequest};
-use geoml_runtime::cartel::site::SiteReport;
-use geoml_runtime::cartel::{Mode, run_detailed};
-use geoml_runtime::data::rng::SplitMix64;
+use geoml_crds::mode::CollaborativeMode;
+use geoml_dataplane::cartel::divergence::jensen_shannon;
+use geoml_dataplane::cartel::drift::{Adwin, DriftDetector, WindowLimit};
+use geoml_dataplane::cartel::site::SiteReport;
+use geoml_dataplane::data::rng::SplitMix64;
+use geoml_launcher::cartel::run_detailed;
+use geoml_proto::cartel::registry_client::RegistryClient;
+use geoml_proto::cartel::{NeighboursRequest, SiteMetadata, SitesRequest};
 use serde_yaml::Value;
 
 /// Error rate of a batch of 32 predictions, each wrong with probability `p`.
@@ -199,7 +200,9 @@ async fn cartel_sites_borrow_class_blocks_and_move_no_raw_samples() {
     let manifest = short_fashion_job(dir.path());
     let options = common::options(manifest, dir.path());
 
-    let (report, cartel, sites) = run_detailed(&options, Mode::Cartel).await.unwrap();
+    let (report, cartel, sites) = run_detailed(&options, CollaborativeMode::Cartel)
+        .await
+        .unwrap();
     assert_eq!(report.mode, "cartel");
     assert!(report.collaborative.adaptation_batches.is_some());
     // Sites a and c swap to site b's classes. Site a borrows from b; by
@@ -247,7 +250,9 @@ async fn cartel_sites_borrow_class_blocks_and_move_no_raw_samples() {
 
     // The same job isolated moves nothing and adapts no faster; centralized
     // moves raw samples.
-    let (_, isolated, _) = run_detailed(&options, Mode::Isolated).await.unwrap();
+    let (_, isolated, _) = run_detailed(&options, CollaborativeMode::Isolated)
+        .await
+        .unwrap();
     assert_eq!(isolated.wan_bytes_total, 0);
     assert_eq!(isolated.transfers, 0);
     assert!(
@@ -256,7 +261,9 @@ async fn cartel_sites_borrow_class_blocks_and_move_no_raw_samples() {
         cartel.adaptation_batches,
         isolated.adaptation_batches
     );
-    let (_, central, _) = run_detailed(&options, Mode::Centralized).await.unwrap();
+    let (_, central, _) = run_detailed(&options, CollaborativeMode::Centralized)
+        .await
+        .unwrap();
     assert!(central.bytes_by_type.contains_key("raw_batch"));
     assert!(central.wan_bytes_total > 100 * cartel.wan_bytes_total);
     assert!(central.model_bytes > cartel.model_bytes);

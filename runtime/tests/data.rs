@@ -5,7 +5,7 @@
 //! by later runs. Set `GEOML_CACHE_DIR` to put the cache elsewhere.
 
 use geoml_crds::training_job::{DatasetName, PartitionScheme, Partitioning};
-use geoml_runtime::data::{self, Classification, Examples, Ratings};
+use geoml_dataplane::data::{self, Classification, Examples, Ratings};
 
 fn classification(e: &Examples) -> Option<&Classification> {
     match e {

@@ -17,12 +17,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
-use geoml_runtime::manifest::Manifest;
-use geoml_runtime::pb;
-use geoml_runtime::pb::mirror::mirror_client::MirrorClient;
-use geoml_runtime::pb::parameter_server_client::ParameterServerClient;
-use geoml_runtime::ps::rows::{pack_indexes, pack_keys, pack_values, unpack_values};
-use geoml_runtime::run::LocalCluster;
+use geoml_crds::manifest::Manifest;
+use geoml_launcher::run::LocalRun;
+use geoml_proto as pb;
+use geoml_proto::mirror::mirror_client::MirrorClient;
+use geoml_proto::parameter_server_client::ParameterServerClient;
+use geoml_proto::rows::{pack_indexes, pack_keys, pack_values, unpack_values};
 use serde_yaml::Value;
 
 /// `gaia-3dc.yaml` on Digits: `latency` ms per datacenter (ap-southeast
@@ -64,7 +64,7 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     let manifest = write(dir.path(), &digits_gaia(10, 150, 2, bound));
     let docs = Manifest::load(&manifest).unwrap();
     let job = docs.job().unwrap();
-    let mut cluster = LocalCluster::start(options(manifest.clone(), dir.path()), &job)
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
         .await
         .unwrap();
     let shards = cluster.parameter_server_addresses().len();
@@ -118,12 +118,12 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     let (statuses, _) = cluster.shutdown().await.unwrap();
 
     // The initial model, as every shard builds it.
-    let data = geoml_runtime::data::load(
+    let data = geoml_dataplane::data::load(
         job.job.spec.dataset.name,
-        &geoml_runtime::data::default_cache_dir(),
+        &geoml_dataplane::data::default_cache_dir(),
     )
     .unwrap();
-    let model = geoml_runtime::model::build(&job.job.spec.model, &data).unwrap();
+    let model = geoml_dataplane::model::build(&job.job.spec.model, &data).unwrap();
     let mut initial = vec![0.0; model.layout().len()];
     for key in 0..model.layout().num_rows() as u32 {
         let range = model.layout().row(key).unwrap();

@@ -10,9 +10,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{doc, example, free_port, set, write};
-use geoml_runtime::pb;
-use geoml_runtime::pb::parameter_server_client::ParameterServerClient;
-use geoml_runtime::ps::rows::{pack_keys, pack_values};
+use geoml_proto as pb;
+use geoml_proto::parameter_server_client::ParameterServerClient;
+use geoml_proto::rows::{pack_keys, pack_values};
 use tonic::Code;
 use tonic::transport::Channel;
 

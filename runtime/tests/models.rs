@@ -3,8 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)] // test code
 
 use geoml_crds::training_job::{DatasetName, ModelKind, ModelSpec, Optimizer};
-use geoml_runtime::data::{self, DataSet, Examples, Ratings};
-use geoml_runtime::model::{self, Model, Update};
+use geoml_dataplane::data::{self, DataSet, Examples, Ratings};
+use geoml_dataplane::model::{self, Model, Update};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

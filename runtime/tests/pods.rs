@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, set};
 use geoml_crds::Topology;
 use geoml_crds::metrics as names;
-use geoml_runtime::ps::durability::Durability;
+use geoml_dataplane::ps::durability::Durability;
 use serde_yaml::Value;
 use tokio::process::{Child, Command};
 
@@ -162,7 +162,7 @@ impl Job {
         }
         for (_, metrics) in &self.shards {
             let deadline = Instant::now() + Duration::from_secs(60);
-            while geoml_runtime::metrics::scrape(*metrics).await.is_err() {
+            while geoml_dataplane::metrics::scrape(*metrics).await.is_err() {
                 assert!(Instant::now() < deadline, "a shard did not start");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -203,7 +203,7 @@ impl Job {
         let mut running = self.children.len();
         while running > 0 {
             for (d, (_, metrics)) in self.shards.iter().enumerate() {
-                if let Ok(text) = geoml_runtime::metrics::scrape(*metrics).await {
+                if let Ok(text) = geoml_dataplane::metrics::scrape(*metrics).await {
                     last[d] = value(&text, series).or(last[d]);
                 }
             }
@@ -313,7 +313,7 @@ async fn wait_for_series(metrics: SocketAddr, series: &str, ok: impl Fn(f64) -> 
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = None;
     while Instant::now() < deadline {
-        if let Ok(text) = geoml_runtime::metrics::scrape(metrics).await {
+        if let Ok(text) = geoml_dataplane::metrics::scrape(metrics).await {
             last = value(&text, series);
             if last.is_some_and(&ok) {
                 return last.unwrap_or_default();

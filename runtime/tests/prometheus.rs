@@ -17,8 +17,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, repo_root, set, write};
-use geoml_runtime::manifest::Manifest;
-use geoml_runtime::run::LocalCluster;
+use geoml_crds::manifest::Manifest;
+use geoml_launcher::run::LocalRun;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -131,7 +131,7 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     let manifest = write(dir.path(), &docs);
     let loaded = Manifest::load(&manifest).unwrap();
     let job = loaded.job().unwrap();
-    let mut cluster = LocalCluster::start(options(manifest.clone(), dir.path()), &job)
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
         .await
         .unwrap();
 

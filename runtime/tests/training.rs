@@ -6,7 +6,7 @@
 mod common;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, options, set, write};
-use geoml_runtime::run::{LocalCluster, Report, run};
+use geoml_launcher::run::{LocalRun, Report, run};
 use serde_yaml::Value;
 
 /// The Fashion-MNIST example, changed by `edit`, run to completion.
@@ -97,9 +97,9 @@ async fn a_killed_parameter_server_restarts_from_its_checkpoint_and_training_fin
     let dir = tempfile::tempdir().unwrap();
     let docs = example("fashion-mnist-lan.yaml");
     let manifest = write(dir.path(), &docs);
-    let manifest_docs = geoml_runtime::manifest::Manifest::load(&manifest).unwrap();
+    let manifest_docs = geoml_crds::manifest::Manifest::load(&manifest).unwrap();
     let job = manifest_docs.job().unwrap();
-    let mut cluster = LocalCluster::start(options(manifest.clone(), dir.path()), &job)
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
         .await
         .unwrap();
 

@@ -116,7 +116,7 @@ async fn every_example_passes_a_server_side_dry_run_apply() {
         }
         assert!(printed.contains("(server dry run)"), "{printed}");
         // Each example also resolves as `geoml run` reads it.
-        let manifest = geoml_runtime::manifest::Manifest::load(file).unwrap();
+        let manifest = geoml_crds::manifest::Manifest::load(file).unwrap();
         manifest.job().unwrap();
     }
     let trainingjobs = plane

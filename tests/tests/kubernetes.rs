@@ -20,8 +20,8 @@ const TRAINING: Duration = Duration::from_secs(15 * 60);
 /// The host's data cache with `name` in it: the volume the clusters' data
 /// claims are bound to.
 fn data_cache(name: DatasetName) -> std::path::PathBuf {
-    let dir = geoml_runtime::data::default_cache_dir();
-    geoml_runtime::data::load(name, &dir).unwrap();
+    let dir = geoml_dataplane::data::default_cache_dir();
+    geoml_dataplane::data::load(name, &dir).unwrap();
     dir
 }
 

@@ -8,11 +8,11 @@
 
 use std::collections::BTreeSet;
 
+use geoml_crds::manifest::Manifest;
 use geoml_crds::sync_policy::InterDatacenterModel;
 use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
+use geoml_dataplane::placement::RolePlace;
 use geoml_operator::job::build::{Endpoints, JobView, Placement};
-use geoml_runtime::manifest::Manifest;
-use geoml_runtime::placement::Placement as RolePlace;
 use kube::ResourceExt;
 use serde::Deserialize;
 

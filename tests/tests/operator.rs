@@ -406,7 +406,7 @@ spec:
                 .collect::<BTreeMap<_, _>>(),
             mirrors
         );
-        let parsed = geoml_runtime::manifest::Manifest::from_yaml(&manifest).unwrap();
+        let parsed = geoml_crds::manifest::Manifest::from_yaml(&manifest).unwrap();
         assert_eq!(parsed.job().unwrap().datacenters.len(), 3);
     }
     let status = job(&hub, JOB).await.status.unwrap();

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use geoml_runtime::run::RunOptions;
+use geoml_launcher::run::RunOptions;
 use serde_yaml::Value;
 
 /// Multi-process runs share two cores; one at a time keeps them comparable.
@@ -59,7 +59,7 @@ pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
         geoml: PathBuf::from(env!("CARGO_BIN_EXE_geoml")),
         manifest,
         work_dir: work_dir.to_owned(),
-        data_dir: geoml_runtime::data::default_cache_dir(),
+        data_dir: geoml_dataplane::data::default_cache_dir(),
         eval_every: 20,
         progress: false,
         target: None,

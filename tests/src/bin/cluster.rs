@@ -42,8 +42,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut sigterm = signal(SignalKind::terminate())?;
     eprintln!("fetching Fashion-MNIST into the data cache (first run only)");
-    let data = geoml_runtime::data::default_cache_dir();
-    geoml_runtime::data::load(DatasetName::FashionMnist, &data)?;
+    let data = geoml_dataplane::data::default_cache_dir();
+    geoml_dataplane::data::load(DatasetName::FashionMnist, &data)?;
     eprintln!("building the images (the first run builds Kubernetes too; several minutes)");
     let images = geoml_images()?;
     let mut clusters = Vec::new();

@@ -1,0 +1,160 @@
+//! Reads multi-document YAML manifests of geoml objects and resolves a
+//! TrainingJob's references (its SyncPolicy and Datacenters).
+
+use std::path::Path;
+
+use crate::{Datacenter, SyncPolicy, TrainingJob};
+use kube::ResourceExt;
+use serde::Deserialize;
+
+/// What can be wrong with a manifest file.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A document is not valid YAML for its kind.
+    #[error("document {index}: {source}")]
+    Yaml {
+        /// Position of the document in the stream, from 1.
+        index: usize,
+        /// Why.
+        source: serde_yaml::Error,
+    },
+    /// A document is not a geoml object.
+    #[error(
+        "document {index}: {api_version} {kind} is not a geoml.io/v1alpha1 Datacenter, SyncPolicy or TrainingJob"
+    )]
+    UnknownKind {
+        /// Position of the document in the stream, from 1.
+        index: usize,
+        /// Its `apiVersion`.
+        api_version: String,
+        /// Its `kind`.
+        kind: String,
+    },
+    /// There is not exactly one TrainingJob.
+    #[error("expected exactly one TrainingJob, found {0}")]
+    JobCount(usize),
+    /// The job names a SyncPolicy the manifest does not hold.
+    #[error("spec.syncPolicyRef.name: SyncPolicy {0:?} is not in the manifest")]
+    MissingSyncPolicy(String),
+    /// The job names a Datacenter the manifest does not hold.
+    #[error("spec.datacenters: Datacenter {0:?} is not in the manifest")]
+    MissingDatacenter(String),
+}
+
+/// The geoml objects of one manifest file, in file order.
+#[derive(Debug, Default)]
+pub struct Manifest {
+    /// Every Datacenter.
+    pub datacenters: Vec<Datacenter>,
+    /// Every SyncPolicy.
+    pub sync_policies: Vec<SyncPolicy>,
+    /// Every TrainingJob.
+    pub training_jobs: Vec<TrainingJob>,
+}
+
+/// A TrainingJob with the objects it references.
+#[derive(Debug)]
+pub struct ResolvedJob<'a> {
+    /// The job.
+    pub job: &'a TrainingJob,
+    /// Its SyncPolicy.
+    pub sync_policy: &'a SyncPolicy,
+    /// Its Datacenters, in the order the job lists them.
+    pub datacenters: Vec<&'a Datacenter>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+impl Manifest {
+    /// Reads a manifest file.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parses a stream of YAML documents; empty documents are skipped.
+    pub fn from_yaml(text: &str) -> Result<Self, ManifestError> {
+        let mut manifest = Self::default();
+        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let index = i + 1;
+            let yaml = |source| ManifestError::Yaml { index, source };
+            let value = serde_yaml::Value::deserialize(document).map_err(yaml)?;
+            if value.is_null() {
+                continue;
+            }
+            let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(yaml)?;
+            match (meta.api_version.as_str(), meta.kind.as_str()) {
+                ("geoml.io/v1alpha1", "Datacenter") => {
+                    manifest
+                        .datacenters
+                        .push(serde_yaml::from_value(value).map_err(yaml)?);
+                }
+                ("geoml.io/v1alpha1", "SyncPolicy") => {
+                    manifest
+                        .sync_policies
+                        .push(serde_yaml::from_value(value).map_err(yaml)?);
+                }
+                ("geoml.io/v1alpha1", "TrainingJob") => {
+                    manifest
+                        .training_jobs
+                        .push(serde_yaml::from_value(value).map_err(yaml)?);
+                }
+                _ => {
+                    return Err(ManifestError::UnknownKind {
+                        index,
+                        api_version: meta.api_version,
+                        kind: meta.kind,
+                    });
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The manifest's one TrainingJob with its SyncPolicy and Datacenters.
+    pub fn job(&self) -> Result<ResolvedJob<'_>, ManifestError> {
+        let [job] = self.training_jobs.as_slice() else {
+            return Err(ManifestError::JobCount(self.training_jobs.len()));
+        };
+        let policy_name = &job.spec.sync_policy_ref.name;
+        let sync_policy = self
+            .sync_policies
+            .iter()
+            .find(|p| &p.name_any() == policy_name)
+            .ok_or_else(|| ManifestError::MissingSyncPolicy(policy_name.clone()))?;
+        let datacenters = job
+            .spec
+            .datacenters
+            .iter()
+            .map(|placement| {
+                self.datacenters
+                    .iter()
+                    .find(|dc| dc.name_any() == placement.name)
+                    .ok_or_else(|| ManifestError::MissingDatacenter(placement.name.clone()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ResolvedJob {
+            job,
+            sync_policy,
+            datacenters,
+        })
+    }
+}

@@ -1,0 +1,373 @@
+//! The gRPC face of a parameter-server shard: decodes requests at the edge,
+//! gates reads by the consistency model, logs and applies pushes.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prost::Message;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument, warn};
+
+use geoml_proto::rows::{rows, unpack_keys, unpack_values};
+
+use super::shard::{Consistency, ShardError};
+use super::stopping::StoppingRule;
+use crate::gaia::service::Links;
+use crate::metrics::PsMetrics;
+use crate::pb;
+use crate::pb::parameter_server_server::ParameterServer;
+use crate::state::{Progress, State, lock, publish};
+
+/// A parameter-server shard as a gRPC service.
+pub struct ShardService {
+    state: Arc<Mutex<State>>,
+    progress: Arc<watch::Sender<Progress>>,
+    links: Option<Arc<Links>>,
+    consistency: Consistency,
+    stopping: StoppingRule,
+    metrics: PsMetrics,
+    /// Global indexes of the workers of this shard's own datacenter; the
+    /// others reach it over the WAN.
+    local_workers: Range<u32>,
+}
+
+impl ShardService {
+    /// Wraps `state`; readers wait on `progress`; `links` reach the mirrors;
+    /// workers outside `local_workers` are in other datacenters.
+    pub fn new(
+        state: Arc<Mutex<State>>,
+        progress: Arc<watch::Sender<Progress>>,
+        links: Option<Arc<Links>>,
+        consistency: Consistency,
+        stopping: StoppingRule,
+        metrics: PsMetrics,
+        local_workers: Range<u32>,
+    ) -> Self {
+        {
+            let state = lock(&state);
+            publish(&state, &progress);
+            if let Some(m) = &state.mirror {
+                metrics.observe_mirror(&m.status(0));
+            }
+        }
+        Self {
+            state,
+            progress,
+            links,
+            consistency,
+            stopping,
+            metrics,
+            local_workers,
+        }
+    }
+
+    fn reject(&self, reason: &str, status: Status) -> Status {
+        self.metrics.rejected.with_label_values(&[reason]).inc();
+        warn!(reason, message = status.message(), "request rejected");
+        status
+    }
+
+    /// Counts a request of `worker` and its response.
+    fn count(&self, state: &mut State, worker: u32, received: usize, sent: usize) {
+        state.bytes_received += received as u64;
+        state.bytes_sent += sent as u64;
+        self.metrics.bytes_received.inc_by(received as u64);
+        self.metrics.bytes_sent.inc_by(sent as u64);
+        if !self.local_workers.contains(&worker) {
+            let both = (received + sent) as u64;
+            state.wan_bytes += both;
+            self.metrics.wan_bytes.inc_by(both);
+        }
+    }
+
+    /// Publishes the clock after a change and stops on the clock budget.
+    fn advance(&self, state: &mut State) {
+        let min_clock = state.shard.min_clock();
+        self.metrics
+            .clock
+            .set(i64::try_from(min_clock).unwrap_or(i64::MAX));
+        if state.stopped.is_none() {
+            state.stopped = self.stopping.on_clock(min_clock);
+        }
+        if let (
+            Some(links),
+            State {
+                shard,
+                mirror: Some(mirror),
+                stopped,
+                ..
+            },
+        ) = (&self.links, &mut *state)
+        {
+            let out = mirror.on_clock(
+                shard.values(),
+                min_clock,
+                stopped.is_some(),
+                &links.backlog(),
+            );
+            links.send(&out, &self.state);
+            self.metrics
+                .observe_mirror(&mirror.status(links.unacknowledged()));
+        }
+        publish(state, &self.progress);
+    }
+
+    /// Waits until the mirrors let a worker at `clock` read `rows`: the
+    /// mirror-clock bound (or averaging round), then the selective barrier.
+    async fn wait_for_mirrors(&self, clock: u64, rows: &[usize]) -> Result<(), Status> {
+        let shutting_down = |_| Status::unavailable("parameter server is shutting down");
+        let mut progress = self.progress.subscribe();
+        let waited = Instant::now();
+        if progress.borrow_and_update().read_limit < clock {
+            progress
+                .wait_for(|p| p.stopped || clock <= p.read_limit)
+                .await
+                .map_err(shutting_down)?;
+            if let Some(m) = lock(&self.state).mirror.as_mut() {
+                m.stats.clock_blocks += 1;
+                m.stats.clock_wait += waited.elapsed().as_secs_f64();
+            }
+        }
+        let waited = Instant::now();
+        let mut blocked = false;
+        loop {
+            {
+                let mut state = lock(&self.state);
+                let stopped = state.stopped.is_some();
+                let Some(m) = state.mirror.as_mut() else {
+                    return Ok(());
+                };
+                if stopped || !m.blocked(rows) {
+                    if blocked {
+                        m.stats.barrier_blocks += 1;
+                        m.stats.barrier_wait += waited.elapsed().as_secs_f64();
+                    }
+                    if !stopped {
+                        m.stats.max_skew = m.stats.max_skew.max(m.skew(clock));
+                    }
+                    return Ok(());
+                }
+                blocked = true;
+            }
+            progress.changed().await.map_err(shutting_down)?;
+        }
+    }
+}
+
+impl From<ShardError> for Status {
+    fn from(e: ShardError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// The keys of `rows` (`None` for all), checked.
+fn requested_keys(rows: Option<&pb::Rows>) -> Result<Option<Vec<u32>>, Status> {
+    let rows = rows.ok_or_else(|| Status::invalid_argument("rows: missing"))?;
+    if rows.all {
+        if !rows.keys.is_empty() {
+            return Err(Status::invalid_argument("rows: keys given with all = true"));
+        }
+        return Ok(None);
+    }
+    Ok(Some(unpack_keys(&rows.keys)?))
+}
+
+#[tonic::async_trait]
+impl ParameterServer for ShardService {
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let received = request.get_ref().encoded_len();
+        let req = request.into_inner();
+        let keys = requested_keys(req.rows.as_ref()).map_err(|s| self.reject("malformed", s))?;
+        if req.rows.as_ref().is_some_and(|r| !r.values.is_empty()) {
+            return Err(self.reject(
+                "malformed",
+                Status::invalid_argument("rows: a pull sends no values"),
+            ));
+        }
+        let local_rows = {
+            let state = lock(&self.state);
+            state
+                .shard
+                .check_worker(req.worker)
+                .map_err(|e| self.reject("unknown_worker", e.into()))?;
+            if let Some(keys) = &keys
+                && keys.len() > state.shard.keys().len()
+            {
+                return Err(self.reject(
+                    "too_large",
+                    Status::resource_exhausted(format!(
+                        "rows: {} keys asked for, the shard has {}",
+                        keys.len(),
+                        state.shard.keys().len()
+                    )),
+                ));
+            }
+            state
+                .shard
+                .rows_of(keys.as_deref())
+                .map_err(|e| self.reject("unknown_key", e.into()))?
+        };
+
+        let waited = Instant::now();
+        let consistency = self.consistency;
+        let clock = req.clock;
+        self.progress
+            .subscribe()
+            .wait_for(|p| p.stopped || consistency.can_read(clock, p.min_clock))
+            .await
+            .map_err(|_| Status::unavailable("parameter server is shutting down"))?;
+        self.metrics
+            .read_wait_seconds
+            .inc_by(waited.elapsed().as_secs_f64());
+        self.wait_for_mirrors(clock, &local_rows).await?;
+
+        let mut state = lock(&self.state);
+        let values = state
+            .shard
+            .read(keys.as_deref())
+            .map_err(|e| self.reject("unknown_key", e.into()))?;
+        let response = pb::PullResponse {
+            rows: Some(rows(keys.as_deref(), &values)),
+            min_clock: state.shard.min_clock(),
+            stop: state.stopped.is_some(),
+        };
+        self.count(&mut state, req.worker, received, response.encoded_len());
+        Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let received = request.get_ref().encoded_len();
+        let req = request.into_inner();
+        let keys =
+            requested_keys(req.gradient.as_ref()).map_err(|s| self.reject("malformed", s))?;
+        let values = unpack_values(req.gradient.as_ref().map_or(&[][..], |g| &g.values))
+            .map_err(|e| self.reject("malformed", e.into()))?;
+
+        let mut state = lock(&self.state);
+        let rows = state
+            .shard
+            .check(req.worker, req.clock, keys.as_deref(), &values)
+            .map_err(|e| self.reject("invalid_update", e.into()))?;
+        if let Some(rows) = rows {
+            // Logged before it is applied and acknowledged.
+            if let Some(durability) = &mut state.durability {
+                durability
+                    .log(&req)
+                    .map_err(|e| Status::internal(format!("write-ahead log: {e}")))?;
+            }
+            let State { shard, mirror, .. } = &mut *state;
+            shard.commit(
+                req.worker,
+                req.clock,
+                &rows,
+                &values,
+                mirror.as_mut().map(|m| &mut m.changes),
+            );
+            self.metrics.updates_applied.inc();
+            self.advance(&mut state);
+            let min_clock = state.shard.min_clock();
+            if state.durability.as_ref().is_some_and(|d| d.due(min_clock)) {
+                state
+                    .checkpoint()
+                    .map_err(|e| Status::internal(format!("checkpoint: {e}")))?;
+            }
+        } else {
+            self.metrics.updates_duplicate.inc();
+        }
+        let response = pb::PushResponse {
+            min_clock: state.shard.min_clock(),
+            stop: state.stopped.is_some(),
+        };
+        self.count(&mut state, req.worker, received, response.encoded_len());
+        Ok(Response::new(response))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn report(
+        &self,
+        request: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let req = request.into_inner();
+        if !req.metric.is_finite() {
+            return Err(self.reject("malformed", Status::invalid_argument("metric: not finite")));
+        }
+        let mut state = lock(&self.state);
+        state
+            .shard
+            .check_worker(req.worker)
+            .map_err(|e| self.reject("unknown_worker", e.into()))?;
+        self.metrics.metric.set(req.metric);
+        state.history.push(pb::MetricPoint {
+            unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            clock: req.clock,
+            metric: req.metric,
+        });
+        if state.stopped.is_none() {
+            state.stopped = self.stopping.on_report(req.metric, req.model_change);
+            self.advance(&mut state);
+        }
+        Ok(Response::new(pb::ReportResponse {
+            stop: state.stopped.is_some(),
+            reason: state.stopped.clone().unwrap_or_default(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let state = lock(&self.state);
+        Ok(Response::new(pb::StatusResponse {
+            min_clock: state.shard.min_clock(),
+            worker_clocks: state.shard.worker_clocks().to_vec(),
+            stopped: state.stopped.is_some(),
+            stop_reason: state.stopped.clone().unwrap_or_default(),
+            metrics: state.history.clone(),
+            bytes_received: state.bytes_received,
+            bytes_sent: state.bytes_sent,
+            updates_applied: state.shard.updates_applied(),
+            shard: state.shard.id(),
+            datacenter: state.datacenter.clone(),
+            mirror: state
+                .mirror
+                .as_ref()
+                .map(|m| m.status(self.links.as_ref().map_or(0, |l| l.unacknowledged()))),
+            wan_bytes: state.wan_bytes,
+            workers_left: u32::try_from(state.left.iter().filter(|&&l| l).count())
+                .unwrap_or(u32::MAX),
+        }))
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker))]
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let worker = request.into_inner().worker;
+        let mut state = lock(&self.state);
+        state
+            .shard
+            .check_worker(worker)
+            .map_err(|e| self.reject("unknown_worker", e.into()))?;
+        if let Some(left) = state.left.get_mut(worker as usize)
+            && !*left
+        {
+            *left = true;
+            info!(worker, "worker left");
+        }
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+}

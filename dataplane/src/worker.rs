@@ -1,0 +1,403 @@
+//! A worker: owns a partition of the training data; every iteration it pulls
+//! its working set from the parameter servers, computes a gradient on a
+//! mini-batch and pushes it. One worker per model also evaluates on held-out
+//! data and reports to its shards, which apply the stopping rule.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures::future::try_join_all;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+use crate::data::{DataSet, Examples};
+use crate::metrics::WorkerMetrics;
+use crate::model::{Layout, Model, WorkingSet};
+use crate::pb;
+use crate::pb::parameter_server_client::ParameterServerClient;
+use geoml_proto::rows::{pack_keys, rows, unpack_values};
+use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
+
+/// Everything a worker needs to know.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Index of this worker among the workers of its shards.
+    pub index: u32,
+    /// Whether this worker evaluates the model and reports to its shards.
+    pub evaluates: bool,
+    /// Addresses of the parameter-server shards, `http://host:port`, in shard order.
+    pub parameter_servers: Vec<String>,
+    /// Examples per mini-batch.
+    pub batch_size: usize,
+    /// Seed of the batch order.
+    pub seed: u64,
+    /// Evaluate every this many clocks (worker 0 only).
+    pub eval_every: u64,
+    /// How long to keep retrying an unreachable parameter server.
+    pub retry_for: Duration,
+}
+
+/// How a worker's training ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerSummary {
+    /// Iterations completed.
+    pub clock: u64,
+    /// Last evaluation metric, if this worker evaluates.
+    pub metric: Option<f64>,
+}
+
+/// What can stop a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A parameter-server address is invalid.
+    #[error("parameter server address {address}: {source}")]
+    Address {
+        /// The address.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// A parameter server refused a request or stayed unreachable.
+    #[error("parameter server {shard}: {status}")]
+    Rpc {
+        /// The shard.
+        shard: usize,
+        /// Its answer.
+        status: Status,
+    },
+    /// A response does not fit the model.
+    #[error("parameter server {shard} sent {got} values, expected {expected}")]
+    Shape {
+        /// The shard.
+        shard: usize,
+        /// Values expected.
+        expected: usize,
+        /// Values received.
+        got: usize,
+    },
+    /// The data partition is empty.
+    #[error("worker {0} has no training examples")]
+    NoData(u32),
+}
+
+/// Connects to every shard (lazily: the first request dials, and a
+/// restarted server is dialled again).
+pub fn connect(addresses: &[String]) -> Result<Vec<ParameterServerClient<Channel>>, WorkerError> {
+    addresses
+        .iter()
+        .map(|address| {
+            let channel = Endpoint::from_shared(address.clone())
+                .map_err(|source| WorkerError::Address {
+                    address: address.clone(),
+                    source,
+                })?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .initial_stream_window_size(WINDOW_BYTES)
+                .initial_connection_window_size(2 * WINDOW_BYTES)
+                .connect_lazy();
+            Ok(ParameterServerClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        })
+        .collect()
+}
+
+/// Calls `f` until it succeeds, retrying while the server is unreachable.
+async fn retry<T, F, Fut>(shard: usize, retry_for: Duration, mut f: F) -> Result<T, WorkerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let deadline = Instant::now() + retry_for;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ) && Instant::now() < deadline =>
+            {
+                warn!(shard, %status, "parameter server unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(status) => return Err(WorkerError::Rpc { shard, status }),
+        }
+    }
+}
+
+/// Keys of `working_set` owned by each of `shards` shards (`None`: all).
+fn split_keys(working_set: &WorkingSet, shards: usize) -> Vec<Option<Vec<u32>>> {
+    match working_set {
+        WorkingSet::All => vec![None; shards],
+        WorkingSet::Rows(keys) => {
+            let mut split = vec![Vec::new(); shards];
+            for &k in keys {
+                split[k as usize % shards].push(k);
+            }
+            split.into_iter().map(Some).collect()
+        }
+    }
+}
+
+/// The keys shard `shard` of `shards` owns, or `keys` when given.
+fn shard_keys(layout: &Layout, shard: usize, shards: usize, keys: Option<&[u32]>) -> Vec<u32> {
+    keys.map_or_else(
+        || {
+            (0..u32::try_from(layout.num_rows()).unwrap_or(u32::MAX))
+                .filter(|k| *k as usize % shards == shard)
+                .collect()
+        },
+        <[u32]>::to_vec,
+    )
+}
+
+/// A worker's connection to its parameter servers and its copy of the model.
+struct Session<'a> {
+    model: &'a dyn Model,
+    clients: Vec<ParameterServerClient<Channel>>,
+    config: &'a WorkerConfig,
+    params: Vec<f32>,
+}
+
+impl Session<'_> {
+    /// Pulls the rows of `working_set` at `clock` into `params`; true when
+    /// training has stopped.
+    async fn pull(&mut self, clock: u64, working_set: &WorkingSet) -> Result<bool, WorkerError> {
+        let shards = self.clients.len();
+        let split = split_keys(working_set, shards);
+        let calls = split.iter().enumerate().map(|(shard, keys)| {
+            let client = self.clients[shard].clone();
+            let request = pb::PullRequest {
+                worker: self.config.index,
+                clock,
+                rows: Some(pb::Rows {
+                    keys: keys.as_deref().map(pack_keys).unwrap_or_default(),
+                    values: Vec::new(),
+                    all: keys.is_none(),
+                }),
+            };
+            retry(shard, self.config.retry_for, move || {
+                let mut client = client.clone();
+                let request = request.clone();
+                async move { client.pull(request).await }
+            })
+        });
+        let responses = try_join_all(calls).await?;
+        let layout = self.model.layout();
+        let mut stop = false;
+        for (shard, response) in responses.into_iter().enumerate() {
+            stop |= response.stop;
+            let values = unpack_values(&response.rows.unwrap_or_default().values).map_err(|e| {
+                WorkerError::Rpc {
+                    shard,
+                    status: Status::internal(e.to_string()),
+                }
+            })?;
+            let keys = shard_keys(layout, shard, shards, split[shard].as_deref());
+            let mut at = 0;
+            for key in keys {
+                let Some(range) = layout.row(key) else {
+                    continue;
+                };
+                let Some(row) = values.get(at..at + range.len()) else {
+                    return Err(WorkerError::Shape {
+                        shard,
+                        expected: at + range.len(),
+                        got: values.len(),
+                    });
+                };
+                at += range.len();
+                self.params[range].copy_from_slice(row);
+            }
+        }
+        Ok(stop)
+    }
+
+    /// Pushes `gradient` as iteration `clock` to every shard; true when
+    /// training has stopped.
+    async fn push(
+        &mut self,
+        clock: u64,
+        keys: Option<&[u32]>,
+        values: &[f32],
+    ) -> Result<bool, WorkerError> {
+        let shards = self.clients.len();
+        let layout = self.model.layout();
+        let mut per_shard: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); shards];
+        let mut at = 0;
+        for key in shard_keys(layout, 0, 1, keys) {
+            let width = layout.row(key).map_or(0, |r| r.len());
+            let (shard_keys, shard_values) = &mut per_shard[key as usize % shards];
+            shard_keys.push(key);
+            shard_values.extend_from_slice(&values[at..at + width]);
+            at += width;
+        }
+        let calls = per_shard
+            .into_iter()
+            .enumerate()
+            .map(|(shard, (shard_keys, shard_values))| {
+                let client = self.clients[shard].clone();
+                let request = pb::PushRequest {
+                    worker: self.config.index,
+                    clock,
+                    gradient: Some(rows(keys.map(|_| shard_keys.as_slice()), &shard_values)),
+                };
+                retry(shard, self.config.retry_for, move || {
+                    let mut client = client.clone();
+                    let request = request.clone();
+                    async move { client.push(request).await }
+                })
+            });
+        Ok(try_join_all(calls).await?.iter().any(|r| r.stop))
+    }
+
+    /// Tells every shard this worker stopped and sends nothing more (shards
+    /// exit once all their workers left). Best effort: a shard that cannot
+    /// be told gives up waiting on its own.
+    async fn leave(&self) {
+        let calls = self.clients.iter().enumerate().map(|(shard, client)| {
+            let request = pb::LeaveRequest {
+                worker: self.config.index,
+            };
+            retry(shard, self.config.retry_for, move || {
+                let mut client = client.clone();
+                async move { client.leave(request).await }
+            })
+        });
+        for result in futures::future::join_all(calls).await {
+            if let Err(e) = result {
+                warn!(worker = self.config.index, "could not say it left: {e}");
+            }
+        }
+    }
+
+    /// The clock this worker resumes from: the lowest any shard recorded for it.
+    async fn resume_clock(&mut self) -> Result<u64, WorkerError> {
+        let index = self.config.index as usize;
+        let mut clock = u64::MAX;
+        for (shard, client) in self.clients.iter().enumerate() {
+            let status = retry(shard, self.config.retry_for, || {
+                let mut client = client.clone();
+                async move { client.status(pb::StatusRequest {}).await }
+            })
+            .await?;
+            clock = clock.min(status.worker_clocks.get(index).copied().unwrap_or(0));
+        }
+        Ok(if clock == u64::MAX { 0 } else { clock })
+    }
+}
+
+/// Relative change `‖a − b‖ / ‖b‖`.
+fn relative_change(a: &[f32], b: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0.0_f64, 0.0_f64);
+    for (x, y) in a.iter().zip(b) {
+        diff += f64::from(x - y).powi(2);
+        norm += f64::from(*y).powi(2);
+    }
+    if norm == 0.0 {
+        f64::INFINITY
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Trains on the examples `partition` of `data.train` until a parameter
+/// server says training has stopped.
+pub async fn run(
+    config: &WorkerConfig,
+    model: &dyn Model,
+    data: &DataSet,
+    partition: Vec<usize>,
+    metrics: &WorkerMetrics,
+) -> Result<WorkerSummary, WorkerError> {
+    if partition.is_empty() {
+        return Err(WorkerError::NoData(config.index));
+    }
+    let mut session = Session {
+        model,
+        clients: connect(&config.parameter_servers)?,
+        config,
+        params: vec![0.0; model.layout().len()],
+    };
+    let mut clock = session.resume_clock().await?;
+    info!(
+        worker = config.index,
+        clock,
+        examples = partition.len(),
+        "training"
+    );
+    let mut rng =
+        StdRng::seed_from_u64(config.seed ^ u64::from(config.index).wrapping_mul(0x9e37_79b9));
+    let mut order = partition;
+    let mut position = order.len();
+    let mut previous: Option<Vec<f32>> = None;
+    let mut metric = None;
+    loop {
+        if position >= order.len() {
+            order.shuffle(&mut rng);
+            position = 0;
+        }
+        let end = (position + config.batch_size).min(order.len());
+        let batch: Examples = data.train.select(&order[position..end]);
+        position = end;
+
+        let started = Instant::now();
+        let working_set = model.working_set(&batch);
+        let mut stop = session.pull(clock, &working_set).await?;
+        let pulled = started.elapsed();
+        let update = model.gradient(&session.params, &batch);
+        let computed = started.elapsed();
+        stop |= session
+            .push(clock + 1, update.keys.as_deref(), &update.values)
+            .await?;
+        clock += 1;
+        metrics
+            .compute_seconds
+            .inc_by(computed.saturating_sub(pulled).as_secs_f64());
+        metrics
+            .communication_seconds
+            .inc_by((started.elapsed().saturating_sub(computed) + pulled).as_secs_f64());
+        metrics.clock.set(i64::try_from(clock).unwrap_or(i64::MAX));
+
+        if config.evaluates && (stop || clock % config.eval_every.max(1) == 0) {
+            stop |= session.pull(clock, &WorkingSet::All).await?;
+            let value = model.evaluate(&session.params, &data.test);
+            let change = previous
+                .as_ref()
+                .map_or(f64::INFINITY, |p| relative_change(&session.params, p));
+            previous = Some(session.params.clone());
+            metric = Some(value);
+            metrics.metric.set(value);
+            info!(clock, metric = value, model_change = change, "evaluated");
+            // Every shard applies the stopping rule, so all stop together and
+            // no worker is left waiting on a shard that did not hear of it.
+            let report = pb::ReportRequest {
+                worker: config.index,
+                clock,
+                metric: value,
+                model_change: change,
+            };
+            let calls = session.clients.iter().enumerate().map(|(shard, client)| {
+                retry(shard, config.retry_for, move || {
+                    let mut client = client.clone();
+                    async move { client.report(report).await }
+                })
+            });
+            let responses = try_join_all(calls).await?;
+            stop |= responses.iter().any(|r| r.stop);
+        }
+        if stop {
+            info!(worker = config.index, clock, "stopping");
+            session.leave().await;
+            return Ok(WorkerSummary { clock, metric });
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! [`RunOptions`]: how to run a job locally, shared by `geoml run`,
+//! `geoml compare`, the Cartel harness and `geoml cartel-bench`.
+
+use std::path::PathBuf;
+
+/// How to run a job locally.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The `geoml` binary to start roles with.
+    pub geoml: PathBuf,
+    /// The manifest file.
+    pub manifest: PathBuf,
+    /// Where logs, topology files and checkpoints go.
+    pub work_dir: PathBuf,
+    /// Where data sets are cached.
+    pub data_dir: PathBuf,
+    /// Evaluate every this many clocks.
+    pub eval_every: u64,
+    /// Draw progress bars.
+    pub progress: bool,
+    /// The target time to target is measured against, when the manifest's
+    /// job has none of its own (`geoml compare --full-budget` removes it so
+    /// that runs use their whole clock budget).
+    pub target: Option<f64>,
+}

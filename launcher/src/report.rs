@@ -1,0 +1,225 @@
+//! The report of a local run (`geoml run --json`, one per mode in
+//! `geoml compare`), shared by parameter-server runs and Collaborative ones,
+//! and its terminal table.
+
+use std::fmt::Write as _;
+
+use geoml_proto as pb;
+use serde::Serialize;
+
+/// One evaluation of the model during a run.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MetricSample {
+    /// Seconds since training started (for `centralized`, since the data
+    /// started to move).
+    pub seconds: f64,
+    /// Clock of the evaluating worker.
+    pub clock: u64,
+    /// The metric.
+    pub metric: f64,
+}
+
+/// Bytes one emulated WAN link carried.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct LinkBytes {
+    /// Sending datacenter.
+    pub from: String,
+    /// Receiving datacenter.
+    pub to: String,
+    /// TCP payload bytes (gRPC with its HTTP/2 framing, or shipped data).
+    pub bytes: u64,
+}
+
+/// How one datacenter's model fared.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DatacenterReport {
+    /// The datacenter.
+    pub name: String,
+    /// Clocks its slowest worker completed.
+    pub clocks: u64,
+    /// Last evaluation of the model its workers read.
+    pub final_metric: Option<f64>,
+    /// When that model first met the target.
+    pub time_to_target_seconds: Option<f64>,
+    /// Every evaluation of that model, oldest first.
+    pub metric_history: Vec<MetricSample>,
+}
+
+/// Mirror synchronisation of a run, summed over every shard.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MirrorTotals {
+    /// Of the parameter updates workers made, the fraction sent to mirrors
+    /// (modes with mirrors).
+    pub updates_sent_fraction: Option<f64>,
+    /// Reads the selective barrier held.
+    pub barrier_blocks: u64,
+    /// Seconds reads waited at the selective barrier, summed.
+    pub barrier_wait_seconds: f64,
+    /// Reads the mirror-clock bound (or an averaging round) held.
+    pub clock_blocks: u64,
+    /// Seconds reads waited for the mirror-clock bound or a round, summed.
+    pub clock_wait_seconds: f64,
+    /// Most mirror clocks any datacenter ran ahead of its slowest peer.
+    pub max_mirror_skew: u64,
+}
+
+impl MirrorTotals {
+    /// The totals of the final statuses of every shard.
+    #[must_use]
+    pub fn of(statuses: &[pb::StatusResponse]) -> Self {
+        let mirrors: Vec<&pb::MirrorStatus> =
+            statuses.iter().filter_map(|s| s.mirror.as_ref()).collect();
+        let updated: u64 = mirrors.iter().map(|m| m.elements_updated).sum();
+        let sent: u64 = mirrors.iter().map(|m| m.elements_sent).sum();
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        Self {
+            updates_sent_fraction: (updated > 0).then(|| sent as f64 / updated as f64),
+            barrier_blocks: mirrors.iter().map(|m| m.barrier_blocks).sum(),
+            barrier_wait_seconds: mirrors.iter().map(|m| m.barrier_wait_seconds).sum(),
+            clock_blocks: mirrors.iter().map(|m| m.clock_blocks).sum(),
+            clock_wait_seconds: mirrors.iter().map(|m| m.clock_wait_seconds).sum(),
+            max_mirror_skew: mirrors.iter().map(|m| m.max_skew).max().unwrap_or(0),
+        }
+    }
+}
+
+/// The `--json` report of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The TrainingJob's name.
+    pub job: String,
+    /// `lan`, `gaia`, `bsp-wan`, ...
+    pub mode: String,
+    /// `accuracy` or `rmse`.
+    pub metric_name: String,
+    /// Last evaluation; with a model per datacenter, the mean over them.
+    pub final_metric: Option<f64>,
+    /// The stopping rule's target, if any.
+    pub target_metric: Option<f64>,
+    /// Seconds from the start of training until every datacenter's model
+    /// met the target; `None` if one never did.
+    pub time_to_target_seconds: Option<f64>,
+    /// Seconds of the whole run, start-up included.
+    pub wall_seconds: f64,
+    /// Clocks the slowest worker completed.
+    pub clocks: u64,
+    /// Why training stopped.
+    pub stop_reason: String,
+    /// Bytes between workers and parameter servers (gRPC payloads, both ways).
+    pub lan_bytes_total: u64,
+    /// Bytes between datacenters: everything the emulated WAN links carried.
+    pub wan_bytes_total: u64,
+    /// Bytes per directed WAN link.
+    pub wan_links: Vec<LinkBytes>,
+    /// Mirror synchronisation, summed over shards.
+    #[serde(flatten)]
+    pub mirrors: MirrorTotals,
+    /// Seconds spent shipping the data in (`centralized`).
+    pub shipping_seconds: Option<f64>,
+    /// Parameter-server processes.
+    pub parameter_servers: usize,
+    /// Worker processes.
+    pub workers: usize,
+    /// Per datacenter.
+    pub per_datacenter: Vec<DatacenterReport>,
+    /// Every evaluation of the first datacenter's model, oldest first.
+    pub metric_history: Vec<MetricSample>,
+    /// Collaborative modes: adaptation after drift, model bytes per site,
+    /// training seconds (flat in the JSON, absent in other modes).
+    #[serde(flatten)]
+    pub collaborative: CollaborativeTotals,
+}
+
+impl Report {
+    /// The report as a table for the terminal.
+    #[must_use]
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let metric = self
+            .final_metric
+            .map_or("-".to_owned(), |m| format!("{m:.4}"));
+        let target = match (self.target_metric, self.time_to_target_seconds) {
+            (Some(target), Some(s)) => format!(" (target {target} reached after {s:.1} s)"),
+            (Some(target), None) => format!(" (target {target} not reached)"),
+            _ => String::new(),
+        };
+        let _ = writeln!(t, "job          {}", self.job);
+        let _ = writeln!(t, "mode         {}", self.mode);
+        let _ = writeln!(
+            t,
+            "processes    {} parameter servers, {} workers",
+            self.parameter_servers, self.workers
+        );
+        let _ = writeln!(t, "stopped      {}", self.stop_reason);
+        let _ = writeln!(t, "clocks       {}", self.clocks);
+        let _ = writeln!(t, "{:<12} {metric}{target}", self.metric_name);
+        let _ = writeln!(t, "wall time    {:.1} s", self.wall_seconds);
+        let _ = writeln!(t, "LAN bytes    {}", human_bytes(self.lan_bytes_total));
+        let _ = writeln!(t, "WAN bytes    {}", human_bytes(self.wan_bytes_total));
+        let m = &self.mirrors;
+        if let Some(fraction) = m.updates_sent_fraction {
+            let _ = writeln!(t, "sent         {:.2}% of updates", 100.0 * fraction);
+            let _ = writeln!(
+                t,
+                "barrier      {} reads held, {:.1} s",
+                m.barrier_blocks, m.barrier_wait_seconds
+            );
+            let _ = writeln!(
+                t,
+                "clock bound  {} reads held, {:.1} s, max skew {}",
+                m.clock_blocks, m.clock_wait_seconds, m.max_mirror_skew
+            );
+        }
+        if let Some(s) = self.shipping_seconds {
+            let _ = writeln!(t, "shipping     {s:.1} s");
+        }
+        if self.per_datacenter.len() > 1 {
+            let _ = writeln!(
+                t,
+                "\n{:<16} {:>7} {:>9} {:>10}",
+                "datacenter", "clocks", self.metric_name, "to target"
+            );
+            for dc in &self.per_datacenter {
+                let _ = writeln!(
+                    t,
+                    "{:<16} {:>7} {:>9} {:>10}",
+                    dc.name,
+                    dc.clocks,
+                    dc.final_metric
+                        .map_or("-".to_owned(), |m| format!("{m:.4}")),
+                    dc.time_to_target_seconds
+                        .map_or("-".to_owned(), |s| format!("{s:.1} s")),
+                );
+            }
+        }
+        t
+    }
+}
+
+/// `1234567` as `1.2 MB`.
+#[must_use]
+pub fn human_bytes(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss)] // for display only
+    let b = bytes as f64;
+    match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.1} kB", b / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", b / 1e6),
+        _ => format!("{:.2} GB", b / 1e9),
+    }
+}
+
+/// What a Collaborative run adds to a `geoml run` report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CollaborativeTotals {
+    /// Mean over drift events of the batches until accuracy is back within
+    /// 2 points of its pre-drift level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptation_batches: Option<f64>,
+    /// Model bytes per site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_bytes: Option<u64>,
+    /// Seconds spent training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training_seconds: Option<f64>,
+}

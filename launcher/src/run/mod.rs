@@ -1,0 +1,272 @@
+//! `geoml run`: a manifest's TrainingJob on this machine, as real `geoml ps`
+//! and `geoml worker` processes talking gRPC over loopback, each datacenter's
+//! traffic to the others through a `geoml wan-proxy` that emulates the WAN.
+//!
+//! - [`cluster`]: [`LocalRun`], the processes of one job.
+//! - [`topology`]: the topology files and WAN routes that wire them.
+//! - [`wan_proxy`]: the `geoml wan-proxy` process and its byte counts.
+//! - [`shipment`]: the `centralized` mode's data and model shipping.
+//!
+//! Collaborative jobs go to [`crate::cartel`].
+
+pub mod cluster;
+mod shipment;
+mod topology;
+mod wan_proxy;
+
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use geoml_crds::manifest::Manifest;
+use geoml_crds::mode::{CollaborativeMode, Mode};
+use geoml_crds::sync_policy::InterDatacenterModel;
+use geoml_dataplane::worker::connect;
+use geoml_proto as pb;
+use kube::ResourceExt;
+use serde::Serialize;
+
+pub use self::cluster::LocalRun;
+use self::shipment::Shipment;
+use crate::error::{RunError, io};
+pub use crate::options::RunOptions;
+use crate::process::{Process, Supervisor, unused_port};
+pub use crate::report::{
+    CollaborativeTotals, DatacenterReport, LinkBytes, MetricSample, MirrorTotals, Report,
+    human_bytes,
+};
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn free_port() -> Result<u16, RunError> {
+    Ok(unused_port()?)
+}
+
+fn write_yaml(path: &Path, value: &impl Serialize) -> Result<(), RunError> {
+    let text = serde_yaml::to_string(value)?;
+    std::fs::write(path, text).map_err(io(format!("writing {}", path.display())))
+}
+
+/// Starts the roles of a local run: job roles get the manifest and the data
+/// directory.
+struct Processes {
+    options: RunOptions,
+    supervisor: Supervisor,
+}
+
+impl Processes {
+    fn new(options: RunOptions) -> Result<Self, RunError> {
+        let supervisor = Supervisor::new(&options.geoml, &options.work_dir)?;
+        Ok(Self {
+            options,
+            supervisor,
+        })
+    }
+
+    /// Starts `geoml ARGS`; `job_role` adds the manifest and data directory.
+    fn spawn(
+        &self,
+        name: &str,
+        mut args: Vec<String>,
+        job_role: bool,
+    ) -> Result<Process, RunError> {
+        if job_role {
+            args.push(format!("--manifest={}", self.options.manifest.display()));
+            args.push(format!("--data-dir={}", self.options.data_dir.display()));
+        }
+        Ok(self.supervisor.spawn(name, args)?)
+    }
+
+    #[allow(clippy::unused_self)] // kept beside `spawn` and `stop`
+    fn failed(&self, role: &Process, status: std::process::ExitStatus) -> RunError {
+        role.failed(status).into()
+    }
+
+    #[allow(clippy::unused_self)] // kept beside `spawn` and `failed`
+    async fn stop(&self, role: &mut Process) -> Result<(), RunError> {
+        Ok(role.stop().await?)
+    }
+}
+
+/// Runs the manifest's job to completion and returns its report.
+pub async fn run(options: RunOptions) -> Result<Report, RunError> {
+    let started = Instant::now();
+    let target_override = options.target;
+    let manifest = Manifest::load(&options.manifest)?;
+    let job = manifest.job()?;
+    if let Some(mode) = CollaborativeMode::of_job(&job) {
+        return crate::cartel::run(&options, mode).await;
+    }
+    let spec = &job.job.spec;
+    // Loading here fetches the data set once, before the roles start and
+    // load it from the cache, and tells the metric's name and direction.
+    let data = geoml_dataplane::data::load(spec.dataset.name, &options.data_dir)?;
+    let model = geoml_dataplane::model::build(&spec.model, &data)?;
+    let max_clocks = spec.stopping.max_clocks.and_then(|c| u64::try_from(c).ok());
+    let centralized = job.sync_policy.spec.inter_datacenter.model
+        == InterDatacenterModel::Centralized
+        && spec.datacenters.len() > 1;
+    let processes = Processes::new(options.clone())?;
+
+    let mut shipment = None;
+    let shipping_started = unix_now();
+    if centralized {
+        let s = Shipment::start(&processes, &job).await?;
+        s.ship_data(&job, &data.train).await?;
+        shipment = Some(s);
+    }
+    let shipping_seconds = centralized.then(|| unix_now() - shipping_started);
+
+    let mut cluster = LocalRun::start(options, &job).await?;
+    if centralized {
+        cluster.started = shipping_started;
+    }
+    cluster.wait(max_clocks).await?;
+    let mut model_bytes = Vec::new();
+    if let Some(s) = &shipment {
+        // The trained model, as the parameter servers hold it, goes back.
+        for shard in 0..cluster.ps_addresses.len() {
+            model_bytes.extend(pull_all(&cluster, shard).await?);
+        }
+        Shipment::send(&s.outbound, vec![model_bytes.clone(); s.outbound.len()]).await?;
+    }
+    let parameter_servers = cluster.ps_addresses.len();
+    let workers = cluster.workers.len();
+    let training_started = cluster.started;
+    let sites: Vec<(String, Vec<usize>, usize, usize)> = cluster
+        .sites
+        .iter()
+        .map(|s| (s.name.clone(), s.shards.clone(), s.worker_offset, s.workers))
+        .collect();
+    let global = cluster.global;
+    let (statuses, mut links) = cluster.shutdown().await?;
+    if let Some(s) = shipment {
+        links.extend(s.finish(&processes).await?);
+    }
+    let target = spec.stopping.target_metric.or(target_override);
+    let higher = model.higher_is_better();
+    let met = |m: f64| target.is_some_and(|t| if higher { m >= t } else { m <= t });
+    let per_datacenter = datacenter_reports(&sites, &statuses, global, training_started, met);
+    let finals: Vec<f64> = per_datacenter
+        .iter()
+        .filter_map(|d| d.final_metric)
+        .collect();
+    #[allow(clippy::cast_precision_loss)] // a handful of datacenters
+    Ok(Report {
+        job: job.job.name_any(),
+        mode: Mode::from(job.sync_policy.spec.inter_datacenter.model)
+            .name()
+            .to_owned(),
+        metric_name: model.metric_name().to_owned(),
+        final_metric: (!finals.is_empty())
+            .then(|| finals.iter().sum::<f64>() / finals.len() as f64),
+        target_metric: target,
+        time_to_target_seconds: per_datacenter
+            .iter()
+            .map(|d| d.time_to_target_seconds)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|t| t.into_iter().reduce(f64::max)),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        clocks: per_datacenter.iter().map(|d| d.clocks).min().unwrap_or(0),
+        stop_reason: statuses
+            .first()
+            .map(|s| s.stop_reason.clone())
+            .unwrap_or_default(),
+        lan_bytes_total: statuses
+            .iter()
+            .map(|s| s.bytes_received + s.bytes_sent)
+            .sum(),
+        wan_bytes_total: links.iter().map(|l| l.bytes).sum(),
+        wan_links: links,
+        mirrors: MirrorTotals::of(&statuses),
+        shipping_seconds,
+        parameter_servers,
+        workers,
+        metric_history: per_datacenter
+            .first()
+            .map(|d| d.metric_history.clone())
+            .unwrap_or_default(),
+        per_datacenter,
+        collaborative: CollaborativeTotals::default(),
+    })
+}
+
+/// How each site's model fared, from the final status of every shard.
+fn datacenter_reports(
+    sites: &[(String, Vec<usize>, usize, usize)],
+    statuses: &[pb::StatusResponse],
+    global: bool,
+    training_started: f64,
+    met: impl Fn(f64) -> bool,
+) -> Vec<DatacenterReport> {
+    sites
+        .iter()
+        .map(|(name, shards, offset, workers)| {
+            // In the global modes one model, evaluated through shard 0.
+            let evaluated = if global {
+                &statuses[0]
+            } else {
+                &statuses[shards[0]]
+            };
+            let clocks = if global {
+                evaluated
+                    .worker_clocks
+                    .get(*offset..offset + workers)
+                    .and_then(|c| c.iter().copied().min())
+                    .unwrap_or(0)
+            } else {
+                evaluated.min_clock
+            };
+            let metric_history: Vec<MetricSample> = evaluated
+                .metrics
+                .iter()
+                .map(|p| MetricSample {
+                    seconds: p.unix_seconds - training_started,
+                    clock: p.clock,
+                    metric: p.metric,
+                })
+                .collect();
+            DatacenterReport {
+                name: name.clone(),
+                clocks,
+                final_metric: metric_history.last().map(|s| s.metric),
+                time_to_target_seconds: metric_history
+                    .iter()
+                    .find(|s| met(s.metric))
+                    .map(|s| s.seconds),
+                metric_history,
+            }
+        })
+        .collect()
+}
+
+fn count(n: i32) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// Every value parameter server `shard` holds, as packed bytes.
+async fn pull_all(cluster: &LocalRun, shard: usize) -> Result<Vec<u8>, RunError> {
+    let unreachable = |message: String| RunError::Unreachable { shard, message };
+    let mut client = connect(&cluster.ps_addresses[shard..=shard])
+        .map_err(|e| unreachable(e.to_string()))?
+        .remove(0);
+    // Training has stopped, so any clock may read.
+    let response = client
+        .pull(pb::PullRequest {
+            worker: 0,
+            clock: u64::MAX,
+            rows: Some(pb::Rows {
+                keys: Vec::new(),
+                values: Vec::new(),
+                all: true,
+            }),
+        })
+        .await
+        .map_err(|e| unreachable(e.message().to_owned()))?;
+    Ok(response.into_inner().rows.unwrap_or_default().values)
+}

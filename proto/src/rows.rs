@@ -1,0 +1,173 @@
+//! Packing rows of keys and values into the wire's byte form and back.
+
+use crate as pb;
+
+/// Why packed rows are malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RowsError {
+    /// A byte field's length is not a multiple of 4.
+    #[error("{field} has {len} bytes, not a multiple of 4 (truncated?)")]
+    Truncated {
+        /// `keys` or `values`.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// Keys are not strictly increasing.
+    #[error("keys must be sorted and unique (key {0} is out of order)")]
+    Unsorted(u32),
+    /// Varint-coded indexes end mid-number or overflow.
+    #[error("indexes: malformed varint at byte {0}")]
+    Varint(usize),
+}
+
+/// Malformed rows are the caller's mistake.
+impl From<RowsError> for tonic::Status {
+    fn from(e: RowsError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+/// Little-endian bytes of `keys`.
+#[must_use]
+pub fn pack_keys(keys: &[u32]) -> Vec<u8> {
+    keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+}
+
+/// Sorted, unique `indexes` as LEB128 varints of their gaps (the first
+/// counted from −1): about one byte each when indexes are dense.
+#[must_use]
+pub fn pack_indexes(indexes: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(indexes.len() + 4);
+    let mut previous: Option<u32> = None;
+    for &i in indexes {
+        let mut gap = previous.map_or(i, |p| i - p - 1);
+        previous = Some(i);
+        loop {
+            let byte = (gap & 0x7f) as u8;
+            gap >>= 7;
+            if gap == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    out
+}
+
+/// Indexes packed by [`pack_indexes`].
+pub fn unpack_indexes(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
+    let mut out = Vec::new();
+    let mut next: u64 = 0;
+    let (mut gap, mut shift) = (0_u64, 0);
+    for (at, &byte) in bytes.iter().enumerate() {
+        if shift > 28 {
+            return Err(RowsError::Varint(at));
+        }
+        gap |= u64::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            next += gap;
+            out.push(u32::try_from(next).map_err(|_| RowsError::Varint(at))?);
+            next += 1;
+            (gap, shift) = (0, 0);
+        }
+    }
+    if shift != 0 {
+        return Err(RowsError::Varint(bytes.len()));
+    }
+    Ok(out)
+}
+
+/// Little-endian bytes of `values`.
+#[must_use]
+pub fn pack_values(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Keys from little-endian bytes; they must be sorted and unique.
+pub fn unpack_keys(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
+    let keys = words(bytes, "keys")?
+        .map(u32::from_le_bytes)
+        .collect::<Vec<_>>();
+    if let Some(w) = keys.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(RowsError::Unsorted(w[1]));
+    }
+    Ok(keys)
+}
+
+/// Values from little-endian bytes.
+pub fn unpack_values(bytes: &[u8]) -> Result<Vec<f32>, RowsError> {
+    Ok(words(bytes, "values")?.map(f32::from_le_bytes).collect())
+}
+
+fn words<'a>(
+    bytes: &'a [u8],
+    field: &'static str,
+) -> Result<impl Iterator<Item = [u8; 4]> + 'a, RowsError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(RowsError::Truncated {
+            field,
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]))
+}
+
+/// Rows naming `keys` (`None`: all rows) with `values`.
+#[must_use]
+pub fn rows(keys: Option<&[u32]>, values: &[f32]) -> pb::Rows {
+    pb::Rows {
+        keys: keys.map(pack_keys).unwrap_or_default(),
+        values: pack_values(values),
+        all: keys.is_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_round_trip_as_gap_varints() {
+        let indexes = [0, 1, 2, 130, 131, 100_000, u32::MAX];
+        let packed = pack_indexes(&indexes);
+        assert_eq!(&packed[..3], [0, 0, 0]);
+        assert_eq!(unpack_indexes(&packed).unwrap(), indexes);
+        assert!(unpack_indexes(&[]).unwrap().is_empty());
+        assert!(matches!(unpack_indexes(&[0x80]), Err(RowsError::Varint(1))));
+        assert!(unpack_indexes(&[0xff; 8]).is_err());
+        // Past u32::MAX.
+        let mut over = pack_indexes(&[u32::MAX]);
+        over.push(0);
+        assert!(unpack_indexes(&over).is_err());
+    }
+
+    #[test]
+    fn round_trips() {
+        let keys = [1, 5, 9];
+        let values = [0.5, -1.25, f32::MAX];
+        assert_eq!(unpack_keys(&pack_keys(&keys)).unwrap(), keys);
+        assert_eq!(unpack_values(&pack_values(&values)).unwrap(), values);
+    }
+
+    #[test]
+    fn rejects_truncated_and_unsorted() {
+        assert_eq!(
+            unpack_values(&[0, 0, 0]),
+            Err(RowsError::Truncated {
+                field: "values",
+                len: 3
+            })
+        );
+        assert_eq!(
+            unpack_keys(&pack_keys(&[3, 3])),
+            Err(RowsError::Unsorted(3))
+        );
+        assert_eq!(
+            unpack_keys(&pack_keys(&[4, 2])),
+            Err(RowsError::Unsorted(2))
+        );
+    }
+}
