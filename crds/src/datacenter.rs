@@ -189,8 +189,9 @@ pub struct DatacenterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Round-trip time and throughput measured by the mirror-clock exchange
-    /// to every peer datacenter.
+    /// Round-trip time and throughput to every peer datacenter, as the
+    /// mirror clock of the latest job with mirrors here (Gaia's ASP,
+    /// federated averaging) measured them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerLinkStatus>,
 }

@@ -31,6 +31,23 @@ pub const MIRROR_SENT_BYTES: &str = "geoml_mirror_sent_bytes_total";
 /// Zero in the modes where workers only reach their own datacenter's shards.
 pub const PS_WAN_BYTES: &str = "geoml_ps_wan_bytes_total";
 
+/// Label naming the peer datacenter of a per-link series.
+pub const PEER_LABEL: &str = "peer";
+
+/// Counter: bytes of mirror messages a shard handed to the link to each
+/// peer datacenter ([`PEER_LABEL`]).
+pub const MIRROR_LINK_SENT_BYTES: &str = "geoml_mirror_link_sent_bytes_total";
+
+/// Counter: of [`MIRROR_LINK_SENT_BYTES`], the bytes the peer acknowledged:
+/// what crossed the link. Sync traffic and egress cost count these.
+pub const MIRROR_LINK_DELIVERED_BYTES: &str = "geoml_mirror_link_delivered_bytes_total";
+
+/// Gauge: round-trip time to each peer, measured by the mirror clock's ticks.
+pub const MIRROR_RTT: &str = "geoml_mirror_rtt_seconds";
+
+/// Gauge: throughput acknowledged updates showed on the link to each peer.
+pub const MIRROR_THROUGHPUT: &str = "geoml_mirror_throughput_bytes_per_second";
+
 /// Gauge: a shard's current significance threshold (Gaia's ASP); follows
 /// live SyncPolicy changes.
 pub const MIRROR_THRESHOLD: &str = "geoml_mirror_threshold";
@@ -46,11 +63,15 @@ pub const MIRROR_ELEMENTS_SENT: &str = "geoml_mirror_elements_sent_total";
 /// The series the operator reads for a job's progress: from a running
 /// parameter server's `/metrics`, and from a finished one's termination
 /// message, which holds their final values in the same text format.
-pub const PROGRESS: [&str; 6] = [
+pub const PROGRESS: [&str; 10] = [
     PS_CLOCK,
     PS_METRIC,
     MIRROR_SENT_BYTES,
     PS_WAN_BYTES,
     MIRROR_ELEMENTS_UPDATED,
     MIRROR_ELEMENTS_SENT,
+    MIRROR_LINK_SENT_BYTES,
+    MIRROR_LINK_DELIVERED_BYTES,
+    MIRROR_RTT,
+    MIRROR_THROUGHPUT,
 ];

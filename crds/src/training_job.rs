@@ -469,6 +469,17 @@ pub struct TrainingJobStatus {
     /// Replica counts and progress per datacenter.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_datacenter: Vec<DatacenterProgress>,
+
+    /// Sync traffic per WAN link (one entry per sending and receiving
+    /// datacenter), from the parameter servers' mirror counters: the modes
+    /// with mirrors (Gaia's ASP, federated averaging) have links.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkTraffic>,
+
+    /// Egress cost of the bytes delivered over every priced link so far, in
+    /// the unit of the Datacenters' `wan.egressCostPerGiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_cost: Option<f64>,
 }
 
 /// One word for a job's state.
@@ -508,6 +519,32 @@ pub struct DatacenterProgress {
     /// accumulated), over all shards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updates_sent_fraction: Option<f64>,
+}
+
+/// Sync traffic on the WAN link from one datacenter to another, summed over
+/// the sender's shards.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkTraffic {
+    /// The sending Datacenter.
+    pub from: String,
+    /// The receiving Datacenter.
+    pub to: String,
+    /// Bytes of mirror messages handed to the link.
+    pub sent_bytes: i64,
+    /// Of those, bytes the receiver acknowledged.
+    pub delivered_bytes: i64,
+    /// Delivered GiB times the sender's `wan.egressCostPerGiB` (unset when
+    /// the sender has no price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_cost: Option<f64>,
+    /// Round-trip time the mirror clock measured, averaged over shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_seconds: Option<f64>,
+    /// Throughput acknowledged updates showed, summed over the shards'
+    /// connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_bytes_per_second: Option<f64>,
 }
 
 /// Replica counts of one role.

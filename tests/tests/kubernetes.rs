@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use geoml_crds::TrainingJob;
 use geoml_crds::training_job::{DatasetName, JobPhase};
+use geoml_crds::{Datacenter, TrainingJob};
 use geoml_tests::{Cluster, eventually_within, geoml_images};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
@@ -236,9 +236,54 @@ async fn gaia_trains_across_three_clusters() {
             dc.name
         );
     }
+    // Every ordered pair of datacenters is a link that delivered bytes,
+    // priced with the sender's egressCostPerGiB; the bytes the job reports
+    // are those delivered.
+    let dcs: Vec<&str> = status
+        .per_datacenter
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(
+        status.links.len(),
+        dcs.len() * (dcs.len() - 1),
+        "{:#?}",
+        status.links
+    );
+    for link in &status.links {
+        assert!(
+            dcs.contains(&link.from.as_str())
+                && dcs.contains(&link.to.as_str())
+                && link.from != link.to
+        );
+        assert!(
+            link.delivered_bytes > 0 && link.delivered_bytes <= link.sent_bytes,
+            "{link:#?}"
+        );
+        assert!(link.egress_cost.is_some_and(|c| c > 0.0), "{link:#?}");
+    }
+    let delivered: i64 = status.links.iter().map(|l| l.delivered_bytes).sum();
+    assert_eq!(wan, delivered);
+    assert!(status.egress_cost.is_some_and(|c| c > 0.0));
+    // Each Datacenter shows what its mirror clock measured to its peers.
+    for name in &dcs {
+        let dc = Api::<Datacenter>::all(hub.client())
+            .get(name)
+            .await
+            .unwrap();
+        let peers = dc.status.unwrap_or_default().peers;
+        assert_eq!(peers.len(), dcs.len() - 1, "{name}: {peers:#?}");
+        assert!(
+            peers
+                .iter()
+                .all(|p| p.rtt_ms > 0.0 && p.throughput_mbps > 0.0),
+            "{name}: {peers:#?}"
+        );
+    }
+    let cost = status.egress_cost.unwrap_or_default();
     eprintln!(
         "fashion-mnist-gaia over 3 clusters: all pods started {:.1} s after apply, Succeeded after {:.1} s, \
-         accuracy {:?}, WAN bytes {wan}, fraction sent {:?}",
+         accuracy {:?}, WAN bytes {wan}, egress cost {cost:.6}, fraction sent {:?}",
         running.as_secs_f64(),
         succeeded.as_secs_f64(),
         status.metric,

@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt};
 
 use super::build::{JobView, Placement, Role};
 use super::objects::{delete_ignoring_missing, publish};
-use super::{EXIT_GRACE, Outcome, finish_status, observe, sooner, status};
+use super::{EXIT_GRACE, Outcome, finish_status, links, observe, sooner, status};
 use crate::clusters::{Cluster, Unavailable};
 use crate::{Context, Error};
 
@@ -78,6 +78,7 @@ pub(super) async fn wind_down(
         // The final figures, from the parameter servers' termination
         // messages, before any clean-up deletes the pods.
         observe::read_progress(view, clusters, out).await;
+        links::publish_peers(ctx, &out.status.links, &out.now).await;
     }
     clean_pods(view, clusters, job.spec.run_policy.clean_pod_policy).await?;
     out.condition(

@@ -10,6 +10,7 @@
 pub mod build;
 mod cleanup;
 mod finish;
+mod links;
 mod objects;
 mod observe;
 mod place;
@@ -238,7 +239,7 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
         return finish::wind_down(&view, &clusters, ctx, &mut out).await;
     }
     let placing = place::step(&view, &clusters, ctx, &mut out).await?;
-    let reading = observe::step(&view, &clusters, ctx.settings.progress_interval, &mut out).await;
+    let reading = observe::step(&view, &clusters, ctx, &mut out).await;
     finish_status(job, ctx, &mut out).await?;
     let requeue = sooner(sooner(ending, placing), reading);
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))

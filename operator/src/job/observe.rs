@@ -11,15 +11,17 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::build::{self, JobView, Role};
-use super::{Outcome, progress, status};
+use super::progress::{self, ShardProgress};
+use super::{Outcome, links, status};
+use crate::Context;
 use crate::clusters::{Cluster, Unavailable};
 
 /// Observes the pods and sets `Running`; while everything runs, reads the
-/// progress and returns `progress_interval`, when to read it again.
+/// progress and returns the operator's `progress_interval`, when to read it again.
 pub(super) async fn step(
     view: &JobView,
     clusters: &[Result<Cluster, Unavailable>],
-    progress_interval: Duration,
+    ctx: &Context,
     out: &mut Outcome,
 ) -> Option<Duration> {
     let suspended = view.job.spec.run_policy.suspend;
@@ -32,7 +34,8 @@ pub(super) async fn step(
             "every parameter server and worker runs",
         );
         read_progress(view, clusters, out).await;
-        return Some(progress_interval);
+        links::publish_peers(ctx, &out.status.links, &out.now).await;
+        return Some(ctx.settings.progress_interval);
     }
     if !suspended {
         let (ready, total) = pod_totals(&out.status.per_datacenter);
@@ -121,7 +124,7 @@ pub(super) fn observe(
 
 /// Progress read from every running parameter server: each datacenter's
 /// clock (its slowest shard), the job's clock (the slowest datacenter), the
-/// mean of the shards' metrics and the WAN bytes sent.
+/// mean of the shards' metrics, the WAN bytes sent and the traffic per link.
 pub(super) async fn read_progress(
     view: &JobView,
     clusters: &[Result<Cluster, Unavailable>],
@@ -154,9 +157,21 @@ pub(super) async fn read_progress(
         if let Some(clock) = shards.iter().filter_map(|s| s.clock).min() {
             progress.clock = Some(clock);
         }
-        let sent: Vec<i64> = shards.iter().filter_map(|s| s.wan_sent_bytes).collect();
+        let sent: Vec<i64> = shards.iter().filter_map(ShardProgress::wan_bytes).collect();
         if !sent.is_empty() {
             progress.wan_bytes_sent = Some(sent.iter().sum());
+        }
+        if !shards.is_empty() {
+            let price = p
+                .datacenter
+                .spec
+                .wan
+                .as_ref()
+                .and_then(|w| w.egress_cost_per_gib);
+            out.status.links.retain(|l| l.from != p.name());
+            out.status
+                .links
+                .extend(links::aggregate(p.name(), price, &shards));
         }
         let updated: f64 = shards.iter().filter_map(|s| s.elements_updated).sum();
         if updated > 0.0 {
@@ -184,6 +199,7 @@ pub(super) async fn read_progress(
     if !sent.is_empty() {
         out.status.wan_bytes = Some(sent.iter().sum());
     }
+    out.status.egress_cost = links::total_cost(&out.status.links);
     if !metrics.is_empty() {
         // A handful of shards: the count fits an f64 exactly.
         #[allow(clippy::cast_precision_loss)]
