@@ -15,6 +15,7 @@ pub mod datacenter;
 pub mod manifest;
 pub mod metrics;
 pub mod mode;
+pub mod roles;
 pub mod sync_policy;
 pub mod topology;
 pub mod training_job;

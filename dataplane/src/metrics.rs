@@ -55,6 +55,8 @@ pub struct MirrorMetrics {
     skew: IntGauge,
     rtt: GaugeVec,
     throughput: GaugeVec,
+    link_sent: IntCounterVec,
+    link_delivered: IntCounterVec,
 }
 
 fn catch_up(counter: &IntCounter, total: u64) {
@@ -112,22 +114,36 @@ impl MirrorMetrics {
                     "geoml_mirror_peer_clock",
                     "Last mirror clock heard from each peer",
                 ),
-                &["peer"],
+                &[names::PEER_LABEL],
             )?,
             skew: IntGauge::with_opts(opts(
                 "geoml_mirror_max_skew",
                 "Most mirror clocks this datacenter ran ahead of its slowest peer",
             ))?,
             rtt: GaugeVec::new(
-                opts("geoml_mirror_rtt_seconds", "Round-trip time to each peer"),
-                &["peer"],
+                opts(names::MIRROR_RTT, "Round-trip time to each peer"),
+                &[names::PEER_LABEL],
             )?,
             throughput: GaugeVec::new(
                 opts(
-                    "geoml_mirror_throughput_bytes_per_second",
+                    names::MIRROR_THROUGHPUT,
                     "Throughput acknowledged updates showed, per peer",
                 ),
-                &["peer"],
+                &[names::PEER_LABEL],
+            )?,
+            link_sent: IntCounterVec::new(
+                opts(
+                    names::MIRROR_LINK_SENT_BYTES,
+                    "Mirror message bytes handed to the link to each peer",
+                ),
+                &[names::PEER_LABEL],
+            )?,
+            link_delivered: IntCounterVec::new(
+                opts(
+                    names::MIRROR_LINK_DELIVERED_BYTES,
+                    "Mirror message bytes each peer acknowledged",
+                ),
+                &[names::PEER_LABEL],
             )?,
         })
     }
@@ -145,7 +161,9 @@ impl MirrorMetrics {
         registry.register(Box::new(self.peer_clock.clone()))?;
         registry.register(Box::new(self.skew.clone()))?;
         registry.register(Box::new(self.rtt.clone()))?;
-        registry.register(Box::new(self.throughput.clone()))
+        registry.register(Box::new(self.throughput.clone()))?;
+        registry.register(Box::new(self.link_sent.clone()))?;
+        registry.register(Box::new(self.link_delivered.clone()))
     }
 }
 
@@ -174,6 +192,8 @@ impl PsMetrics {
             m.throughput
                 .with_label_values(&name)
                 .set(peer.throughput_bytes_per_second);
+            catch_up(&m.link_sent.with_label_values(&name), peer.sent_bytes);
+            catch_up(&m.link_delivered.with_label_values(&name), peer.delivered_bytes);
         }
     }
 }

@@ -8,6 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use geoml_crds::Topology;
 use geoml_crds::manifest::Manifest;
 use geoml_crds::mode::Mode;
+use geoml_crds::roles::{
+    DEFAULT_EVAL_EVERY, DataDirArgs, JobRoleArgs, ParameterServerArgs, RegistryArgs, SiteArgs,
+    WanProxyArgs, WorkerArgs,
+};
 use geoml_dataplane::cartel::role as cartel_role;
 use geoml_dataplane::metrics::{self, WorkerMetrics};
 use geoml_dataplane::placement::RolePlace;
@@ -37,19 +41,12 @@ enum Command {
     /// table, every run's report as JSON, and a plot of the metric over time.
     Compare(CompareArgs),
     /// Serve one parameter-server shard.
-    Ps(PsArgs),
+    Ps(ParameterServerArgs),
     /// Train as one worker.
     Worker(WorkerArgs),
     /// Emulate WAN links between datacenters: a TCP proxy adding latency and
     /// a bandwidth limit per link.
-    WanProxy {
-        /// The links and routes (YAML; see `geoml_launcher::wan::WanConfig`).
-        #[arg(long)]
-        config: PathBuf,
-        /// Serve Prometheus metrics (bytes per link) at http://ADDR/metrics.
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-    },
+    WanProxy(WanProxyArgs),
     /// Measure push+apply throughput of a parameter server against raw
     /// loopback TCP in the same run (build with --release).
     Bench {
@@ -64,9 +61,9 @@ enum Command {
         messages: usize,
     },
     /// Serve Cartel's metadata registry (Collaborative jobs).
-    Registry(cartel_role::RegistryArgs),
+    Registry(RegistryArgs),
     /// Run one site of a Collaborative job (Cartel or isolated).
-    Site(cartel_role::SiteArgs),
+    Site(SiteArgs),
     /// Run Collaborative jobs in every mode (cartel, isolated, centralized,
     /// global) and print the figures with Cartel's ratios (build with --release).
     CartelBench(geoml_launcher::cartel::cli::BenchArgs),
@@ -84,7 +81,7 @@ struct DataCommand {
     /// Data set names to fetch (the older spelling of `geoml data fetch`).
     names: Vec<String>,
     #[command(flatten)]
-    common: DataArgs,
+    common: DataDirArgs,
 }
 
 #[derive(Subcommand)]
@@ -96,23 +93,15 @@ enum DataAction {
         #[arg(required = true)]
         names: Vec<String>,
         #[command(flatten)]
-        common: DataArgs,
+        common: DataDirArgs,
     },
 }
 
-#[derive(Args, Clone)]
-struct DataArgs {
-    /// Where data sets are cached [default: $GEOML_CACHE_DIR/data or ~/.cache/geoml/data].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-}
-
-impl DataArgs {
-    fn dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(data::default_cache_dir)
-    }
+/// The data directory `args` name, or the default cache.
+fn data_dir(args: &DataDirArgs) -> PathBuf {
+    args.data_dir
+        .clone()
+        .unwrap_or_else(data::default_cache_dir)
 }
 
 #[derive(Args)]
@@ -126,10 +115,10 @@ struct RunArgs {
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Evaluate on held-out data every this many clocks.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY)]
     eval_every: u64,
     #[command(flatten)]
-    data: DataArgs,
+    data: DataDirArgs,
 }
 
 #[derive(Args)]
@@ -154,79 +143,17 @@ struct CompareArgs {
     full_budget: bool,
 }
 
-#[derive(Args)]
-struct RoleArgs {
-    /// The manifest holding the TrainingJob, its SyncPolicy and Datacenters.
-    #[arg(long)]
-    manifest: PathBuf,
-    /// The topology file of this role's datacenter: its shards and mirrors.
-    #[arg(long)]
-    topology: PathBuf,
-    /// Seed of the initial model and the data order.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
-    #[command(flatten)]
-    data: DataArgs,
-    /// Never fetch: a data set missing from --data-dir is an error (fill the
-    /// directory with `geoml data fetch`; see docs/data.md).
-    #[arg(long)]
-    no_fetch: bool,
-}
-
-impl RoleArgs {
-    /// Loads the job's data set from --data-dir, fetching it unless --no-fetch.
-    fn load(&self, name: geoml_crds::training_job::DatasetName) -> anyhow::Result<data::DataSet> {
-        let fetch = if self.no_fetch {
-            data::Fetch::Forbidden
-        } else {
-            data::Fetch::Allowed
-        };
-        Ok(data::load_with(name, &self.data.dir(), fetch)?)
-    }
-}
-
-#[derive(Args)]
-struct PsArgs {
-    /// Index of this shard within its datacenter.
-    #[arg(long)]
-    shard: u32,
-    /// Address to serve gRPC on.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// Keep checkpoints and the write-ahead log here, and restore from them.
-    #[arg(long)]
-    checkpoint_dir: Option<PathBuf>,
-    /// Keep serving after training is done, until SIGTERM (`geoml run` reads
-    /// final statuses this way). Without it the shard exits 0 on its own once
-    /// training stopped, every worker left and its mirrors drained.
-    #[arg(long)]
-    keep_serving: bool,
-    /// Once training stopped, seconds to wait for every worker to leave and
-    /// every update to reach the mirrors before exiting anyway.
-    #[arg(long, default_value_t = 300)]
-    drain_timeout: u64,
-    /// On a clean exit, write the final values of the series the operator
-    /// reads for progress (Prometheus text) to this file: the pod's
-    /// termination message, read once the pod can no longer be scraped.
-    #[arg(long)]
-    termination_log: Option<PathBuf>,
-    #[command(flatten)]
-    role: RoleArgs,
-}
-
-#[derive(Args)]
-struct WorkerArgs {
-    /// Index of this worker within its datacenter.
-    #[arg(long)]
-    index: u32,
-    /// Evaluate every this many clocks (worker 0).
-    #[arg(long, default_value_t = 20)]
-    eval_every: u64,
-    #[command(flatten)]
-    role: RoleArgs,
+/// Loads the job's data set from --data-dir, fetching it unless --no-fetch.
+fn load(
+    role: &JobRoleArgs,
+    name: geoml_crds::training_job::DatasetName,
+) -> anyhow::Result<data::DataSet> {
+    let fetch = if role.no_fetch {
+        data::Fetch::Forbidden
+    } else {
+        data::Fetch::Allowed
+    };
+    Ok(data::load_with(name, &data_dir(&role.data), fetch)?)
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -256,13 +183,13 @@ fn serve_metrics(addr: Option<SocketAddr>, registry: &Registry) {
 }
 
 /// The role's topology file.
-fn topology(args: &RoleArgs) -> anyhow::Result<Topology> {
+fn topology(args: &JobRoleArgs) -> anyhow::Result<Topology> {
     let text = std::fs::read_to_string(&args.topology)
         .with_context(|| format!("reading {}", args.topology.display()))?;
     Topology::from_yaml(&text).with_context(|| format!("parsing {}", args.topology.display()))
 }
 
-async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
+async fn serve_ps(args: ParameterServerArgs) -> anyhow::Result<()> {
     let path = &args.role.manifest;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -273,7 +200,7 @@ async fn serve_ps(args: PsArgs) -> anyhow::Result<()> {
     let place = RolePlace::new(&job, &topology)?;
     let mirrors = place.mirrors(&topology, args.shard)?;
     let spec = &job.job.spec;
-    let data = args.role.load(spec.dataset.name)?;
+    let data = load(&args.role, spec.dataset.name)?;
     let model = model::build(&spec.model, &data)?;
     let interval = spec.checkpoint.as_ref().map_or(10, |c| c.interval_clocks);
     #[allow(clippy::cast_possible_truncation)] // learning rates are small
@@ -322,7 +249,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let spec = &job.job.spec;
     let place = RolePlace::new(&job, &topology(&args.role)?)?;
     let (index, global_index) = place.worker(args.index)?;
-    let data = args.role.load(spec.dataset.name)?;
+    let data = load(&args.role, spec.dataset.name)?;
     let model = model::build(&spec.model, &data)?;
     let parts = data::partition(
         &data.train,
@@ -371,7 +298,7 @@ impl RunArgs {
                 .work_dir
                 .clone()
                 .unwrap_or_else(|| temp.path().to_owned()),
-            data_dir: self.data.dir(),
+            data_dir: data_dir(&self.data),
             eval_every: self.eval_every,
             progress: true,
             target: None,
@@ -412,13 +339,14 @@ async fn run_job(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fetch(names: &[String], args: &DataArgs) -> anyhow::Result<()> {
+fn fetch(names: &[String], args: &DataDirArgs) -> anyhow::Result<()> {
     for name in names {
         let name: geoml_crds::training_job::DatasetName =
             serde_json::from_value(serde_json::Value::String(name.clone()))
                 .with_context(|| format!("unknown data set {name:?}"))?;
-        data::load(name, &args.dir())?;
-        let dir = data::cache_layout(name).map_or(args.dir(), |(dir, _)| args.dir().join(dir));
+        let root = data_dir(args);
+        data::load(name, &root)?;
+        let dir = data::cache_layout(name).map_or(root.clone(), |(dir, _)| root.join(dir));
         println!("{}: ready in {}", data::spelling(name), dir.display());
     }
     Ok(())
@@ -452,10 +380,10 @@ async fn main() -> anyhow::Result<()> {
             );
             fetch(&names, &common)
         }
-        Command::WanProxy {
+        Command::WanProxy(WanProxyArgs {
             config,
             metrics_listen,
-        } => {
+        }) => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
             let config: wan::WanConfig = serde_yaml::from_str(&text)

@@ -253,7 +253,7 @@ pub struct ExitWhenFinished {
 }
 
 /// Default of [`ExitWhenFinished::grace`]: a few of the sites' 1 s polls.
-pub const DEFAULT_EXIT_GRACE: Duration = Duration::from_secs(5);
+pub use geoml_crds::roles::DEFAULT_EXIT_GRACE;
 
 /// Serves the registry on `listener` until `shutdown` completes or, with
 /// `exit`, until the job's sites have all finished and the grace is over.

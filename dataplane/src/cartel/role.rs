@@ -1,37 +1,12 @@
 //! The `geoml registry` and `geoml site` roles: their arguments and entry points.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-
 use geoml_crds::manifest::Manifest;
+use geoml_crds::roles::{RegistryArgs, SiteArgs};
 use geoml_crds::topology::Topology;
 
 use super::scenario::Scenario;
 use super::site::{FinishWait, Links, run_site};
 use super::{CartelError, CollaborativeMode, SiteConfig, registry};
-
-/// `geoml registry`: Cartel's metadata service.
-#[derive(clap::Args, Debug)]
-pub struct RegistryArgs {
-    /// Address to serve gRPC on.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// Keep the registry's state here; a restarted registry reloads it.
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// gRPC URLs of registry replicas to forward every update to, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pub replicas: Vec<String>,
-    /// Exit 0 on its own once this many distinct sites (the job's
-    /// datacenters) said their stream ended, after --exit-grace. Without it
-    /// the registry serves until SIGTERM.
-    #[arg(long, value_name = "SITES")]
-    pub exit_when_finished: Option<usize>,
-    /// With --exit-when-finished: seconds to keep answering once every site
-    /// finished, so that each reads that all are done.
-    #[arg(long, value_name = "SECONDS", default_value_t = registry::DEFAULT_EXIT_GRACE.as_secs_f64())]
-    pub exit_grace: f64,
-}
 
 /// Serves the registry until `shutdown` completes or, with
 /// `--exit-when-finished`, until every site finished.
@@ -75,63 +50,6 @@ fn seconds(flag: &str, value: f64) -> Result<std::time::Duration, CartelError> {
         .map_err(|e| CartelError::Unsupported(format!("{flag} {value}: {e}")))
 }
 
-/// `geoml site`: one site of a Collaborative job.
-#[derive(clap::Args, Debug)]
-pub struct SiteArgs {
-    /// The manifest holding the TrainingJob.
-    #[arg(long)]
-    pub manifest: PathBuf,
-    /// Where data sets are cached.
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Never fetch: a data set missing from --data-dir is an error (fill the
-    /// directory with `geoml data fetch`; see docs/data.md).
-    #[arg(long)]
-    pub no_fetch: bool,
-    /// The topology file; gives the site (its datacenter) and the registry URL.
-    #[arg(long)]
-    pub topology: Option<PathBuf>,
-    /// The site: a datacenter of the job [default: the topology's datacenter].
-    #[arg(long)]
-    pub site: Option<String>,
-    /// Address to serve the model exchange on.
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// URL other sites reach this site at, e.g. through a WAN proxy [default: http://LISTEN].
-    #[arg(long)]
-    pub advertise: Option<String>,
-    /// The registry's gRPC URL [default: the topology's registry].
-    #[arg(long)]
-    pub registry: Option<String>,
-    /// `cartel` (borrow from neighbours on drift) or `isolated`.
-    #[arg(long, value_enum, default_value = "cartel")]
-    pub mode: CollaborativeMode,
-    /// Detect drift with ADWIN instead of the window W / limit L rule.
-    #[arg(long)]
-    pub adwin: bool,
-    /// Start training only once the registry knows this many sites (the
-    /// job's datacenters); after the stream, wait for this many to finish
-    /// [default 0: start at once, and wait for every site the registry knows].
-    #[arg(long, default_value_t = 0)]
-    pub expect_sites: usize,
-    /// Write the site's report (JSON) here when its stream ends.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Once the stream ended: seconds between asking the registry whether
-    /// every site finished.
-    #[arg(long, value_name = "SECONDS", default_value_t = FinishWait::default().poll.as_secs_f64())]
-    pub finish_poll: f64,
-    /// Once the stream ended: seconds the registry may be unreachable before
-    /// the site takes it to have exited (it does once every site finished)
-    /// and exits 0.
-    #[arg(long, value_name = "SECONDS", default_value_t = FinishWait::default().registry_grace.as_secs_f64())]
-    pub registry_grace: f64,
-    /// Once the stream ended: seconds to wait for every site to finish
-    /// before failing.
-    #[arg(long, value_name = "SECONDS", default_value_t = FinishWait::default().timeout.as_secs_f64())]
-    pub finish_timeout: f64,
-}
-
 /// Runs one site. In the Collaborative mode it tells the registry when its
 /// stream ended and keeps serving its model exchange until the registry
 /// says every site finished (or stays unreachable for --registry-grace),
@@ -163,6 +81,7 @@ pub async fn site(
     let mut config = SiteConfig::from_job(spec, &job.sync_policy.spec.collaborative)?;
     config.adwin = args.adwin;
     let data_dir = args
+        .data
         .data_dir
         .clone()
         .unwrap_or_else(crate::data::default_cache_dir);

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use geoml_crds::roles;
 use ndarray::Array2;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -390,9 +391,9 @@ pub struct FinishWait {
 impl Default for FinishWait {
     fn default() -> Self {
         Self {
-            poll: Duration::from_secs(1),
-            registry_grace: Duration::from_secs(5),
-            timeout: Duration::from_secs(3600),
+            poll: roles::DEFAULT_FINISH_POLL,
+            registry_grace: roles::DEFAULT_REGISTRY_GRACE,
+            timeout: roles::DEFAULT_FINISH_TIMEOUT,
         }
     }
 }

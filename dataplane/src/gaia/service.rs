@@ -239,13 +239,20 @@ impl Links {
     pub fn send(&self, out: &Outgoing, state: &Arc<Mutex<State>>) {
         for (p, link) in self.peers.iter().enumerate() {
             if let Some(announce) = &out.announce {
-                let (client, announce) = (link.control.clone(), announce.clone());
+                let (client, announce, state) =
+                    (link.control.clone(), announce.clone(), state.clone());
+                let bytes = announce.encoded_len();
                 tokio::spawn(async move {
-                    deliver("announce", || {
+                    if deliver("announce", || {
                         let (mut client, message) = (client.clone(), announce.clone());
                         async move { client.announce(message).await }
                     })
-                    .await;
+                    .await
+                    .is_some()
+                        && let Some(m) = lock(&state).mirror.as_mut()
+                    {
+                        m.record_delivered(p, bytes);
+                    }
                 });
             }
             if let Some(update) = &out.update {
@@ -266,6 +273,7 @@ impl Links {
                         && let Some(m) = lock(&state).mirror.as_mut()
                     {
                         m.record_transfer(p, bytes, sent.elapsed());
+                        m.record_delivered(p, bytes);
                     }
                     lock_map(&pending).remove(&update.seq);
                     unacknowledged.fetch_sub(1, Ordering::SeqCst);
@@ -273,6 +281,7 @@ impl Links {
             }
             if let Some(tick) = &out.tick {
                 let (client, tick, state) = (link.control.clone(), tick.clone(), state.clone());
+                let bytes = tick.encoded_len();
                 tokio::spawn(async move {
                     let sent = Instant::now();
                     if deliver("tick", || {
@@ -284,6 +293,7 @@ impl Links {
                         && let Some(m) = lock(&state).mirror.as_mut()
                     {
                         m.record_rtt(p, sent.elapsed());
+                        m.record_delivered(p, bytes);
                     }
                 });
             }

@@ -76,6 +76,10 @@ struct Peer {
     rtt: Option<Duration>,
     throughput: Option<f64>,
     applied: HashSet<u64>,
+    /// Bytes of our messages handed to the link to this peer.
+    sent_bytes: u64,
+    /// Of those, bytes the peer acknowledged.
+    delivered_bytes: u64,
 }
 
 /// Messages to send to every peer.
@@ -383,6 +387,9 @@ impl MirrorState {
             + out.tick.as_ref().map_or(0, Message::encoded_len);
         self.window_bytes += bytes as u64;
         self.stats.bytes_sent += bytes as u64 * peers;
+        for peer in &mut self.peers {
+            peer.sent_bytes += bytes as u64;
+        }
         if out.update.is_some() {
             self.stats.updates_sent += peers;
         }
@@ -527,6 +534,11 @@ impl MirrorState {
         self.peers[peer].rtt = Some(rtt);
     }
 
+    /// Records that `peer` acknowledged a message of `bytes`.
+    pub fn record_delivered(&mut self, peer: usize, bytes: usize) {
+        self.peers[peer].delivered_bytes += bytes as u64;
+    }
+
     /// Records the throughput an acknowledged update of `bytes` showed.
     pub fn record_transfer(&mut self, peer: usize, bytes: usize, elapsed: Duration) {
         let rtt = self.peers[peer].rtt.unwrap_or_default();
@@ -596,6 +608,8 @@ impl MirrorState {
                     drained: p.drained,
                     rtt_seconds: p.rtt.map_or(0.0, |r| r.as_secs_f64()),
                     throughput_bytes_per_second: p.throughput.unwrap_or(0.0),
+                    sent_bytes: p.sent_bytes,
+                    delivered_bytes: p.delivered_bytes,
                 })
                 .collect(),
         }

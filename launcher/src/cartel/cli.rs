@@ -56,7 +56,7 @@ pub async fn bench(args: BenchArgs) -> Result<String, RunError> {
                     .data_dir
                     .clone()
                     .unwrap_or_else(geoml_dataplane::data::default_cache_dir),
-                eval_every: 20,
+                eval_every: geoml_crds::roles::DEFAULT_EVAL_EVERY,
                 progress: false,
                 target: None,
             };

@@ -5,10 +5,12 @@
 //! bytes moved, model size, training time and accuracy.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use geoml_crds::manifest::Manifest;
 use geoml_crds::mode::CollaborativeMode;
+use geoml_crds::roles::{RegistryArgs, SiteArgs};
 use geoml_dataplane::cartel::SiteConfig;
 use geoml_dataplane::cartel::scenario::Scenario;
 use geoml_dataplane::cartel::site::SiteReport;
@@ -191,7 +193,7 @@ impl CartelSummary {
     /// The summary as a `geoml run` report.
     #[must_use]
     pub fn report(&self, reports: &[SiteReport], eval_every: u64) -> Report {
-        let every = usize::try_from(eval_every).unwrap_or(20).max(1);
+        let every = usize::try_from(eval_every).unwrap_or(usize::MAX).max(1);
         let mean_history = (0..self.batches)
             .step_by(every)
             .filter_map(|b| {
@@ -334,37 +336,38 @@ async fn run_processes(
             }
             _ => {}
         }
-        roles.push(supervisor.spawn(
-            &format!("{}-registry", mode.name()),
-            vec![
-                "registry".to_owned(),
-                format!("--listen=127.0.0.1:{port}"),
-                format!("--state-dir={}", state.display()),
-                format!("--exit-when-finished={}", sites.len()),
-                format!("--exit-grace={EXIT_GRACE_SECONDS}"),
-            ],
-        )?);
+        roles.push(
+            supervisor.spawn(
+                &format!("{}-registry", mode.name()),
+                RegistryArgs {
+                    state_dir: Some(state),
+                    exit_when_finished: Some(sites.len()),
+                    exit_grace: EXIT_GRACE_SECONDS,
+                    ..RegistryArgs::new(SocketAddr::from(([127, 0, 0, 1], port)))
+                }
+                .command_line(),
+            )?,
+        );
     }
     let mut report_paths = Vec::new();
     for site in sites {
         let port = unused_port()?;
         let report = dir.join(format!("site-{site}.json"));
         let _ = std::fs::remove_file(&report);
-        let mut args = vec![
-            "site".to_owned(),
-            format!("--manifest={}", options.manifest.display()),
-            format!("--data-dir={}", options.data_dir.display()),
-            format!("--site={site}"),
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--mode={}", mode.name()),
-            format!("--report={}", report.display()),
-        ];
+        let mut args = SiteArgs::new(
+            options.manifest.clone(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            mode,
+        );
+        args.data.data_dir = Some(options.data_dir.clone());
+        args.site = Some(site.clone());
+        args.report = Some(report.clone());
         if let Some(url) = &registry_url {
-            args.push(format!("--registry={url}"));
-            args.push(format!("--expect-sites={}", sites.len()));
-            args.push(format!("--finish-poll={FINISH_POLL_SECONDS}"));
+            args.registry = Some(url.clone());
+            args.expect_sites = sites.len();
+            args.finish_poll = FINISH_POLL_SECONDS;
         }
-        roles.push(supervisor.spawn(&format!("{}-site-{site}", mode.name()), args)?);
+        roles.push(supervisor.spawn(&format!("{}-site-{site}", mode.name()), args.command_line())?);
         report_paths.push(report);
     }
     let deadline = Instant::now() + FINISH_TIMEOUT;

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use geoml_crds::manifest::ResolvedJob;
+use geoml_crds::roles::{ParameterServerArgs, WorkerArgs};
 use geoml_crds::sync_policy::InterDatacenterModel;
 use geoml_dataplane::worker::connect;
 use geoml_proto as pb;
@@ -126,16 +127,14 @@ impl LocalRun {
         cluster.started = unix_now();
         for (d, dc) in spec.datacenters.iter().enumerate() {
             for index in 0..dc.workers.max(0) {
-                let args = vec![
-                    "worker".to_owned(),
-                    format!("--index={index}"),
-                    format!("--topology={}", topologies[d].display()),
-                    format!("--eval-every={}", cluster.processes.options.eval_every),
-                ];
+                let args = WorkerArgs {
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                    eval_every: cluster.processes.options.eval_every,
+                    role: cluster.processes.job_role(&topologies[d]),
+                }
+                .command_line();
                 let name = format!("{}-worker-{index}", dc.name);
-                cluster
-                    .workers
-                    .push(cluster.processes.spawn(&name, args, true)?);
+                cluster.workers.push(cluster.processes.spawn(&name, args)?);
             }
         }
         Ok(cluster)
@@ -153,22 +152,21 @@ impl LocalRun {
     ) -> Result<usize, RunError> {
         let name = format!("{}-ps-{shard}", job.job.spec.datacenters[dc].name);
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut args = vec![
-            "ps".to_owned(),
-            format!("--shard={shard}"),
-            format!("--listen=127.0.0.1:{port}"),
-            format!("--metrics-listen={metrics}"),
-            format!("--topology={}", topology.display()),
-            // Statuses and snapshots are read after training; `shutdown`
-            // stops the shards.
-            "--keep-serving".to_owned(),
-        ];
+        let mut args = ParameterServerArgs::new(
+            u32::try_from(shard).unwrap_or(u32::MAX),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            self.processes.job_role(topology),
+        );
+        args.role.metrics_listen = Some(metrics);
+        // Statuses and snapshots are read after training; `shutdown`
+        // stops the shards.
+        args.keep_serving = true;
         if job.job.spec.checkpoint.is_some() {
-            let dir = self.processes.options.work_dir.join(&name);
-            args.push(format!("--checkpoint-dir={}", dir.display()));
+            args.checkpoint_dir = Some(self.processes.options.work_dir.join(&name));
         }
         self.metrics.push(metrics);
-        self.shards.push(self.processes.spawn(&name, args, true)?);
+        self.shards
+            .push(self.processes.spawn(&name, args.command_line())?);
         self.ps_addresses.push(format!("http://127.0.0.1:{port}"));
         Ok(self.shards.len() - 1)
     }

@@ -19,6 +19,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use geoml_crds::manifest::Manifest;
 use geoml_crds::mode::{CollaborativeMode, Mode};
+use geoml_crds::roles::JobRoleArgs;
 use geoml_crds::sync_policy::InterDatacenterModel;
 use geoml_dataplane::worker::connect;
 use geoml_proto as pb;
@@ -68,17 +69,15 @@ impl Processes {
         })
     }
 
-    /// Starts `geoml ARGS`; `job_role` adds the manifest and data directory.
-    fn spawn(
-        &self,
-        name: &str,
-        mut args: Vec<String>,
-        job_role: bool,
-    ) -> Result<Process, RunError> {
-        if job_role {
-            args.push(format!("--manifest={}", self.options.manifest.display()));
-            args.push(format!("--data-dir={}", self.options.data_dir.display()));
-        }
+    /// The arguments every job role of this run takes, with `topology`.
+    fn job_role(&self, topology: &Path) -> JobRoleArgs {
+        let mut role = JobRoleArgs::new(self.options.manifest.clone(), topology.to_owned());
+        role.data.data_dir = Some(self.options.data_dir.clone());
+        role
+    }
+
+    /// Starts `geoml ARGS` as role `name`.
+    fn spawn(&self, name: &str, args: Vec<String>) -> Result<Process, RunError> {
         Ok(self.supervisor.spawn(name, args)?)
     }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use geoml_crds::manifest::ResolvedJob;
+use geoml_crds::roles::DEFAULT_SEED;
 use geoml_dataplane::data::Examples;
 use kube::ResourceExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,7 +110,7 @@ impl Shipment {
             train,
             spec.datacenters.iter().map(|d| count(d.workers)).sum(),
             &spec.dataset.partitioning,
-            42,
+            DEFAULT_SEED,
         );
         let mut payloads = Vec::new();
         let mut offset = count(spec.datacenters[0].workers);

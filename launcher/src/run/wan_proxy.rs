@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use geoml_crds::manifest::ResolvedJob;
+use geoml_crds::roles::WanProxyArgs;
 use kube::ResourceExt;
 
 use super::{Processes, free_port, write_yaml};
@@ -51,12 +52,11 @@ impl Wan {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut role = processes.spawn(
             "wan-proxy",
-            vec![
-                "wan-proxy".to_owned(),
-                format!("--config={}", path.display()),
-                format!("--metrics-listen={metrics}"),
-            ],
-            false,
+            WanProxyArgs {
+                config: path,
+                metrics_listen: Some(metrics),
+            }
+            .command_line(),
         )?;
         let deadline = Instant::now() + START_TIMEOUT;
         while tokio::net::TcpStream::connect(metrics).await.is_err() {
