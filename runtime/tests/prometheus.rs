@@ -162,6 +162,35 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     let links = query(prometheus, "geoml_wan_bytes_total").await;
     assert_eq!(links.len(), 6, "{links:?}");
     assert!(links.iter().all(|s| value(s) > 0.0), "{links:?}");
+    // Mirror bytes per link as the shards count them: six links, each
+    // delivered no more than it was handed, and no more than the emulated
+    // WAN carried.
+    let by_link = "sum by (datacenter, peer)";
+    let handed = query(
+        prometheus,
+        &format!("{by_link} (geoml_mirror_link_sent_bytes_total)"),
+    )
+    .await;
+    let delivered = query(
+        prometheus,
+        &format!("{by_link} (geoml_mirror_link_delivered_bytes_total)"),
+    )
+    .await;
+    assert_eq!(
+        (handed.len(), delivered.len()),
+        (6, 6),
+        "{handed:?} {delivered:?}"
+    );
+    for d in &delivered {
+        let h = handed
+            .iter()
+            .find(|h| h["metric"] == d["metric"])
+            .unwrap_or_else(|| panic!("no sent bytes for {d:?}"));
+        assert!(value(d) > 0.0 && value(d) <= value(h), "{d:?} {h:?}");
+    }
+    let carried: f64 = links.iter().map(value).sum();
+    let delivered_total: f64 = delivered.iter().map(value).sum();
+    assert!(delivered_total <= carried, "{delivered_total} > {carried}");
     // LAN bytes per datacenter and direction.
     let lan = query(
         prometheus,

@@ -1,7 +1,9 @@
 //! A shard's side of mirror synchronisation, as pure state: accumulated
 //! updates and the significance filter, the selective barrier, mirror clocks
 //! and federated-averaging rounds. No I/O; [`super::service`] moves the
-//! messages it produces and feeds it the ones that arrive.
+//! messages it produces and feeds it the ones that arrive; [`wire`]
+//! decodes what arrives and encodes what leaves, so the state itself
+//! handles indexes and deltas, not bytes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -9,10 +11,10 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use super::significance::Filter;
-use crate::pb;
 use crate::pb::mirror::{Announcement, ClockTick, MirrorUpdate};
 use crate::ps::shard::{Changes, Shard, ShardError};
-use geoml_proto::rows::{pack_indexes, pack_values, unpack_indexes, unpack_values};
+
+mod wire;
 
 /// How long an update may go unacknowledged before the link's RTT is
 /// measured without counting as piling up.
@@ -64,6 +66,16 @@ pub enum MirrorError {
     /// The update does not fit the shard.
     #[error(transparent)]
     Shard(#[from] ShardError),
+}
+
+/// A peer's update, decoded from the wire ([`MirrorUpdate`]).
+#[derive(Clone, Debug, PartialEq)]
+struct PeerUpdate {
+    seq: u64,
+    indexes: Vec<u32>,
+    deltas: Vec<f32>,
+    announced: bool,
+    round: u64,
 }
 
 /// What a peer datacenter told us.
@@ -366,20 +378,6 @@ impl MirrorState {
         self.update(&indexes, &deltas)
     }
 
-    /// The next update, of `deltas` at `indexes`.
-    fn update(&mut self, indexes: &[u32], deltas: &[f32]) -> MirrorUpdate {
-        self.stats.elements_sent += indexes.len() as u64;
-        self.seq += 1;
-        MirrorUpdate {
-            datacenter: self.config.datacenter.clone(),
-            seq: self.seq,
-            indexes: pack_indexes(indexes),
-            deltas: pack_values(deltas),
-            announced: false,
-            round: 0,
-        }
-    }
-
     fn count(&mut self, out: &Outgoing) {
         let peers = self.peers.len() as u64;
         let bytes = out.announce.as_ref().map_or(0, Message::encoded_len)
@@ -416,14 +414,14 @@ impl MirrorState {
         Ok(())
     }
 
-    /// A peer announces the elements of its update `seq`.
-    pub fn on_announce(
+    /// Peer `p` announces `indexes`, the elements of its update `seq`.
+    fn announced(
         &mut self,
-        announce: &Announcement,
+        p: usize,
+        seq: u64,
+        indexes: &[u32],
         shard: &Shard,
     ) -> Result<(), MirrorError> {
-        let p = self.peer(&announce.datacenter)?;
-        let indexes = unpack_indexes(&announce.indexes)?;
         if let Some(&index) = indexes
             .iter()
             .find(|&&i| i as usize >= shard.values().len())
@@ -434,8 +432,8 @@ impl MirrorState {
             }
             .into());
         }
-        let key = (p, announce.seq);
-        if self.early.remove(&key) || self.peers[p].applied.contains(&announce.seq) {
+        let key = (p, seq);
+        if self.early.remove(&key) || self.peers[p].applied.contains(&seq) {
             return Ok(());
         }
         let mut rows: Vec<usize> = indexes.iter().map(|&i| shard.row_of(i)).collect();
@@ -447,32 +445,28 @@ impl MirrorState {
         Ok(())
     }
 
-    /// A peer's update: applied to `shard` at most once. Returns whether it
-    /// was new.
-    pub fn on_update(
+    /// Peer `p`'s update, not applied before: applied to `shard`.
+    /// Returns whether it was new.
+    fn apply_update(
         &mut self,
-        update: &MirrorUpdate,
+        p: usize,
+        update: &PeerUpdate,
         shard: &mut Shard,
     ) -> Result<bool, MirrorError> {
-        let p = self.peer(&update.datacenter)?;
-        if self.peers[p].applied.contains(&update.seq) {
-            return Ok(false);
-        }
-        let indexes = unpack_indexes(&update.indexes)?;
-        let deltas = unpack_values(&update.deltas)?;
+        let (indexes, deltas) = (&update.indexes, &update.deltas);
         if update.round > 0 {
-            shard.check_add(&indexes, &deltas)?;
+            shard.check_add(indexes, deltas)?;
             let (sum, from) = self
                 .received
                 .entry(update.round)
                 .or_insert_with(|| (vec![0.0; shard.values().len()], BTreeSet::new()));
-            for (&i, &d) in indexes.iter().zip(&deltas) {
+            for (&i, &d) in indexes.iter().zip(deltas) {
                 sum[i as usize] += d;
             }
             from.insert(p);
             self.complete_round(shard);
         } else {
-            shard.add(&indexes, &deltas)?;
+            shard.add(indexes, deltas)?;
         }
         self.peers[p].applied.insert(update.seq);
         if update.announced {
@@ -582,254 +576,7 @@ impl MirrorState {
         self.peers.iter().all(|p| p.drained)
     }
 
-    /// The state for the shard's status.
-    #[must_use]
-    pub fn status(&self, unacknowledged: u64) -> pb::MirrorStatus {
-        pb::MirrorStatus {
-            elements_updated: self.changes.count,
-            elements_sent: self.stats.elements_sent,
-            updates_sent: self.stats.updates_sent,
-            bytes_sent: self.stats.bytes_sent,
-            barrier_blocks: self.stats.barrier_blocks,
-            barrier_wait_seconds: self.stats.barrier_wait,
-            clock_blocks: self.stats.clock_blocks,
-            clock_wait_seconds: self.stats.clock_wait,
-            threshold: self.threshold(),
-            mirror_clock: self.mirror_clock,
-            max_skew: self.stats.max_skew,
-            drained: self.drained(unacknowledged),
-            peers: self
-                .peers
-                .iter()
-                .map(|p| pb::PeerStatus {
-                    datacenter: p.name.clone(),
-                    mirror_clock: p.mirror_clock,
-                    stopped: p.stopped,
-                    drained: p.drained,
-                    rtt_seconds: p.rtt.map_or(0.0, |r| r.as_secs_f64()),
-                    throughput_bytes_per_second: p.throughput.unwrap_or(0.0),
-                    sent_bytes: p.sent_bytes,
-                    delivered_bytes: p.delivered_bytes,
-                })
-                .collect(),
-        }
-    }
 }
 
 #[cfg(test)]
-#[allow(clippy::float_cmp)] // small exact sums
-mod tests {
-    use geoml_crds::sync_policy::Significance;
-    use geoml_crds::training_job::Optimizer;
-
-    use super::*;
-    use crate::model::{Layout, TensorShape};
-
-    /// One shard of a 4×2 model, all values 1, SGD with learning rate 1.
-    fn shard() -> Shard {
-        let layout = Layout::new(vec![TensorShape {
-            name: "w",
-            rows: 4,
-            cols: 2,
-        }]);
-        Shard::new(&layout, 0, 1, 1, Optimizer::Sgd, 1.0, |_, out| {
-            out.fill(1.0);
-        })
-    }
-
-    fn mirror(exchange: Exchange, period: u64, bound: u64) -> MirrorState {
-        let config = MirrorConfig {
-            datacenter: "a".into(),
-            peers: vec!["b".into(), "c".into()],
-            exchange,
-            period,
-            bound,
-            filter: Filter::new(
-                &Significance {
-                    threshold: 0.1,
-                    ..Significance::default()
-                },
-                None,
-            ),
-        };
-        MirrorState::new(config, 8, 4)
-    }
-
-    const ASP: Exchange = Exchange::Asp {
-        selective_barrier: true,
-    };
-
-    /// Worker 0 pushes `gradient` as its next clock.
-    fn push(s: &mut Shard, m: &mut MirrorState, gradient: &[f32]) -> u64 {
-        let clock = s.min_clock() + 1;
-        let rows = s.check(0, clock, None, gradient).unwrap().unwrap();
-        s.commit(0, clock, &rows, gradient, Some(&mut m.changes));
-        clock
-    }
-
-    fn sent(out: &Outgoing) -> (Vec<u32>, Vec<f32>) {
-        let update = out.update.as_ref().unwrap();
-        (
-            unpack_indexes(&update.indexes).unwrap(),
-            unpack_values(&update.deltas).unwrap(),
-        )
-    }
-
-    #[test]
-    fn sends_significant_updates_and_keeps_the_rest() {
-        let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-        let mut g = [0.0; 8];
-        g[0] = 0.5; // 50% of 1: significant
-        g[1] = 0.05; // 5%: not yet
-        let clock = push(&mut s, &mut m, &g);
-        let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-        assert_eq!(sent(&out), (vec![0], vec![-0.5]));
-        assert!(out.announce.is_none(), "nothing piles up");
-        // The 5% stays accumulated; another 6% makes it significant (11% of 0.89).
-        g = [0.0; 8];
-        g[1] = 0.06;
-        let clock = push(&mut s, &mut m, &g);
-        let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-        let (indexes, deltas) = sent(&out);
-        assert_eq!(indexes, [1]);
-        assert!((deltas[0] + 0.11).abs() < 1e-6);
-        assert_eq!(m.changes.accumulated, [0.0; 8]);
-        assert!((m.changes.generated[1] + 0.11).abs() < 1e-6);
-    }
-
-    #[test]
-    fn flushes_everything_when_stopped_and_is_then_drained() {
-        let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-        let clock = push(&mut s, &mut m, &[0.01; 8]);
-        let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-        assert!(out.update.is_none());
-        assert!(!m.drained(0));
-        let out = m.on_clock(s.values(), clock, true, &[Duration::ZERO; 2]);
-        assert_eq!(sent(&out).0.len(), 8);
-        assert!(out.tick.unwrap().stopped);
-        assert!(!m.drained(1), "an update is unacknowledged");
-        assert!(m.drained(0));
-    }
-
-    #[test]
-    fn announces_when_updates_pile_up() {
-        let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-        let clock = push(&mut s, &mut m, &[0.5; 8]);
-        let stuck = [Duration::from_secs(5), Duration::ZERO];
-        let out = m.on_clock(s.values(), clock, false, &stuck);
-        let announce = out.announce.unwrap();
-        assert_eq!(announce.indexes, out.update.unwrap().indexes);
-    }
-
-    #[test]
-    fn barrier_blocks_only_announced_rows_until_their_data_arrives() {
-        let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-        // Elements 2 and 3 are row 1.
-        let announce = Announcement {
-            datacenter: "b".into(),
-            seq: 7,
-            indexes: pack_indexes(&[2, 3]),
-        };
-        m.on_announce(&announce, &s).unwrap();
-        assert!(m.blocked(&[1]));
-        assert!(m.blocked(&[0, 1, 2, 3]));
-        assert!(!m.blocked(&[0, 2, 3]));
-        let update = MirrorUpdate {
-            datacenter: "b".into(),
-            seq: 7,
-            indexes: pack_indexes(&[2, 3]),
-            deltas: pack_values(&[0.25, -0.25]),
-            announced: true,
-            round: 0,
-        };
-        let epoch = m.epoch();
-        assert!(m.on_update(&update, &mut s).unwrap());
-        assert!(!m.blocked(&[1]));
-        assert!(m.epoch() > epoch);
-        assert_eq!(&s.values()[2..4], [1.25, 0.75]);
-        // Applied once: a retry changes nothing.
-        assert!(!m.on_update(&update, &mut s).unwrap());
-        assert_eq!(&s.values()[2..4], [1.25, 0.75]);
-        // Data before its announcement: the late announcement blocks nothing.
-        let early = MirrorUpdate { seq: 8, ..update };
-        m.on_update(&early, &mut s).unwrap();
-        m.on_announce(&Announcement { seq: 8, ..announce }, &s)
-            .unwrap();
-        assert!(!m.blocked(&[1]));
-    }
-
-    #[test]
-    fn rejects_strangers_and_malformed_updates_without_change() {
-        let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-        let before = s.values().to_vec();
-        let mut update = MirrorUpdate {
-            datacenter: "z".into(),
-            seq: 1,
-            indexes: pack_indexes(&[0]),
-            deltas: pack_values(&[1.0]),
-            announced: false,
-            round: 0,
-        };
-        assert!(matches!(
-            m.on_update(&update, &mut s),
-            Err(MirrorError::UnknownPeer(_))
-        ));
-        update.datacenter = "b".into();
-        update.indexes = pack_indexes(&[99]);
-        assert!(m.on_update(&update, &mut s).is_err());
-        update.indexes = vec![1, 2, 3];
-        assert!(m.on_update(&update, &mut s).is_err());
-        assert_eq!(s.values(), before);
-    }
-
-    #[test]
-    fn mirror_clock_bound_limits_reads_to_ds_clocks_ahead() {
-        let (mut s, mut m) = (shard(), mirror(ASP, 10, 1));
-        // Peers at mirror clock 0: reads up to clock 19 (mirror clock 1).
-        assert_eq!(m.read_limit(), 19);
-        let tick = |dc: &str, mirror_clock, stopped| ClockTick {
-            datacenter: dc.into(),
-            mirror_clock,
-            stopped,
-            drained: false,
-        };
-        m.on_tick(&tick("b", 3, false), &mut s).unwrap();
-        assert_eq!(m.read_limit(), 19, "c is still at 0");
-        m.on_tick(&tick("c", 2, false), &mut s).unwrap();
-        assert_eq!(m.read_limit(), 39);
-        assert_eq!(m.skew(39), 1);
-        // A stopped peer holds nobody back; with none left, nothing does.
-        m.on_tick(&tick("c", 2, true), &mut s).unwrap();
-        assert_eq!(m.read_limit(), 49);
-        m.on_tick(&tick("b", 3, true), &mut s).unwrap();
-        assert_eq!(m.read_limit(), u64::MAX);
-    }
-
-    #[test]
-    fn federated_averaging_averages_each_round() {
-        let (mut s, mut m) = (shard(), mirror(Exchange::FedAvg { round_clocks: 2 }, 1, 1));
-        assert_eq!(m.read_limit(), 1);
-        push(&mut s, &mut m, &[0.3; 8]);
-        let clock = push(&mut s, &mut m, &[0.3; 8]);
-        // Our delta after round 1: −0.6 everywhere.
-        let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-        assert_eq!(out.update.as_ref().unwrap().round, 1);
-        assert_eq!(m.read_limit(), 1, "blocked until the round completes");
-        for (dc, delta) in [("b", 0.0), ("c", -0.3)] {
-            let update = MirrorUpdate {
-                datacenter: dc.into(),
-                seq: 1,
-                indexes: pack_indexes(&(0..8).collect::<Vec<_>>()),
-                deltas: pack_values(&[delta; 8]),
-                announced: false,
-                round: 1,
-            };
-            m.on_update(&update, &mut s).unwrap();
-        }
-        // Base 1 plus the mean of −0.6, 0 and −0.3.
-        for v in s.values() {
-            assert!((v - 0.7).abs() < 1e-6, "{v}");
-        }
-        assert_eq!(m.read_limit(), 3);
-    }
-}
+mod tests;
