@@ -575,7 +575,6 @@ impl MirrorState {
     pub fn peers_drained(&self) -> bool {
         self.peers.iter().all(|p| p.drained)
     }
-
 }
 
 #[cfg(test)]
