@@ -2,7 +2,14 @@
 //! checkpoint claim.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
 
+use geoml_crds::mode::CollaborativeMode;
+use geoml_crds::roles::{
+    DEFAULT_EVAL_EVERY, DataDirArgs, JobRoleArgs, ParameterServerArgs, RegistryArgs, SiteArgs,
+    WorkerArgs,
+};
 use geoml_crds::training_job::DatasetName;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
@@ -31,17 +38,10 @@ impl JobView {
             Role::Registry => names::registry(&job),
             _ => names::pod(&job, p.name(), role, index),
         };
-        let mut args = vec![role.as_str().to_owned()];
         let mut ports = Vec::new();
         let mut mounts = Vec::new();
         let mut volumes = Vec::new();
         if role != Role::Registry {
-            args.extend(strings(&[
-                "--manifest",
-                &format!("{CONFIG_DIR}/manifest.yaml"),
-                "--topology",
-                &format!("{CONFIG_DIR}/topology.yaml"),
-            ]));
             mounts.push(mount("topology", CONFIG_DIR, None));
             volumes.push(Volume {
                 name: "topology".to_owned(),
@@ -56,66 +56,9 @@ impl JobView {
             Role::ParameterServer | Role::Registry => r.parameter_server.clone(),
             Role::Worker | Role::Site => r.worker.clone(),
         });
-        let sites = self.placements.len().to_string();
-        match role {
-            Role::ParameterServer => {
-                args.extend(strings(&[
-                    "--shard",
-                    &index.to_string(),
-                    "--listen",
-                    &format!("0.0.0.0:{PS_PORT}"),
-                    "--termination-log",
-                    TERMINATION_LOG,
-                ]));
-                ports.push(container_port("grpc", PS_PORT));
-                if let Some(claim) = self.checkpoint_claim(p) {
-                    args.extend(strings(&["--checkpoint-dir", CHECKPOINT_DIR]));
-                    // One claim holds every shard's checkpoints, each in its own directory.
-                    let sub_path = format!("{}/ps-{index}", p.name());
-                    mounts.push(mount("checkpoints", CHECKPOINT_DIR, Some(sub_path)));
-                    volumes.push(claim_volume("checkpoints", &claim, false));
-                }
-            }
-            Role::Worker => args.extend(strings(&["--index", &index.to_string()])),
-            Role::Site => {
-                args.extend(strings(&[
-                    "--listen",
-                    &format!("0.0.0.0:{SITE_PORT}"),
-                    "--advertise",
-                    site_url,
-                    "--expect-sites",
-                    &sites,
-                ]));
-                ports.push(container_port("grpc", SITE_PORT));
-            }
-            Role::Registry => {
-                args.extend(strings(&[
-                    "--listen",
-                    &format!("0.0.0.0:{REGISTRY_PORT}"),
-                    "--state-dir",
-                    REGISTRY_STATE_DIR,
-                    "--exit-when-finished",
-                    &sites,
-                ]));
-                ports.push(container_port("grpc", REGISTRY_PORT));
-                mounts.push(mount("state", REGISTRY_STATE_DIR, None));
-                volumes.push(Volume {
-                    name: "state".to_owned(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Volume::default()
-                });
-            }
-        }
-        if matches!(role, Role::ParameterServer | Role::Worker) {
-            args.extend(strings(&[
-                "--metrics-listen",
-                &format!("0.0.0.0:{METRICS_PORT}"),
-            ]));
-            ports.push(container_port("metrics", METRICS_PORT));
-        }
-        let loads_data = matches!(role, Role::ParameterServer | Role::Worker | Role::Site);
-        if loads_data && self.job.spec.dataset.name != DatasetName::Digits {
-            args.extend(strings(&["--data-dir", DATA_DIR, "--no-fetch"]));
+        // The data set's claim, read-only, for the roles that train or evaluate.
+        let data = role != Role::Registry && self.job.spec.dataset.name != DatasetName::Digits;
+        if data {
             mounts.push(VolumeMount {
                 read_only: Some(true),
                 ..mount("data", DATA_DIR, None)
@@ -125,6 +68,67 @@ impl JobView {
                 &self.job.spec.dataset.claim_name,
                 true,
             ));
+        }
+        let data_dir = DataDirArgs {
+            data_dir: data.then(|| DATA_DIR.into()),
+        };
+        let config = |file: &str| Path::new(CONFIG_DIR).join(file);
+        let mut job_role = JobRoleArgs::new(config("manifest.yaml"), config("topology.yaml"));
+        job_role.metrics_listen = Some(any_address(METRICS_PORT));
+        job_role.data = data_dir.clone();
+        job_role.no_fetch = data;
+        let index_u32 = u32::try_from(index).unwrap_or_default();
+        let sites = self.placements.len();
+        let args = match role {
+            Role::ParameterServer => {
+                ports.push(container_port("grpc", PS_PORT));
+                let mut args = ParameterServerArgs::new(index_u32, any_address(PS_PORT), job_role);
+                args.termination_log = Some(TERMINATION_LOG.into());
+                if let Some(claim) = self.checkpoint_claim(p) {
+                    args.checkpoint_dir = Some(CHECKPOINT_DIR.into());
+                    // One claim holds every shard's checkpoints, each in its own directory.
+                    let sub_path = format!("{}/ps-{index}", p.name());
+                    mounts.push(mount("checkpoints", CHECKPOINT_DIR, Some(sub_path)));
+                    volumes.push(claim_volume("checkpoints", &claim, false));
+                }
+                args.command_line()
+            }
+            Role::Worker => WorkerArgs {
+                index: index_u32,
+                eval_every: DEFAULT_EVAL_EVERY,
+                role: job_role,
+            }
+            .command_line(),
+            Role::Site => {
+                ports.push(container_port("grpc", SITE_PORT));
+                let mut args = SiteArgs::new(
+                    config("manifest.yaml"),
+                    any_address(SITE_PORT),
+                    CollaborativeMode::Cartel,
+                );
+                args.topology = Some(config("topology.yaml"));
+                args.advertise = Some(site_url.to_owned());
+                args.expect_sites = sites;
+                args.data = data_dir;
+                args.no_fetch = data;
+                args.command_line()
+            }
+            Role::Registry => {
+                ports.push(container_port("grpc", REGISTRY_PORT));
+                mounts.push(mount("state", REGISTRY_STATE_DIR, None));
+                volumes.push(Volume {
+                    name: "state".to_owned(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                });
+                let mut args = RegistryArgs::new(any_address(REGISTRY_PORT));
+                args.state_dir = Some(REGISTRY_STATE_DIR.into());
+                args.exit_when_finished = Some(sites);
+                args.command_line()
+            }
+        };
+        if matches!(role, Role::ParameterServer | Role::Worker) {
+            ports.push(container_port("metrics", METRICS_PORT));
         }
         // A server is ready once it accepts connections; workers serve nothing.
         let readiness_probe = (role != Role::Worker).then(|| Probe {
@@ -300,8 +304,9 @@ fn claim_volume(name: &str, claim: &str, read_only: bool) -> Volume {
     }
 }
 
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| (*s).to_owned()).collect()
+/// `0.0.0.0:port`: every interface of the pod.
+fn any_address(port: i32) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], u16::try_from(port).unwrap_or_default()))
 }
 
 fn non_empty(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {

@@ -86,17 +86,19 @@ fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
     assert_eq!(container.command.as_deref().unwrap(), ["geoml"]);
     assert_eq!(
         container.args.as_deref().unwrap().join(" "),
-        "ps --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
-         --shard 0 --listen 0.0.0.0:7070 --termination-log /dev/termination-log \
-         --metrics-listen 0.0.0.0:9090 --data-dir /var/lib/geoml/data --no-fetch"
+        "ps --shard=0 --listen=0.0.0.0:7070 --drain-timeout=300 \
+         --termination-log=/dev/termination-log --manifest=/etc/geoml/manifest.yaml \
+         --topology=/etc/geoml/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
+         --data-dir=/var/lib/geoml/data --no-fetch"
     );
     assert_eq!(ps.subdomain.as_deref(), Some("fashion-mnist-gaia-eu-west"));
     assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
     let worker = &pods[2].spec.as_ref().unwrap().containers[0];
     assert_eq!(
         worker.args.as_deref().unwrap().join(" "),
-        "worker --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
-         --index 1 --metrics-listen 0.0.0.0:9090 --data-dir /var/lib/geoml/data --no-fetch"
+        "worker --index=1 --eval-every=20 --manifest=/etc/geoml/manifest.yaml \
+         --topology=/etc/geoml/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
+         --data-dir=/var/lib/geoml/data --no-fetch"
     );
     let env: BTreeMap<_, _> = worker
         .env
@@ -169,13 +171,15 @@ fn cartel_runs_a_site_per_datacenter_and_the_registry_in_the_first() {
     );
     assert_eq!(
         args(&first[0]),
-        "site --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml \
-         --listen 0.0.0.0:7072 --advertise http://192.0.2.1:30072 --expect-sites 3 \
-         --data-dir /var/lib/geoml/data --no-fetch"
+        "site --manifest=/etc/geoml/manifest.yaml --data-dir=/var/lib/geoml/data --no-fetch \
+         --topology=/etc/geoml/topology.yaml --listen=0.0.0.0:7072 \
+         --advertise=http://192.0.2.1:30072 --mode=cartel --expect-sites=3 --finish-poll=1 \
+         --registry-grace=5 --finish-timeout=3600"
     );
     assert_eq!(
         args(&first[1]),
-        "registry --listen 0.0.0.0:7071 --state-dir /var/lib/geoml/registry --exit-when-finished 3"
+        "registry --listen=0.0.0.0:7071 --state-dir=/var/lib/geoml/registry \
+         --exit-when-finished=3 --exit-grace=5"
     );
     let other = view.pods(&view.placements[1], "http://192.0.2.2:30072");
     assert_eq!(other.len(), 1);
