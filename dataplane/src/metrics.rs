@@ -193,7 +193,10 @@ impl PsMetrics {
                 .with_label_values(&name)
                 .set(peer.throughput_bytes_per_second);
             catch_up(&m.link_sent.with_label_values(&name), peer.sent_bytes);
-            catch_up(&m.link_delivered.with_label_values(&name), peer.delivered_bytes);
+            catch_up(
+                &m.link_delivered.with_label_values(&name),
+                peer.delivered_bytes,
+            );
         }
     }
 }
