@@ -28,10 +28,17 @@ impl From<RowsError> for tonic::Status {
     }
 }
 
+// Keys and values travel as little-endian words, which on a little-endian
+// host are their bytes in memory: `bytemuck` casts them without a copy loop.
+#[cfg(not(target_endian = "little"))]
+compile_error!(
+    "the packed rows are little-endian words cast from memory: build for a little-endian target"
+);
+
 /// Little-endian bytes of `keys`.
 #[must_use]
 pub fn pack_keys(keys: &[u32]) -> Vec<u8> {
-    keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+    bytemuck::cast_slice(keys).to_vec()
 }
 
 /// Sorted, unique `indexes` as LEB128 varints of their gaps (the first
@@ -83,14 +90,12 @@ pub fn unpack_indexes(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
 /// Little-endian bytes of `values`.
 #[must_use]
 pub fn pack_values(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    bytemuck::cast_slice(values).to_vec()
 }
 
 /// Keys from little-endian bytes; they must be sorted and unique.
 pub fn unpack_keys(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
-    let keys = words(bytes, "keys")?
-        .map(u32::from_le_bytes)
-        .collect::<Vec<_>>();
+    let keys: Vec<u32> = words(bytes, "keys")?;
     if let Some(w) = keys.windows(2).find(|w| w[0] >= w[1]) {
         return Err(RowsError::Unsorted(w[1]));
     }
@@ -99,20 +104,18 @@ pub fn unpack_keys(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
 
 /// Values from little-endian bytes.
 pub fn unpack_values(bytes: &[u8]) -> Result<Vec<f32>, RowsError> {
-    Ok(words(bytes, "values")?.map(f32::from_le_bytes).collect())
+    words(bytes, "values")
 }
 
-fn words<'a>(
-    bytes: &'a [u8],
-    field: &'static str,
-) -> Result<impl Iterator<Item = [u8; 4]> + 'a, RowsError> {
+/// `bytes` as 4-byte words (copied: wire bytes need not be aligned).
+fn words<T: bytemuck::Pod>(bytes: &[u8], field: &'static str) -> Result<Vec<T>, RowsError> {
     if !bytes.len().is_multiple_of(4) {
         return Err(RowsError::Truncated {
             field,
             len: bytes.len(),
         });
     }
-    Ok(bytes.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]))
+    Ok(bytemuck::pod_collect_to_vec(bytes))
 }
 
 /// Rows naming `keys` (`None`: all rows) with `values`.

@@ -3,22 +3,23 @@
 //! `rand`'s `StdRng` and `SliceRandom::shuffle` may change from one release
 //! of `rand` to the next, which would silently change train/test splits and
 //! partitions. Splits and partitions use [`SplitMix64`] and [`shuffle`]
-//! instead, whose sequences are fixed here.
+//! instead, whose sequences are fixed: the generator is `rand_xoshiro`'s
+//! SplitMix64 (Vigna's reference algorithm), and the 32-bit draws, byte
+//! fills, bounded draws and the shuffle are defined here on its 64-bit
+//! output alone.
 
-use rand::RngCore;
+use rand::{RngCore, SeedableRng};
 
 /// Sebastiano Vigna's SplitMix64: 64 bits of state, passes BigCrush, and
 /// every seed (including 0) is fine.
 #[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state: u64,
-}
+pub struct SplitMix64(rand_xoshiro::SplitMix64);
 
 impl SplitMix64 {
     /// A generator started from `seed`.
     #[must_use]
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self(rand_xoshiro::SplitMix64::seed_from_u64(seed))
     }
 
     /// A uniformly distributed integer below `bound` (0 when `bound` is 0),
@@ -46,11 +47,7 @@ impl RngCore for SplitMix64 {
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn fill_bytes(&mut self, dst: &mut [u8]) {
