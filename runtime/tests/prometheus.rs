@@ -107,6 +107,7 @@ async fn start_prometheus(
 }
 
 #[tokio::test]
+#[allow(clippy::too_many_lines)] // one Gaia run, its series checked one after the other
 async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     let binary = prometheus_binary();
     let _one = ONE_RUN_AT_A_TIME.lock().await;

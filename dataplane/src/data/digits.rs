@@ -1,8 +1,8 @@
 //! scikit-learn's 8x8 handwritten digits, embedded in the binary.
 //!
 //! 1797 images of the digits 0 to 9, each 64 pixels valued 0 to 16, from
-//! `runtime/data/digits.csv.gz` (BSD-3-Clause, the scikit-learn developers;
-//! see `runtime/data/README.md`). Small enough for quick tests and demos:
+//! `dataplane/data/digits.csv.gz` (BSD-3-Clause, the scikit-learn developers;
+//! see `dataplane/data/README.md`). Small enough for quick tests and demos:
 //! loading it needs no network and no cache. Every fifth example (index
 //! `% 5 == 4`) is held out for test, the rest are for training.
 

