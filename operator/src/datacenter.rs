@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -200,20 +200,13 @@ async fn write_status(
     }
     let was_active = conditions::get(&old.conditions, "Active").map(|c| c.status == "True");
     if was_active != Some(active) {
-        let event = Event {
-            type_: if active {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: reason.to_owned(),
-            note: Some(message.chars().take(1000).collect()),
-            action: "Connect".to_owned(),
-            secondary: None,
+        let type_ = if active {
+            EventType::Normal
+        } else {
+            EventType::Warning
         };
-        if let Err(error) = ctx.recorder.publish(&event, &dc.object_ref(&())).await {
-            tracing::warn!(%error, "publishing an event");
-        }
+        ctx.publish(&dc.object_ref(&()), type_, reason, "Connect", &message)
+            .await;
     }
     let patch = json!({
         "apiVersion": "geoml.io/v1alpha1",

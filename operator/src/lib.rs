@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::channel::mpsc;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 pub use clusters::Clusters;
 pub use metrics::Metrics;
@@ -121,6 +122,27 @@ impl Context {
         let wait = Duration::from_secs(1u64 << (*n).min(16));
         *n += 1;
         wait.min(self.settings.max_backoff)
+    }
+
+    /// Publishes an event about `object`; failing to is logged, not an error.
+    pub async fn publish(
+        &self,
+        object: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, object).await {
+            tracing::warn!(%error, "publishing an event");
+        }
     }
 
     /// Forgets the failures of object `key` after it succeeded.

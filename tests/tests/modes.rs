@@ -10,11 +10,8 @@ use std::collections::BTreeSet;
 
 use geoml_crds::manifest::Manifest;
 use geoml_crds::sync_policy::InterDatacenterModel;
-use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
 use geoml_dataplane::placement::RolePlace;
-use geoml_operator::job::build::{Endpoints, JobView, Placement};
-use kube::ResourceExt;
-use serde::Deserialize;
+use geoml_operator::job::build::{Endpoints, JobView};
 
 /// Every inter-datacenter model. The match below stops compiling when a
 /// model is added, so that it gets added here too.
@@ -50,48 +47,29 @@ fn view(model: InterDatacenterModel) -> JobView {
         env!("CARGO_MANIFEST_DIR"),
         "/../manifests/examples/gaia-3dc.yaml"
     );
-    let text = std::fs::read_to_string(path).unwrap();
-    let (mut dcs, mut policy, mut job) = (Vec::new(), None, None);
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(doc).unwrap();
-        match value["kind"].as_str().unwrap() {
-            "Datacenter" => dcs.push(serde_yaml::from_value::<Datacenter>(value).unwrap()),
-            "SyncPolicy" => policy = Some(serde_yaml::from_value::<SyncPolicy>(value).unwrap()),
-            _ => job = Some(serde_yaml::from_value::<TrainingJob>(value).unwrap()),
-        }
-    }
-    let mut policy = policy.unwrap();
-    policy.spec.inter_datacenter.model = model;
+    let mut manifest = Manifest::load(path.as_ref()).unwrap();
+    let policy = &mut manifest.sync_policies[0].spec.inter_datacenter;
+    policy.model = model;
     if model == InterDatacenterModel::Ssp {
-        policy.spec.inter_datacenter.staleness = Some(2);
+        policy.staleness = Some(2);
     }
-    let mut job = job.unwrap();
-    job.metadata.namespace = Some("ml".into());
-    job.metadata.uid = Some("uid-1".into());
     let shards = if mirrored(model) {
         [2, 2, 2]
     } else {
         [2, 1, 3]
     };
-    for (d, dc) in job.spec.datacenters.iter_mut().enumerate() {
+    for (d, dc) in manifest.training_jobs[0]
+        .spec
+        .datacenters
+        .iter_mut()
+        .enumerate()
+    {
         dc.parameter_servers = shards[d];
         dc.workers = [3, 1, 2][d];
     }
-    let placements = job
-        .spec
-        .datacenters
-        .iter()
-        .map(|spec| {
-            let dc = dcs.iter().find(|d| d.name_any() == spec.name).unwrap();
-            Placement::new(&job, spec.clone(), dc.clone())
-        })
-        .collect();
-    JobView {
-        job,
-        policy,
-        placements,
-        image: "geoml:test".into(),
-    }
+    let mut view = JobView::from_manifest(&manifest, "ml", "geoml:test").unwrap();
+    view.job.metadata.uid = Some("uid-1".into());
+    view
 }
 
 /// Every datacenter's shards at made-up addresses, as Services would give.

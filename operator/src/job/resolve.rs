@@ -6,7 +6,7 @@ use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
 use kube::{Api, ResourceExt};
 
 use super::Outcome;
-use super::build::{self, JobView, Placement, Role};
+use super::build::{self, JobView, Role};
 use crate::clusters::{Cluster, Unavailable};
 use crate::{Context, Error};
 
@@ -43,38 +43,27 @@ async fn dereference(job: &TrainingJob, ctx: &Context) -> Result<Result<JobView,
             ),
         }));
     };
-    let datacenters = Api::<Datacenter>::all(ctx.client.clone());
-    let mut placements = Vec::new();
-    let mut missing = Vec::new();
+    let api = Api::<Datacenter>::all(ctx.client.clone());
+    let mut datacenters = Vec::new();
     for spec in &job.spec.datacenters {
-        match datacenters
-            .get_opt(&spec.name)
-            .await
-            .map_err(Error::kube(format!("reading Datacenter {}", spec.name)))?
-        {
-            Some(dc) => placements.push(Placement::new(job, spec.clone(), dc)),
-            None => missing.push(spec.name.clone()),
-        }
+        datacenters.extend(
+            api.get_opt(&spec.name)
+                .await
+                .map_err(Error::kube(format!("reading Datacenter {}", spec.name)))?,
+        );
     }
-    if !missing.is_empty() {
-        return Ok(Err(Blocked {
-            reason: "DatacenterNotFound",
-            message: format!(
-                "spec.datacenters: no Datacenter named {}",
-                missing.join(", ")
-            ),
-        }));
-    }
-    let image = job
-        .spec
-        .image
-        .clone()
-        .unwrap_or_else(|| ctx.settings.default_image.clone());
-    Ok(Ok(JobView {
-        job: job.clone(),
+    Ok(JobView::new(
+        job.clone(),
         policy,
-        placements,
-        image,
+        &datacenters,
+        &ctx.settings.default_image,
+    )
+    .map_err(|missing| Blocked {
+        reason: "DatacenterNotFound",
+        message: format!(
+            "spec.datacenters: no Datacenter named {}",
+            missing.join(", ")
+        ),
     }))
 }
 

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use geoml_crds::manifest::{Manifest, ManifestError};
 use geoml_crds::sync_policy::InterDatacenterModel;
 use geoml_crds::training_job::DatacenterPlacement;
 use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
@@ -195,6 +196,58 @@ pub mod names {
 }
 
 impl JobView {
+    /// The view of `job`, its SyncPolicy and the Datacenters it names, found
+    /// in `datacenters`; its pods run the job's `spec.image`, else
+    /// `default_image`. Err: the names of the Datacenters not found.
+    pub fn new(
+        job: TrainingJob,
+        policy: SyncPolicy,
+        datacenters: &[Datacenter],
+        default_image: &str,
+    ) -> Result<Self, Vec<String>> {
+        let mut missing = Vec::new();
+        let mut placements = Vec::new();
+        for spec in &job.spec.datacenters {
+            match datacenters.iter().find(|d| d.name_any() == spec.name) {
+                Some(dc) => placements.push(Placement::new(&job, spec.clone(), dc.clone())),
+                None => missing.push(spec.name.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        let image = job
+            .spec
+            .image
+            .clone()
+            .unwrap_or_else(|| default_image.to_owned());
+        Ok(Self {
+            job,
+            policy,
+            placements,
+            image,
+        })
+    }
+
+    /// The view of a manifest's one job (as `geoml` reads example
+    /// manifests) as if applied in `namespace`.
+    pub fn from_manifest(
+        manifest: &Manifest,
+        namespace: &str,
+        default_image: &str,
+    ) -> Result<Self, ManifestError> {
+        let resolved = manifest.job()?;
+        let mut job = resolved.job.clone();
+        job.metadata.namespace = Some(namespace.to_owned());
+        Self::new(
+            job,
+            resolved.sync_policy.clone(),
+            &manifest.datacenters,
+            default_image,
+        )
+        .map_err(|missing| ManifestError::MissingDatacenter(missing.join(", ")))
+    }
+
     fn job_name(&self) -> String {
         self.job.name_any()
     }

@@ -14,34 +14,10 @@ fn view(example: &str) -> JobView {
         "{}/../manifests/examples/{example}",
         env!("CARGO_MANIFEST_DIR")
     );
-    let text = std::fs::read_to_string(path).unwrap();
-    let (mut dcs, mut policy, mut job) = (Vec::new(), None, None);
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(doc).unwrap();
-        match value["kind"].as_str().unwrap() {
-            "Datacenter" => dcs.push(serde_yaml::from_value::<Datacenter>(value).unwrap()),
-            "SyncPolicy" => policy = Some(serde_yaml::from_value(value).unwrap()),
-            _ => job = Some(serde_yaml::from_value::<TrainingJob>(value).unwrap()),
-        }
-    }
-    let mut job = job.unwrap();
-    job.metadata.namespace = Some("ml".into());
-    job.metadata.uid = Some("uid-1".into());
-    let placements = job
-        .spec
-        .datacenters
-        .iter()
-        .map(|spec| {
-            let dc = dcs.iter().find(|d| d.name_any() == spec.name).unwrap();
-            Placement::new(&job, spec.clone(), dc.clone())
-        })
-        .collect();
-    JobView {
-        job,
-        policy: policy.unwrap(),
-        placements,
-        image: "geoml:test".into(),
-    }
+    let manifest = Manifest::load(path.as_ref()).unwrap();
+    let mut view = JobView::from_manifest(&manifest, "ml", "geoml:test").unwrap();
+    view.job.metadata.uid = Some("uid-1".into());
+    view
 }
 
 /// Shard `i` of datacenter `dc` at `http://<dc>-ip-<i>:7070` inside its
