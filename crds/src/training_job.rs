@@ -115,8 +115,26 @@ fn default_learning_rate() -> f64 {
     0.1
 }
 
+/// `batchSize` when a TrainingJob gives none.
+pub const DEFAULT_BATCH_SIZE: i32 = 64;
+
 fn default_batch_size() -> i32 {
-    64
+    DEFAULT_BATCH_SIZE
+}
+
+impl ModelSpec {
+    /// Examples per mini-batch, as a count: `batchSize`, or
+    /// [`DEFAULT_BATCH_SIZE`] when it is not positive (the CRD's schema
+    /// admits 1 to 65536 only).
+    #[must_use]
+    pub fn batch(&self) -> usize {
+        let size = if self.batch_size > 0 {
+            self.batch_size
+        } else {
+            DEFAULT_BATCH_SIZE
+        };
+        usize::try_from(size).unwrap_or(1)
+    }
 }
 
 /// Kind of model.

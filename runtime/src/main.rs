@@ -273,7 +273,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             args.index == 0
         },
         parameter_servers: place.parameter_servers,
-        batch_size: usize::try_from(spec.model.batch_size).unwrap_or(64),
+        batch_size: spec.model.batch(),
         seed: args.role.seed,
         eval_every: args.eval_every,
         retry_for: std::time::Duration::from_secs(120),

@@ -62,7 +62,7 @@ impl Scenario {
     /// Builds the scenario of `spec`, loading its data from `cache`.
     pub fn build(spec: &TrainingJobSpec, cache: &Path) -> Result<Self, CartelError> {
         let names: Vec<String> = spec.datacenters.iter().map(|d| d.name.clone()).collect();
-        let batch = usize::try_from(spec.model.batch_size).unwrap_or(32).max(1);
+        let batch = spec.model.batch();
         let max = spec
             .stopping
             .max_clocks
