@@ -41,6 +41,11 @@ pub const DEFAULT_REGISTRY_GRACE: Duration = Duration::from_secs(5);
 /// How long a finished site waits for the others before failing.
 pub const DEFAULT_FINISH_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// `subcommand` followed by `args`.
+fn command_line(subcommand: &str, args: Vec<String>) -> Vec<String> {
+    std::iter::once(subcommand.to_owned()).chain(args).collect()
+}
+
 /// Appends `--flag=value`.
 fn flag(out: &mut Vec<String>, name: &str, value: impl std::fmt::Display) {
     out.push(format!("--{name}={value}"));
@@ -209,9 +214,7 @@ impl ParameterServerArgs {
     /// `geoml`'s whole argument list: the subcommand, then [`Self::to_args`].
     #[must_use]
     pub fn command_line(&self) -> Vec<String> {
-        let mut out = vec![Self::SUBCOMMAND.to_owned()];
-        out.extend(self.to_args());
-        out
+        command_line(Self::SUBCOMMAND, self.to_args())
     }
 }
 
@@ -246,9 +249,7 @@ impl WorkerArgs {
     /// `geoml`'s whole argument list: the subcommand, then [`Self::to_args`].
     #[must_use]
     pub fn command_line(&self) -> Vec<String> {
-        let mut out = vec![Self::SUBCOMMAND.to_owned()];
-        out.extend(self.to_args());
-        out
+        command_line(Self::SUBCOMMAND, self.to_args())
     }
 }
 
@@ -312,9 +313,7 @@ impl RegistryArgs {
     /// `geoml`'s whole argument list: the subcommand, then [`Self::to_args`].
     #[must_use]
     pub fn command_line(&self) -> Vec<String> {
-        let mut out = vec![Self::SUBCOMMAND.to_owned()];
-        out.extend(self.to_args());
-        out
+        command_line(Self::SUBCOMMAND, self.to_args())
     }
 }
 
@@ -435,9 +434,7 @@ impl SiteArgs {
     /// `geoml`'s whole argument list: the subcommand, then [`Self::to_args`].
     #[must_use]
     pub fn command_line(&self) -> Vec<String> {
-        let mut out = vec![Self::SUBCOMMAND.to_owned()];
-        out.extend(self.to_args());
-        out
+        command_line(Self::SUBCOMMAND, self.to_args())
     }
 }
 
@@ -468,9 +465,7 @@ impl WanProxyArgs {
     /// `geoml`'s whole argument list: the subcommand, then [`Self::to_args`].
     #[must_use]
     pub fn command_line(&self) -> Vec<String> {
-        let mut out = vec![Self::SUBCOMMAND.to_owned()];
-        out.extend(self.to_args());
-        out
+        command_line(Self::SUBCOMMAND, self.to_args())
     }
 }
 
