@@ -1,9 +1,9 @@
 //! Builders checked against the example manifests.
 
 use super::*;
+use geoml_crds::Topology;
 use geoml_crds::datacenter::PeerAccess;
 use geoml_crds::datacenter::PeerServiceType;
-use geoml_crds::Topology;
 use geoml_crds::manifest::Manifest;
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
