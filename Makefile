@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps k8s-tools lint generate control-plane cluster
+.PHONY: test deps k8s-tools lint generate control-plane cluster chart
 
 test: deps k8s-tools lint
 	$(CARGO) test --workspace --locked
@@ -34,3 +34,8 @@ control-plane: k8s-tools
 DATACENTERS ?= 1
 cluster: k8s-tools
 	$(CARGO) run -q -p geoml-tests --bin cluster -- --kubeconfig $(KUBECONFIG_OUT) --datacenters $(DATACENTERS)
+
+# The chart's checks without a cluster: helm lint --strict, helm template |
+# kubeconform -strict against local schemas, wrong values refused.
+chart: k8s-tools
+	$(CARGO) test -p geoml-tests --locked --test helm -- --skip helm_install
