@@ -284,6 +284,29 @@ async fn operator_runs_on_the_node(cluster: &Cluster) {
     assert!(container.liveness_probe.is_some() && container.readiness_probe.is_some());
 }
 
+/// The operator's requests that the apiserver refused (403), from its audit
+/// log: with the chart's RBAC there must be none.
+fn forbidden_requests(cluster: &Cluster) -> Vec<String> {
+    let user = format!("system:serviceaccount:{NAMESPACE}:geoml-operator");
+    let log = std::fs::read_to_string(cluster.control_plane().audit_log()).unwrap();
+    let mut seen = 0;
+    let mut forbidden = Vec::new();
+    for line in log.lines() {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if event["user"]["username"] != user.as_str() {
+            continue;
+        }
+        seen += 1;
+        if event["responseStatus"]["code"] == 403 {
+            forbidden.push(format!("{} {}", event["verb"], event["requestURI"]));
+        }
+    }
+    assert!(seen > 0, "no request of {user} in the audit log");
+    forbidden
+}
+
 /// `helm uninstall` removes every object of the release (checked present
 /// first) and leaves the CRDs, as Helm does; returns what was left.
 async fn uninstall_leaves_nothing(helm: &Helm, client: &kube::Client) -> Vec<String> {
@@ -381,6 +404,8 @@ async fn helm_install_runs_a_job_to_succeeded_and_uninstall_leaves_nothing() {
     .await;
     let metric = done.metric.unwrap();
     assert!(metric >= 0.83, "accuracy {metric} below the target 0.83");
+
+    assert_eq!(forbidden_requests(&cluster), Vec::<String>::new());
 
     let left = uninstall_leaves_nothing(&helm, &client).await;
     assert!(jobs.get_opt("fashion-mnist-lan").await.unwrap().is_some());
