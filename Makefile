@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps k8s-tools lint generate control-plane cluster
+.PHONY: test deps k8s-tools lint generate control-plane cluster chart
 
 test: deps k8s-tools lint
 	$(CARGO) test --workspace --locked
@@ -34,3 +34,24 @@ control-plane: k8s-tools
 DATACENTERS ?= 1
 cluster: k8s-tools
 	$(CARGO) run -q -p geoml-tests --bin cluster -- --kubeconfig $(KUBECONFIG_OUT) --datacenters $(DATACENTERS)
+
+# The sync-traffic dashboard's panels drawn from a Prometheus into an SVG, no
+# Grafana needed: make dashboard-svg PROMETHEUS=127.0.0.1:9090 JOB=fashion-mnist-gaia
+# [NAMESPACE=default] [MINUTES=30] [SVG=target/sync-traffic.svg]
+# [DASHBOARD=charts/geoml/dashboards/training.json]
+PROMETHEUS ?= 127.0.0.1:9090
+JOB ?= .*
+NAMESPACE ?= .*
+MINUTES ?= 30
+SVG ?= $(CURDIR)/target/sync-traffic.svg
+DASHBOARD ?= charts/geoml/dashboards/sync-traffic.json
+.PHONY: dashboard-svg
+dashboard-svg:
+	$(CARGO) run -q -p geoml-tests --bin render-dashboard -- --prometheus '$(PROMETHEUS)' \
+	  --dashboard '$(DASHBOARD)' --var 'namespace=$(NAMESPACE)' --var 'job=$(JOB)' \
+	  --minutes $(MINUTES) --out '$(SVG)'
+
+# The chart's checks without a cluster: helm lint --strict, helm template |
+# kubeconform -strict against local schemas, wrong values refused.
+chart: k8s-tools
+	$(CARGO) test -p geoml-tests --locked --test helm -- --skip helm_install

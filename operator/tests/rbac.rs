@@ -8,11 +8,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use geoml_crds::{Datacenter, TrainingJob};
+use geoml_tests::helm::Helm;
 use geoml_tests::{ControlPlane, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -46,12 +46,26 @@ fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The chart's RBAC template with the release namespace filled in.
+/// The chart's ServiceAccount and RBAC objects, rendered by helm for a
+/// release in `namespace`.
 fn chart_rbac(namespace: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/geoml/templates/rbac.yaml");
-    std::fs::read_to_string(path)
-        .unwrap()
-        .replace("{{ .Release.Namespace }}", namespace)
+    let rendered = Helm::new().unwrap().template(namespace, &[]).unwrap();
+    let kinds = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    rendered
+        .split("\n---")
+        .filter(|doc| {
+            kinds
+                .iter()
+                .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
+        })
+        .collect::<Vec<_>>()
+        .join("\n---")
 }
 
 /// A kubeconfig for `plane` that authenticates with a bearer token.

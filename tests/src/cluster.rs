@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
+use crate::helm::{self, Helm};
 use crate::image::{self, Image};
 use crate::network::{Network, NodeNetwork};
 use crate::node::Node;
@@ -127,10 +127,11 @@ impl Cluster {
         Ok(name)
     }
 
-    /// Runs the operator in this cluster as the chart does: namespace
-    /// [`OPERATOR_NAMESPACE`], the chart's ServiceAccount and RBAC, and a
-    /// Deployment of the `geoml-operator` image whose jobs use the `geoml`
-    /// image.
+    /// Runs the operator in this cluster from the chart: namespace
+    /// [`OPERATOR_NAMESPACE`] and the objects `helm template` renders (its
+    /// ServiceAccount, RBAC and Deployment, with the harness's images and
+    /// shorter probe and progress intervals), applied with `kubectl`. (The
+    /// `helm install` path itself is tested in `tests/tests/helm.rs`.)
     pub async fn install_operator(&self) -> Result<(), Error> {
         self.apply(
             &Api::<Namespace>::all(self.client()),
@@ -138,19 +139,15 @@ impl Cluster {
             &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}}),
         )
         .await?;
-        let rbac = std::fs::read_to_string(chart_dir().join("templates/rbac.yaml"))
-            .map_err(Error::io("reading the chart's RBAC"))?
-            .replace("{{ .Release.Namespace }}", OPERATOR_NAMESPACE);
+        let mut values = helm::harness_image_values();
+        values.extend([
+            "operator.probeSeconds=10".to_owned(),
+            "operator.progressSeconds=5".to_owned(),
+        ]);
+        let manifests = Helm::new()?.template(OPERATOR_NAMESPACE, &values)?;
         let mut apply = self.kubectl();
         apply.args(["apply", "--server-side", "-f", "-"]);
-        run(&mut apply, Some(&rbac))?;
-        let deployment = operator_deployment();
-        self.apply(
-            &Api::<Deployment>::namespaced(self.client(), OPERATOR_NAMESPACE),
-            "geoml-operator",
-            &deployment,
-        )
-        .await?;
+        run(&mut apply, Some(&manifests))?;
         Ok(())
     }
 
@@ -178,56 +175,6 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.provisioner.abort();
     }
-}
-
-/// The operator's Deployment, with the values the chart defaults to.
-fn operator_deployment() -> serde_json::Value {
-    let labels = json!({"app.kubernetes.io/name": "geoml-operator"});
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "geoml-operator", "namespace": OPERATOR_NAMESPACE, "labels": labels},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": "geoml-operator",
-                    "containers": [{
-                        "name": "operator",
-                        "image": image::reference("geoml-operator"),
-                        "imagePullPolicy": "IfNotPresent",
-                        "args": [
-                            "run",
-                            "--listen=0.0.0.0:8080",
-                            format!("--image={}", image::reference("geoml")),
-                            "--lease-namespace=$(POD_NAMESPACE)",
-                            "--identity=$(POD_NAME)",
-                            "--probe-seconds=10",
-                            "--progress-seconds=5",
-                        ],
-                        "env": [
-                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                        ],
-                        "ports": [{"name": "http", "containerPort": 8080}],
-                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}},
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "runAsNonRoot": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                    }],
-                },
-            },
-        },
-    })
-}
-
-fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/geoml")
 }
 
 /// The images geoml's pods run, built from this workspace's binaries (the

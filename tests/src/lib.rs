@@ -10,15 +10,18 @@
 mod cgroup;
 pub mod cluster;
 mod control_plane;
+pub mod helm;
 pub mod image;
 mod network;
 mod node;
 mod pki;
+pub mod schemas;
 pub mod storage;
 mod tools;
 
 pub use cluster::{Cluster, geoml_images};
 pub use control_plane::ControlPlane;
+pub use helm::Helm;
 pub use node::Node;
 pub use tools::k8s_bin_dir;
 

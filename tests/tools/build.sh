@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes binaries (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubelet, kube-proxy, kubectl, etcd) from the Go module proxy
-# in one `go build`, once per version of go.mod/go.sum, plus the static pause
-# binary from the kubernetes module's pause.c, and prints the directory that
-# holds them.
+# kube-scheduler, kubelet, kube-proxy, kubectl, etcd) and the chart tools
+# (helm, kubeconform) from the Go module proxy in one `go build`, once per
+# version of go.mod/go.sum, plus the static pause binary from the kubernetes
+# module's pause.c and a copy of that module's OpenAPI document (the schemas
+# kubeconform checks against), and prints the directory that holds them.
+# A second, small module (monitoring/) builds controller-gen and generates the
+# Prometheus Operator's ServiceMonitor and PodMonitor CRDs from its Go types,
+# for kubeconform too; it cannot share the first module's build (see its go.mod).
 # Progress goes to stderr; the last line of stdout is the directory.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${GEOML_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/geoml}
-key=$(cat "$here/go.mod" "$here/go.sum" | sha256sum | cut -c1-16)
+key=$(cat "$here/go.mod" "$here/go.sum" "$here/monitoring/go.mod" "$here/monitoring/go.sum" | sha256sum | cut -c1-16)
 out="$cache/k8s-$key/bin"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd pause)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd helm kubeconform pause)
 
 mkdir -p "$cache"
 exec 9>"$cache/k8s-build.lock"
@@ -19,6 +23,7 @@ flock 9
 
 complete() {
   for b in "${binaries[@]}"; do [ -x "$out/$b" ] || return 1; done
+  [ -f "$out/kubernetes-swagger.json" ] && [ -f "$out/monitoring-crds/monitoring.coreos.com_servicemonitors.yaml" ]
 }
 
 if ! complete; then
@@ -39,11 +44,23 @@ if ! complete; then
     k8s.io/kubernetes/cmd/kubelet \
     k8s.io/kubernetes/cmd/kube-proxy \
     k8s.io/kubernetes/cmd/kubectl \
-    go.etcd.io/etcd/server/v3
+    go.etcd.io/etcd/server/v3 \
+    helm.sh/helm/v4/cmd/helm \
+    github.com/yannh/kubeconform/cmd/kubeconform
   mv "$tmp/server" "$tmp/etcd"
   # The pod sandbox's pause process, from the same kubernetes module.
   k8s_dir=$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)
   cc -Os -static -o "$tmp/pause" "$k8s_dir/build/pause/linux/pause.c"
+  # The release's API schemas, for kubeconform (tests/src/schemas.rs).
+  cp "$k8s_dir/api/openapi-spec/swagger.json" "$tmp/kubernetes-swagger.json"
+  # The monitoring.coreos.com CRDs, generated from the Prometheus Operator's
+  # API types by controller-gen (both from the second module).
+  (cd "$here/monitoring" &&
+    go build -o "$tmp/controller-gen" sigs.k8s.io/controller-tools/cmd/controller-gen &&
+    "$tmp/controller-gen" crd:crdVersions=v1,maxDescLen=0 \
+      paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1 \
+      output:crd:dir="$tmp/monitoring-crds")
+  rm "$tmp/controller-gen"
   rm -rf "$out"
   mkdir -p "$(dirname "$out")"
   mv "$tmp" "$out"
