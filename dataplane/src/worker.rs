@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use futures::future::try_join_all;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -107,30 +108,29 @@ pub fn connect(addresses: &[String]) -> Result<Vec<ParameterServerClient<Channel
         .collect()
 }
 
-/// Calls `f` until it succeeds, retrying while the server is unreachable.
-async fn retry<T, F, Fut>(shard: usize, retry_for: Duration, mut f: F) -> Result<T, WorkerError>
+/// Calls `f` until it succeeds, retrying with backoff while the server is
+/// unreachable, for at most `retry_for`.
+async fn retry<T, F, Fut>(shard: usize, retry_for: Duration, f: F) -> Result<T, WorkerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
     let deadline = Instant::now() + retry_for;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match f().await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status)
-                if matches!(
-                    status.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled
-                ) && Instant::now() < deadline =>
-            {
-                warn!(shard, %status, "parameter server unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            Err(status) => return Err(WorkerError::Rpc { shard, status }),
-        }
-    }
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .without_max_times();
+    f.retry(backoff)
+        .when(|status| {
+            matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ) && Instant::now() < deadline
+        })
+        .notify(|status, _| warn!(shard, %status, "parameter server unreachable; retrying"))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| WorkerError::Rpc { shard, status })
 }
 
 /// Keys of `working_set` owned by each of `shards` shards (`None`: all).

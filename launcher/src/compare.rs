@@ -3,10 +3,10 @@
 //! of the metric over time per mode.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
 use geoml_crds::sync_policy::InterDatacenterModel;
+use plotters::prelude::*;
 use serde::Serialize;
 use serde_yaml::Value;
 
@@ -14,7 +14,7 @@ use geoml_crds::mode::Mode;
 
 use crate::error::RunError;
 use crate::options::RunOptions;
-use crate::report::{Report, human_bytes};
+use crate::report::{Report, human_bytes, table};
 use crate::run::run;
 
 /// Staleness naive WAN SSP runs with when the SyncPolicy gives none.
@@ -144,20 +144,17 @@ impl Comparison {
             .modes
             .get("bsp-wan")
             .or_else(|| self.ordered().find(|r| r.wan_bytes_total > 0));
-        let mut t = String::new();
-        let _ = writeln!(
-            t,
-            "{:<12} {:>12} {:>9} {:>9} {:>8} {:>11} {:>10}",
-            "mode",
-            "to target",
+        let header = [
+            "mode".to_owned(),
+            "to target".to_owned(),
             format!("÷{}", first.mode),
-            first.metric_name,
-            "Δ pts",
-            "WAN bytes",
+            first.metric_name.clone(),
+            "Δ pts".to_owned(),
+            "WAN bytes".to_owned(),
             format!("÷{}", wan_base.map_or("-", |r| r.mode.as_str())),
-        );
+        ];
         #[allow(clippy::cast_precision_loss)] // byte counts, for display
-        for r in self.ordered() {
+        let rows = self.ordered().map(|r| {
             let to_target = r.time_to_target_seconds.map_or_else(
                 || format!("> {:.1} s", r.wall_seconds),
                 |s| format!("{s:.1} s"),
@@ -178,33 +175,22 @@ impl Comparison {
                     ratio(r.wan_bytes_total as f64, b.wan_bytes_total as f64)
                 }
             });
-            let _ = writeln!(
-                t,
-                "{:<12} {:>12} {:>9} {:>9} {:>8} {:>11} {:>10}",
-                r.mode,
+            vec![
+                r.mode.clone(),
                 to_target,
                 vs_first,
                 metric,
                 delta,
                 human_bytes(r.wan_bytes_total),
-                wan_ratio
-            );
-        }
-        t
+                wan_ratio,
+            ]
+        });
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        format!("{}\n", table(&header, rows))
     }
 
     /// An SVG plot of each mode's metric over time (its first datacenter's model).
-    #[must_use]
-    pub fn svg(&self) -> String {
-        const W: f64 = 720.0;
-        const H: f64 = 420.0;
-        const LEFT: f64 = 60.0;
-        const RIGHT: f64 = 150.0;
-        const TOP: f64 = 20.0;
-        const BOTTOM: f64 = 40.0;
-        const COLOURS: [&str; 8] = [
-            "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-        ];
+    pub fn svg(&self) -> Result<String, RunError> {
         let points: Vec<(f64, f64)> = self
             .ordered()
             .flat_map(|r| r.metric_history.iter().map(|s| (s.seconds, s.metric)))
@@ -220,72 +206,50 @@ impl Comparison {
         } else {
             (0.0, 1.0)
         };
-        let x = |s: f64| LEFT + (W - LEFT - RIGHT) * s / x_max;
-        let y = |m: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (m - y_min) / (y_max - y_min));
         let metric = self
             .ordered()
             .next()
             .map_or("metric", |r| r.metric_name.as_str());
         let mut svg = String::new();
-        let _ = writeln!(
-            svg,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-        );
-        let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-        let _ = writeln!(
-            svg,
-            r#"<path d="M{LEFT},{TOP} V{} H{}" fill="none" stroke="black"/>"#,
-            H - BOTTOM,
-            W - RIGHT
-        );
-        for i in 0..=4 {
-            let v = y_min + (y_max - y_min) * f64::from(i) / 4.0;
-            let s = x_max * f64::from(i) / 4.0;
-            let _ = writeln!(
-                svg,
-                r#"<text x="{}" y="{}" text-anchor="end">{v:.3}</text><text x="{}" y="{}" text-anchor="middle">{s:.0}</text>"#,
-                LEFT - 5.0,
-                y(v) + 4.0,
-                x(s),
-                H - BOTTOM + 16.0
-            );
-        }
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle">seconds since training started</text><text x="15" y="{}" transform="rotate(-90 15 {})" text-anchor="middle">{metric}</text>"#,
-            (LEFT + W - RIGHT) / 2.0,
-            H - 5.0,
-            H / 2.0,
-            H / 2.0
-        );
-        for (i, r) in self.ordered().enumerate() {
-            let colour = COLOURS[i % COLOURS.len()];
-            let path: Vec<String> = r
-                .metric_history
-                .iter()
-                .map(|s| format!("{:.1},{:.1}", x(s.seconds), y(s.metric)))
-                .collect();
-            if !path.is_empty() {
-                let _ = writeln!(
-                    svg,
-                    r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="1.5"/>"#,
-                    path.join(" ")
-                );
+        {
+            let root = SVGBackend::with_string(&mut svg, (720, 420)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0.0..x_max, y_min..y_max)?;
+            chart
+                .configure_mesh()
+                .light_line_style(RGBColor(235, 235, 235))
+                .label_style(("sans-serif", 12))
+                .x_desc("seconds since training started")
+                .y_desc(metric)
+                .y_label_formatter(&|v| format!("{v:.3}"))
+                .draw()?;
+            for (i, r) in self.ordered().enumerate() {
+                let colour = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(
+                        r.metric_history.iter().map(|s| (s.seconds, s.metric)),
+                        colour.stroke_width(2),
+                    ))?
+                    .label(r.mode.clone())
+                    // A swatch, so the plot holds one line per mode.
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 2), (x + 16, y + 2)], colour.filled())
+                    });
             }
-            #[allow(clippy::cast_precision_loss)] // a handful of modes
-            let ly = TOP + 18.0 * i as f64;
-            let _ = writeln!(
-                svg,
-                r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{colour}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-                W - RIGHT + 10.0,
-                W - RIGHT + 30.0,
-                W - RIGHT + 35.0,
-                ly + 4.0,
-                r.mode
-            );
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(RGBColor(200, 200, 200))
+                .label_font(("sans-serif", 12))
+                .draw()?;
+            root.present()?;
         }
-        svg.push_str("</svg>\n");
-        svg
+        Ok(svg)
     }
 
     /// Writes the JSON file.

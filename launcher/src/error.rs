@@ -71,6 +71,9 @@ pub enum RunError {
         /// Why it does not parse.
         source: serde_json::Error,
     },
+    /// The plot could not be drawn.
+    #[error("drawing the plot: {0}")]
+    Plot(#[from] plotters::drawing::DrawingAreaErrorKind<std::io::Error>),
     /// The report could not be written.
     #[error("writing the report: {0}")]
     Report(#[from] serde_json::Error),

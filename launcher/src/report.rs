@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 
+use comfy_table::{CellAlignment, Table, presets};
 use geoml_proto as pb;
 use serde::Serialize;
 
@@ -174,26 +175,35 @@ impl Report {
             let _ = writeln!(t, "shipping     {s:.1} s");
         }
         if self.per_datacenter.len() > 1 {
-            let _ = writeln!(
-                t,
-                "\n{:<16} {:>7} {:>9} {:>10}",
-                "datacenter", "clocks", self.metric_name, "to target"
-            );
-            for dc in &self.per_datacenter {
-                let _ = writeln!(
-                    t,
-                    "{:<16} {:>7} {:>9} {:>10}",
-                    dc.name,
-                    dc.clocks,
+            let rows = self.per_datacenter.iter().map(|dc| {
+                vec![
+                    dc.name.clone(),
+                    dc.clocks.to_string(),
                     dc.final_metric
                         .map_or("-".to_owned(), |m| format!("{m:.4}")),
                     dc.time_to_target_seconds
                         .map_or("-".to_owned(), |s| format!("{s:.1} s")),
-                );
-            }
+                ]
+            });
+            let header = ["datacenter", "clocks", &self.metric_name, "to target"];
+            let _ = writeln!(t, "\n{}", table(&header, rows));
         }
         t
     }
+}
+
+/// `rows` under `header` as a Markdown table (it pastes into the docs), the
+/// first column left-aligned, the others (numbers) right-aligned.
+pub(crate) fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::ASCII_MARKDOWN)
+        .set_header(header.to_vec())
+        .add_rows(rows);
+    for column in table.column_iter_mut().skip(1) {
+        column.set_cell_alignment(CellAlignment::Right);
+    }
+    table
 }
 
 /// `1234567` as `1.2 MB`.

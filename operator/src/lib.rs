@@ -22,6 +22,7 @@ pub mod metrics;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::channel::mpsc;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
@@ -107,21 +108,29 @@ pub struct Context {
     pub settings: Settings,
     /// Wakes the TrainingJob controller when a pod of a job changes in any cluster.
     pub wake: mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<geoml_crds::TrainingJob>>,
-    /// Consecutive failures per object, for exponential backoff.
-    failures: Mutex<std::collections::HashMap<String, u32>>,
+    /// The backoff of each object that is failing.
+    failures: Mutex<std::collections::HashMap<String, ExponentialBackoff>>,
 }
 
 impl Context {
     /// Backoff before retrying object `key` after one more failure: 1 s,
     /// 2 s, 4 s, … up to `max_backoff`.
     pub fn backoff(&self, key: &str) -> Duration {
+        let max = self.settings.max_backoff;
         let Ok(mut failures) = self.failures.lock() else {
-            return self.settings.max_backoff;
+            return max;
         };
-        let n = failures.entry(key.to_owned()).or_insert(0);
-        let wait = Duration::from_secs(1u64 << (*n).min(16));
-        *n += 1;
-        wait.min(self.settings.max_backoff)
+        failures
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_secs(1).min(max))
+                    .with_max_delay(max)
+                    .without_max_times()
+                    .build()
+            })
+            .next()
+            .unwrap_or(max)
     }
 
     /// Publishes an event about `object`; failing to is logged, not an error.

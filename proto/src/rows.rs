@@ -16,7 +16,8 @@ pub enum RowsError {
     /// Keys are not strictly increasing.
     #[error("keys must be sorted and unique (key {0} is out of order)")]
     Unsorted(u32),
-    /// Varint-coded indexes end mid-number or overflow.
+    /// The varint-coded index starting at this byte ends mid-number or
+    /// overflows.
     #[error("indexes: malformed varint at byte {0}")]
     Varint(usize),
 }
@@ -48,41 +49,25 @@ pub fn pack_indexes(indexes: &[u32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(indexes.len() + 4);
     let mut previous: Option<u32> = None;
     for &i in indexes {
-        let mut gap = previous.map_or(i, |p| i - p - 1);
+        let gap = previous.map_or(i, |p| i - p - 1);
         previous = Some(i);
-        loop {
-            let byte = (gap & 0x7f) as u8;
-            gap >>= 7;
-            if gap == 0 {
-                out.push(byte);
-                break;
-            }
-            out.push(byte | 0x80);
-        }
+        prost::encoding::encode_varint(u64::from(gap), &mut out);
     }
     out
 }
 
 /// Indexes packed by [`pack_indexes`].
 pub fn unpack_indexes(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
+    let mut rest = bytes;
     let mut out = Vec::new();
     let mut next: u64 = 0;
-    let (mut gap, mut shift) = (0_u64, 0);
-    for (at, &byte) in bytes.iter().enumerate() {
-        if shift > 28 {
-            return Err(RowsError::Varint(at));
-        }
-        gap |= u64::from(byte & 0x7f) << shift;
-        shift += 7;
-        if byte & 0x80 == 0 {
-            next += gap;
-            out.push(u32::try_from(next).map_err(|_| RowsError::Varint(at))?);
-            next += 1;
-            (gap, shift) = (0, 0);
-        }
-    }
-    if shift != 0 {
-        return Err(RowsError::Varint(bytes.len()));
+    while !rest.is_empty() {
+        let at = bytes.len() - rest.len();
+        let gap = prost::encoding::decode_varint(&mut rest).map_err(|_| RowsError::Varint(at))?;
+        let index = next.checked_add(gap).and_then(|i| u32::try_from(i).ok());
+        let index = index.ok_or(RowsError::Varint(at))?;
+        out.push(index);
+        next = u64::from(index) + 1;
     }
     Ok(out)
 }
@@ -139,7 +124,7 @@ mod tests {
         assert_eq!(&packed[..3], [0, 0, 0]);
         assert_eq!(unpack_indexes(&packed).unwrap(), indexes);
         assert!(unpack_indexes(&[]).unwrap().is_empty());
-        assert!(matches!(unpack_indexes(&[0x80]), Err(RowsError::Varint(1))));
+        assert!(matches!(unpack_indexes(&[0x80]), Err(RowsError::Varint(0))));
         assert!(unpack_indexes(&[0xff; 8]).is_err());
         // Past u32::MAX.
         let mut over = pack_indexes(&[u32::MAX]);

@@ -322,7 +322,7 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
         comparison.write_json(path)?;
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, comparison.svg())
+        std::fs::write(path, comparison.svg()?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

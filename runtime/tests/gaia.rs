@@ -331,7 +331,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
     );
     let comparison: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for (mode, uses_wan) in [
+    let modes = [
         ("lan", false),
         ("bsp-wan", true),
         ("ssp-wan", true),
@@ -339,7 +339,8 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
         ("fedavg", true),
         ("centralized", true),
         ("isolated", false),
-    ] {
+    ];
+    for (mode, uses_wan) in modes {
         let report = &comparison["modes"][mode];
         assert_eq!(report["mode"], mode, "{comparison}");
         assert!(report["final_metric"].as_f64().unwrap() > 0.3, "{report}");
@@ -359,9 +360,15 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
             .unwrap()
             < 1.0
     );
+    // One line per mode (2 px wide; axes and ticks are 1 px), each named in
+    // the legend.
     let plot = std::fs::read_to_string(&svg).unwrap();
-    assert!(
-        plot.starts_with("<svg") && plot.matches("<polyline").count() == 7,
-        "{plot}"
-    );
+    let lines = plot
+        .lines()
+        .filter(|l| l.starts_with("<polyline") && l.contains(r#"stroke-width="2""#))
+        .count();
+    assert!(plot.starts_with("<svg") && lines == 7, "{plot}");
+    for (mode, _) in modes {
+        assert!(plot.lines().any(|l| l.trim() == mode), "{mode}: {plot}");
+    }
 }

@@ -343,8 +343,6 @@ authentication:
   webhook: {{enabled: false}}
   x509: {{clientCAFile: {ca}}}
 authorization: {{mode: AlwaysAllow}}
-# ConfigMap volumes (a job's manifest) refresh at every pod sync.
-syncFrequency: 10s
 failSwapOn: false
 resolvConf: \"\"
 serializeImagePulls: false

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use clap::Parser as _;
+use geoml_crds::roles::ParameterServerArgs;
 use geoml_crds::{Datacenter, Topology, TrainingJob};
 use geoml_operator::{Operator, Settings};
 use geoml_tests::{ControlPlane, eventually};
@@ -17,6 +19,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
+
+/// `geoml ps`'s arguments, parsed from a pod's (the subcommand first).
+#[derive(clap::Parser)]
+struct PsCommand {
+    #[command(flatten)]
+    args: ParameterServerArgs,
+}
 
 const NS: &str = "ml";
 const JOB: &str = "fashion-mnist-gaia";
@@ -367,8 +376,13 @@ spec:
             .unwrap();
         let container = &ps.spec.as_ref().unwrap().containers[0];
         assert_eq!(container.image.as_deref(), Some("geoml:test"));
-        let args = container.args.as_ref().unwrap().join(" ");
-        assert!(args.starts_with("ps --manifest /etc/geoml/manifest.yaml --topology /etc/geoml/topology.yaml --shard 0"), "{args}");
+        // The command line parses as `geoml ps` does.
+        let args = container.args.as_ref().unwrap();
+        assert_eq!(args[0], ParameterServerArgs::SUBCOMMAND, "{args:?}");
+        let parsed = PsCommand::try_parse_from(args).unwrap().args;
+        assert_eq!(parsed.shard, 0);
+        assert_eq!(parsed.role.manifest, Path::new("/etc/geoml/manifest.yaml"));
+        assert_eq!(parsed.role.topology, Path::new("/etc/geoml/topology.yaml"));
         let env = container.env.as_ref().unwrap();
         assert!(
             env.iter()

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use prost::Message;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
@@ -148,33 +149,30 @@ pub struct Links {
     unacknowledged: Arc<AtomicU64>,
 }
 
-/// Calls `f` until it succeeds or fails for good; retries while the peer is
-/// unreachable (a WAN partition heals, a restarted peer comes back).
-async fn deliver<T, F, Fut>(what: &str, mut f: F) -> Option<T>
+/// Calls `f` until it succeeds or fails for good; retries with backoff while
+/// the peer is unreachable (a WAN partition heals, a restarted peer comes
+/// back).
+async fn deliver<T, F, Fut>(what: &str, f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match f().await {
-            Ok(response) => return Some(response.into_inner()),
-            Err(status)
-                if matches!(
-                    status.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                ) =>
-            {
-                warn!(what, %status, "mirror unreachable; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(status) => {
-                error!(what, %status, "mirror refused a message");
-                return None;
-            }
-        }
-    }
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times();
+    f.retry(backoff)
+        .when(|status| {
+            matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            )
+        })
+        .notify(|status, _| warn!(what, %status, "mirror unreachable; retrying"))
+        .await
+        .map(Response::into_inner)
+        .inspect_err(|status| error!(what, %status, "mirror refused a message"))
+        .ok()
 }
 
 impl Links {

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use geoml_crds::SyncPolicy;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt};
 use serde::Deserialize as _;
 
-use super::build::{self, JobView, Placement, SPEC_HASH_ANNOTATION};
+use super::build::{self, CONFIG_HASH_ANNOTATION, JobView, Placement, SPEC_HASH_ANNOTATION};
 use super::objects::{apply_object, delete_ignoring_missing, ensure_namespace, publish};
 use super::resolve::Blocked;
 use super::{ENDPOINT_POLL, Outcome};
@@ -160,15 +160,12 @@ async fn place(
             }
             _ => manifest.clone(),
         };
-        apply_object(
-            &cluster.client,
-            &p.namespace,
-            &view.config_map(i, &manifest, &topology)?,
-        )
-        .await?;
+        let config_map = view.config_map(i, &manifest, &topology)?;
+        let config_hash = build::content_hash(&config_map.data);
+        apply_object(&cluster.client, &p.namespace, &config_map).await?;
         objects += 1;
         let site = endpoints.sites.get(i).map_or("", String::as_str);
-        objects += sync_pods(view, p, site, cluster, suspended).await?;
+        objects += sync_pods(view, p, site, cluster, suspended, &config_hash).await?;
     }
     Ok(Ok(objects))
 }
@@ -270,19 +267,26 @@ async fn place_services(
 
 /// Makes the datacenter's pods what the job asks for: creates missing ones,
 /// replaces those whose spec changed, deletes extra ones (or all of them
-/// while suspended). Returns how many pods the job wants there.
+/// while suspended), and marks live ones with the `config_hash` of the
+/// ConfigMap they mount, so that their kubelet refreshes it at once. Returns
+/// how many pods the job wants there.
 async fn sync_pods(
     view: &JobView,
     p: &Placement,
     site_url: &str,
     cluster: &Cluster,
     suspended: bool,
+    config_hash: &str,
 ) -> Result<usize, Error> {
-    let desired = if suspended {
+    let mut desired = if suspended {
         Vec::new()
     } else {
         view.pods(p, site_url)
     };
+    for pod in &mut desired {
+        pod.annotations_mut()
+            .insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned());
+    }
     let existing = cluster.datacenter_pods(&view.job, p.name());
     tracing::debug!(
         datacenter = p.name(),
@@ -300,9 +304,19 @@ async fn sync_pods(
                 d.annotations().get(SPEC_HASH_ANNOTATION)
                     != pod.annotations().get(SPEC_HASH_ANNOTATION)
             });
-        if (stale || !wanted.contains(&pod.name_any())) && pod.metadata.deletion_timestamp.is_none()
-        {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if stale || !wanted.contains(&pod.name_any()) {
             delete_ignoring_missing(&api, &pod.name_any()).await?;
+        } else if live(pod)
+            && pod
+                .annotations()
+                .get(CONFIG_HASH_ANNOTATION)
+                .map(String::as_str)
+                != Some(config_hash)
+        {
+            mark_config(&api, &pod.name_any(), config_hash).await?;
         }
     }
     let present: BTreeSet<String> = existing.iter().map(|pod| pod.name_any()).collect();
@@ -312,6 +326,31 @@ async fn sync_pods(
         }
     }
     Ok(desired.len())
+}
+
+/// Whether `pod` is Pending or Running (its containers may still read the
+/// ConfigMap).
+fn live(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        None | Some("Pending" | "Running")
+    )
+}
+
+/// Sets `pod`'s [`CONFIG_HASH_ANNOTATION`] to `hash`; a pod already gone is
+/// fine.
+async fn mark_config(api: &Api<Pod>, pod: &str, hash: &str) -> Result<(), Error> {
+    let patch =
+        serde_json::json!({ "metadata": { "annotations": { CONFIG_HASH_ANNOTATION: hash } } });
+    let params = PatchParams {
+        field_manager: Some(build::MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    match api.patch(pod, &params, &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!("annotating pod {pod}"))(e)),
+    }
 }
 
 /// A node address for NodePort peer Services: the first node's external

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use geoml_crds::roles;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -191,17 +192,18 @@ async fn wait_for_sites(
     }
 }
 
+/// Connects to the registry, retrying with backoff for up to a minute while
+/// it starts.
 async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CartelError> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match RegistryClient::connect(url.to_owned()).await {
-            Ok(client) => return Ok(client),
-            Err(e) if Instant::now() > deadline => {
-                return Err(CartelError::Protocol(format!("registry {url}: {e}")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_total_delay(Some(Duration::from_secs(60)))
+        .without_max_times();
+    (|| RegistryClient::connect(url.to_owned()))
+        .retry(backoff)
+        .await
+        .map_err(|e| CartelError::Protocol(format!("registry {url}: {e}")))
 }
 
 async fn publish(

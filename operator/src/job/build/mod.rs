@@ -67,6 +67,23 @@ pub const INDEX_LABEL: &str = "geoml.io/index";
 /// Annotation: hash of a pod's spec; a pod whose hash differs from the
 /// desired one is replaced (pod specs are immutable).
 pub const SPEC_HASH_ANNOTATION: &str = "geoml.io/spec-hash";
+/// Annotation: hash of the ConfigMap a pod mounts (the job's manifest and
+/// topology). The operator updates it on running pods when the ConfigMap
+/// changes: a kubelet refreshes a pod's ConfigMap volumes whenever it syncs
+/// the pod, and an annotation change makes it sync at once instead of at
+/// its next periodic sync (a minute or more by default).
+pub const CONFIG_HASH_ANNOTATION: &str = "geoml.io/config-hash";
+
+/// FNV-1a of `value`'s JSON, as 16 hex digits: stable across operator
+/// versions and restarts.
+#[must_use]
+pub fn content_hash<T: serde::Serialize>(value: &T) -> String {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
 
 /// A role of a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

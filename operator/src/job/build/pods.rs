@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{
     CHECKPOINT_DIR, CONFIG_DIR, DATA_DIR, INDEX_LABEL, JobView, METRICS_PORT, NONROOT_UID, PS_PORT,
     Placement, REGISTRY_PORT, REGISTRY_STATE_DIR, ROLE_LABEL, Role, SITE_PORT,
-    SPEC_HASH_ANNOTATION, TERMINATION_LOG, names,
+    SPEC_HASH_ANNOTATION, TERMINATION_LOG, content_hash, names,
 };
 
 impl JobView {
@@ -179,7 +179,7 @@ impl JobView {
         let mut metadata = self.meta(p, name, &extra);
         metadata.annotations = Some(BTreeMap::from([(
             SPEC_HASH_ANNOTATION.to_owned(),
-            spec_hash(&spec),
+            content_hash(&spec),
         )]));
         Pod {
             metadata,
@@ -250,15 +250,6 @@ impl JobView {
             status: None,
         })
     }
-}
-
-/// FNV-1a of the pod spec's JSON: stable across operator versions and restarts.
-fn spec_hash(spec: &PodSpec) -> String {
-    let json = serde_json::to_vec(spec).unwrap_or_default();
-    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{hash:016x}")
 }
 
 /// The pod-level security of every geoml pod: the image's non-root user,
