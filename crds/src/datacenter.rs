@@ -43,7 +43,10 @@ pub struct DatacenterSpec {
     pub wan: Option<WanLink>,
 
     /// How parameter servers of other datacenters reach this datacenter's
-    /// parameter servers.
+    /// parameter servers, in jobs whose datacenters span clusters (a
+    /// `remote` one among them). When every datacenter of a job is `local`
+    /// they share the cluster and reach each other at cluster IPs, unless
+    /// a `gatewayAddress` is set.
     #[serde(default)]
     pub peer_access: PeerAccess,
 }

@@ -401,21 +401,14 @@ async fn threshold_edit_applies_live(clusters: &[Cluster]) {
     );
 }
 
-/// `manifest` with every Datacenter reached at its Services' cluster IPs
-/// (they share one cluster) and, if given, its SyncPolicy's inter-datacenter
-/// model set to `model`.
-fn in_one_cluster(manifest: &str, model: Option<&str>) -> String {
+/// `manifest` with its SyncPolicy's inter-datacenter model set to `model`.
+fn with_model(manifest: &str, model: &str) -> String {
     let mut out = String::new();
     for doc in serde_yaml::Deserializer::from_str(manifest) {
         let mut value = serde_yaml::Value::deserialize(doc).unwrap();
-        if let Some(model) = model
-            && value["kind"] == "SyncPolicy"
-        {
+        if value["kind"] == "SyncPolicy" {
             value["spec"]["interDatacenter"] =
                 serde_yaml::from_str(&format!("model: {model}")).unwrap();
-        }
-        if value["kind"] == "Datacenter" {
-            value["spec"]["peerAccess"] = serde_yaml::from_str("serviceType: ClusterIP").unwrap();
         }
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&value).unwrap());
@@ -477,11 +470,10 @@ async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains
         resumed.1
     );
 
-    // Three datacenters in one cluster as one parameter server (LAN).
-    apply(
-        &cluster,
-        &in_one_cluster(&example("bsp-3dc.yaml"), Some("LAN")),
-    );
+    // Three datacenters in one cluster as one parameter server (LAN); the
+    // example's Datacenters are all `local`, so their LoadBalancer peer
+    // Services (no load balancer here) are not waited for.
+    apply(&cluster, &with_model(&example("bsp-3dc.yaml"), "LAN"));
     let name = "fashion-mnist-bsp";
     let done = wait_for_success(&cluster, name).await;
     let metric = done.status.unwrap().metric.unwrap();
@@ -497,10 +489,8 @@ async fn a_collaborative_job_runs_its_registry_and_sites_to_completion() {
     cluster.provide_data("default", &data).await.unwrap();
 
     let applied = Instant::now();
-    apply(
-        &cluster,
-        &in_one_cluster(&example("cartel-fashion.yaml"), None),
-    );
+    // The example as it is: its Datacenters are all `local`.
+    apply(&cluster, &example("cartel-fashion.yaml"));
     let done = wait_for_success(&cluster, "cartel-fashion").await;
     let pods = job_pods(&cluster, "cartel-fashion").await;
     let mut roles: Vec<(String, String)> = pods

@@ -218,11 +218,12 @@ async fn place_services(
     }
     let access = &p.datacenter.spec.peer_access;
     let node = node_address(client, access).await?;
-    // Inside its own cluster and from the others; with one datacenter, the
-    // same address.
+    // Inside its own cluster and from the others; the same address when
+    // the others share the cluster.
+    let through_access = view.peers_use_peer_access(p);
     let urls = |applied: &Service, offset: i32| {
         let local = build::local_url(applied)?;
-        let peer = if view.placements.len() > 1 {
+        let peer = if through_access {
             build::peer_url(access, applied, node.as_deref(), offset)?
         } else {
             local.clone()

@@ -213,6 +213,22 @@ pub mod names {
 }
 
 impl JobView {
+    /// Whether other datacenters reach datacenter `p`'s Services at the
+    /// address its `peerAccess` gives: when the job spans clusters (a
+    /// `remote` datacenter among them) or `p` names a gateway. Datacenters
+    /// that all share the hub cluster reach each other at cluster IPs.
+    #[must_use]
+    pub fn peers_use_peer_access(&self, p: &Placement) -> bool {
+        self.placements.len() > 1
+            && (p.datacenter.spec.peer_access.gateway_address.is_some()
+                || self
+                    .placements
+                    .iter()
+                    .any(|q| q.datacenter.spec.cluster.remote.is_some()))
+    }
+}
+
+impl JobView {
     /// The view of `job`, its SyncPolicy and the Datacenters it names, found
     /// in `datacenters`; its pods run the job's `spec.image`, else
     /// `default_image`. Err: the names of the Datacenters not found.

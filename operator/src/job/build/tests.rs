@@ -274,3 +274,35 @@ fn peer_urls_follow_the_datacenters_peer_access() {
         Some("http://gw.example.com:8002")
     );
 }
+
+#[test]
+fn peer_access_applies_only_when_the_job_spans_clusters() {
+    // Every example Datacenter is `local`: one cluster, cluster IPs.
+    let mut gaia = view("gaia-3dc.yaml");
+    assert!(
+        gaia.placements
+            .iter()
+            .all(|p| !gaia.peers_use_peer_access(p))
+    );
+    // A gateway is dialled even in one cluster.
+    gaia.placements[1]
+        .datacenter
+        .spec
+        .peer_access
+        .gateway_address = Some("gw:9000".into());
+    assert!(gaia.peers_use_peer_access(&gaia.placements[1]));
+    assert!(!gaia.peers_use_peer_access(&gaia.placements[0]));
+    // One remote datacenter: every datacenter is reached through its peerAccess.
+    gaia.placements[2].datacenter.spec.cluster = serde_json::from_value(serde_json::json!({
+        "remote": {"kubeconfigSecretRef": {"name": "eu", "namespace": "geoml-system"}}
+    }))
+    .unwrap();
+    assert!(
+        gaia.placements
+            .iter()
+            .all(|p| gaia.peers_use_peer_access(p))
+    );
+    // One datacenter has no peers.
+    let lan = view("fashion-mnist-lan.yaml");
+    assert!(!lan.peers_use_peer_access(&lan.placements[0]));
+}
