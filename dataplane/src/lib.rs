@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod ps;
+mod retry;
 pub mod state;
 pub mod worker;
 

@@ -6,13 +6,13 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use futures::future::try_join_all;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::data::{DataSet, Examples};
@@ -20,6 +20,7 @@ use crate::metrics::WorkerMetrics;
 use crate::model::{Layout, Model, WorkingSet};
 use crate::pb;
 use crate::pb::parameter_server_client::ParameterServerClient;
+use crate::retry;
 use geoml_proto::rows::{pack_keys, rows, unpack_values};
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
@@ -116,17 +117,8 @@ where
     Fut: Future<Output = Result<tonic::Response<T>, Status>>,
 {
     let deadline = Instant::now() + retry_for;
-    let backoff = ExponentialBuilder::new()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(1))
-        .without_max_times();
-    f.retry(backoff)
-        .when(|status| {
-            matches!(
-                status.code(),
-                Code::Unavailable | Code::Unknown | Code::Cancelled
-            ) && Instant::now() < deadline
-        })
+    f.retry(retry::backoff(Duration::from_secs(1)))
+        .when(|status| retry::unreachable(status) && Instant::now() < deadline)
         .notify(|status, _| warn!(shard, %status, "parameter server unreachable; retrying"))
         .await
         .map(tonic::Response::into_inner)

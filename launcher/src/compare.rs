@@ -17,6 +17,18 @@ use crate::options::RunOptions;
 use crate::report::{Report, human_bytes, table};
 use crate::run::run;
 
+/// Line colours of the plot, one per mode (readable on white).
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+];
+
 /// Staleness naive WAN SSP runs with when the SyncPolicy gives none.
 const DEFAULT_WAN_STALENESS: i64 = 3;
 
@@ -228,7 +240,7 @@ impl Comparison {
                 .y_label_formatter(&|v| format!("{v:.3}"))
                 .draw()?;
             for (i, r) in self.ordered().enumerate() {
-                let colour = Palette99::pick(i).to_rgba();
+                let colour = COLOURS[i % COLOURS.len()];
                 chart
                     .draw_series(LineSeries::new(
                         r.metric_history.iter().map(|s| (s.seconds, s.metric)),

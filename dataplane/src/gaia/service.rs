@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use prost::Message;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{error, warn};
 
 use super::state::{MirrorError, Outgoing};
@@ -20,6 +20,7 @@ use crate::pb::mirror::mirror_server::Mirror;
 use crate::pb::mirror::{
     Ack, Announcement, ClockTick, MirrorUpdate, ShardSnapshot, SnapshotRequest,
 };
+use crate::retry;
 use crate::state::{Progress, State, lock, publish};
 use geoml_proto::rows::pack_values;
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
@@ -157,17 +158,8 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
-    let backoff = ExponentialBuilder::new()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(Duration::from_secs(2))
-        .without_max_times();
-    f.retry(backoff)
-        .when(|status| {
-            matches!(
-                status.code(),
-                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-            )
-        })
+    f.retry(retry::backoff(Duration::from_secs(2)))
+        .when(retry::unreachable)
         .notify(|status, _| warn!(what, %status, "mirror unreachable; retrying"))
         .await
         .map(Response::into_inner)
