@@ -226,9 +226,7 @@ impl JobView {
                     .iter()
                     .any(|q| q.datacenter.spec.cluster.remote.is_some()))
     }
-}
 
-impl JobView {
     /// The view of `job`, its SyncPolicy and the Datacenters it names, found
     /// in `datacenters`; its pods run the job's `spec.image`, else
     /// `default_image`. Err: the names of the Datacenters not found.
