@@ -281,6 +281,20 @@ pub struct DatacenterPlacement {
     pub resources: Option<RoleResources>,
 }
 
+impl DatacenterPlacement {
+    /// `parameterServers` as a count (the schema admits 1 to 1024).
+    #[must_use]
+    pub fn shard_count(&self) -> usize {
+        usize::try_from(self.parameter_servers).unwrap_or(0)
+    }
+
+    /// `workers` as a count (the schema admits 1 to 4096).
+    #[must_use]
+    pub fn worker_count(&self) -> usize {
+        usize::try_from(self.workers).unwrap_or(0)
+    }
+}
+
 fn default_one() -> i32 {
     1
 }

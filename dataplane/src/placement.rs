@@ -92,10 +92,6 @@ pub struct RolePlace {
     pub parameter_servers: Vec<String>,
 }
 
-fn count(n: i32) -> usize {
-    usize::try_from(n).unwrap_or(0)
-}
-
 /// What datacenter `here` of `job` exchanges with its mirrors, if anything.
 fn mirror_config(
     job: &ResolvedJob<'_>,
@@ -157,22 +153,18 @@ impl RolePlace {
         let global = model.is_global();
         let shard_offset: usize = spec.datacenters[..here]
             .iter()
-            .map(|d| count(d.parameter_servers))
+            .map(|d| d.shard_count())
             .sum();
-        let total_shards: usize = spec
-            .datacenters
-            .iter()
-            .map(|d| count(d.parameter_servers))
-            .sum();
+        let total_shards: usize = spec.datacenters.iter().map(|d| d.shard_count()).sum();
         let worker_offset: usize = spec.datacenters[..here]
             .iter()
-            .map(|d| count(d.workers))
+            .map(|d| d.worker_count())
             .sum();
-        let total_workers: usize = spec.datacenters.iter().map(|d| count(d.workers)).sum();
+        let total_workers: usize = spec.datacenters.iter().map(|d| d.worker_count()).sum();
         let shards = if global {
             total_shards
         } else {
-            count(dc.parameter_servers)
+            dc.shard_count()
         };
         if topology.parameter_servers.len() != shards {
             return Err(PlacementError::ShardCount {
@@ -197,13 +189,13 @@ impl RolePlace {
             datacenter: dc.name.clone(),
             shard_offset: u32::try_from(if global { shard_offset } else { 0 }).unwrap_or(0),
             shards: u32::try_from(shards).unwrap_or(u32::MAX),
-            own_shards: u32::try_from(count(dc.parameter_servers)).unwrap_or(u32::MAX),
+            own_shards: u32::try_from(dc.shard_count()).unwrap_or(u32::MAX),
             workers: if global {
                 total_workers
             } else {
-                count(dc.workers)
+                dc.worker_count()
             },
-            own_workers: count(dc.workers),
+            own_workers: dc.worker_count(),
             worker_offset,
             total_workers,
             global,

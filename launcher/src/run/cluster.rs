@@ -72,7 +72,7 @@ impl LocalRun {
         let mut ports: Vec<Vec<u16>> = Vec::new();
         for dc in &spec.datacenters {
             ports.push(
-                (0..dc.parameter_servers.max(0))
+                (0..dc.shard_count())
                     .map(|_| free_port())
                     .collect::<Result<_, _>>()?,
             );
@@ -114,7 +114,7 @@ impl LocalRun {
                 .enumerate()
                 .map(|(i, &port)| cluster.spawn_parameter_server(job, d, i, port, &topologies[d]))
                 .collect::<Result<_, _>>()?;
-            let workers = usize::try_from(dc.workers).unwrap_or(0);
+            let workers = dc.worker_count();
             cluster.sites.push(LocalDatacenter {
                 name: dc.name.clone(),
                 workers,
@@ -126,7 +126,7 @@ impl LocalRun {
         cluster.wait_for_parameter_servers().await?;
         cluster.started = unix_now();
         for (d, dc) in spec.datacenters.iter().enumerate() {
-            for index in 0..dc.workers.max(0) {
+            for index in 0..dc.worker_count() {
                 let args = WorkerArgs {
                     index: u32::try_from(index).unwrap_or(u32::MAX),
                     eval_every: cluster.processes.options.eval_every,

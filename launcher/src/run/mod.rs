@@ -244,10 +244,6 @@ fn datacenter_reports(
         .collect()
 }
 
-fn count(n: i32) -> usize {
-    usize::try_from(n).unwrap_or(0)
-}
-
 /// Every value parameter server `shard` holds, as packed bytes.
 async fn pull_all(cluster: &LocalRun, shard: usize) -> Result<Vec<u8>, RunError> {
     let unreachable = |message: String| RunError::Unreachable { shard, message };

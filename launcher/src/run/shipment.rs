@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wan_proxy::Wan;
-use super::{Processes, count, free_port};
+use super::{Processes, free_port};
 use crate::error::{RunError, io};
 use crate::report::LinkBytes;
 use crate::wan::Route;
@@ -108,16 +108,16 @@ impl Shipment {
         // The same partitions the workers draw with their default seed.
         let parts = geoml_dataplane::data::partition(
             train,
-            spec.datacenters.iter().map(|d| count(d.workers)).sum(),
+            spec.datacenters.iter().map(|d| d.worker_count()).sum(),
             &spec.dataset.partitioning,
             DEFAULT_SEED,
         );
         let mut payloads = Vec::new();
-        let mut offset = count(spec.datacenters[0].workers);
+        let mut offset = spec.datacenters[0].worker_count();
         for dc in spec.datacenters.iter().skip(1) {
-            let indices: Vec<usize> = parts[offset..offset + count(dc.workers)].concat();
+            let indices: Vec<usize> = parts[offset..offset + dc.worker_count()].concat();
             payloads.push(example_bytes(&train.select(&indices)));
-            offset += count(dc.workers);
+            offset += dc.worker_count();
         }
         Self::send(&self.inbound, payloads).await
     }

@@ -144,7 +144,7 @@ async fn check_pods(
         let expected = if view.collaborative() {
             1 + usize::from(i == 0)
         } else {
-            usize::try_from(p.spec.parameter_servers).unwrap_or(0)
+            p.spec.shard_count()
         };
         let pods = cluster.datacenter_pods(job, p.name());
         let finishers: Vec<_> = pods.iter().filter(|pod| ends_training(pod)).collect();
