@@ -10,6 +10,7 @@
 
 use geoml_crds::Topology;
 use geoml_crds::sync_policy::InterDatacenterModel;
+use geoml_crds::training_job::DatacenterPlacement;
 
 use crate::gaia::significance::Filter;
 use crate::gaia::state::{Exchange, MirrorConfig};
@@ -153,14 +154,22 @@ impl RolePlace {
         let global = model.is_global();
         let shard_offset: usize = spec.datacenters[..here]
             .iter()
-            .map(|d| d.shard_count())
+            .map(DatacenterPlacement::shard_count)
             .sum();
-        let total_shards: usize = spec.datacenters.iter().map(|d| d.shard_count()).sum();
+        let total_shards: usize = spec
+            .datacenters
+            .iter()
+            .map(DatacenterPlacement::shard_count)
+            .sum();
         let worker_offset: usize = spec.datacenters[..here]
             .iter()
-            .map(|d| d.worker_count())
+            .map(DatacenterPlacement::worker_count)
             .sum();
-        let total_workers: usize = spec.datacenters.iter().map(|d| d.worker_count()).sum();
+        let total_workers: usize = spec
+            .datacenters
+            .iter()
+            .map(DatacenterPlacement::worker_count)
+            .sum();
         let shards = if global {
             total_shards
         } else {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use geoml_crds::manifest::ResolvedJob;
 use geoml_crds::roles::DEFAULT_SEED;
+use geoml_crds::training_job::DatacenterPlacement;
 use geoml_dataplane::data::Examples;
 use kube::ResourceExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,7 +109,10 @@ impl Shipment {
         // The same partitions the workers draw with their default seed.
         let parts = geoml_dataplane::data::partition(
             train,
-            spec.datacenters.iter().map(|d| d.worker_count()).sum(),
+            spec.datacenters
+                .iter()
+                .map(DatacenterPlacement::worker_count)
+                .sum(),
             &spec.dataset.partitioning,
             DEFAULT_SEED,
         );
