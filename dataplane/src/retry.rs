@@ -1,4 +1,4 @@
-//! Retrying a gRPC call with backoff while its peer is unreachable.
+//! Retrying a call with backoff while its peer is unreachable.
 
 use std::time::Duration;
 

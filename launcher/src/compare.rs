@@ -156,7 +156,7 @@ impl Comparison {
             .modes
             .get("bsp-wan")
             .or_else(|| self.ordered().find(|r| r.wan_bytes_total > 0));
-        let header = [
+        let header = vec![
             "mode".to_owned(),
             "to target".to_owned(),
             format!("÷{}", first.mode),
@@ -197,8 +197,7 @@ impl Comparison {
                 wan_ratio,
             ]
         });
-        let header: Vec<&str> = header.iter().map(String::as_str).collect();
-        format!("{}\n", table(&header, rows))
+        format!("{}\n", table(header, rows))
     }
 
     /// An SVG plot of each mode's metric over time (its first datacenter's model).

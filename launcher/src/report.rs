@@ -185,8 +185,13 @@ impl Report {
                         .map_or("-".to_owned(), |s| format!("{s:.1} s")),
                 ]
             });
-            let header = ["datacenter", "clocks", &self.metric_name, "to target"];
-            let _ = writeln!(t, "\n{}", table(&header, rows));
+            let header = vec![
+                "datacenter".to_owned(),
+                "clocks".to_owned(),
+                self.metric_name.clone(),
+                "to target".to_owned(),
+            ];
+            let _ = writeln!(t, "\n{}", table(header, rows));
         }
         t
     }
@@ -194,11 +199,11 @@ impl Report {
 
 /// `rows` under `header` as a Markdown table (it pastes into the docs), the
 /// first column left-aligned, the others (numbers) right-aligned.
-pub(crate) fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> Table {
+pub(crate) fn table(header: Vec<String>, rows: impl IntoIterator<Item = Vec<String>>) -> Table {
     let mut table = Table::new();
     table
         .load_preset(presets::ASCII_MARKDOWN)
-        .set_header(header.to_vec())
+        .set_header(header)
         .add_rows(rows);
     for column in table.column_iter_mut().skip(1) {
         column.set_cell_alignment(CellAlignment::Right);

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use geoml_crds::roles;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -19,6 +19,7 @@ use crate::cartel::pb::registry_client::RegistryClient;
 use crate::cartel::pb::{NeighboursRequest, PortionsReply, PortionsRequest, SiteMetadata};
 use crate::cartel::scenario::Scenario;
 use crate::cartel::{CartelError, CollaborativeMode, SiteConfig};
+use crate::retry;
 
 /// The model exchange a site serves: portions of its model, never examples.
 pub struct Exchange {
@@ -195,11 +196,8 @@ async fn wait_for_sites(
 /// Connects to the registry, retrying with backoff for up to a minute while
 /// it starts.
 async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CartelError> {
-    let backoff = ExponentialBuilder::new()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
-        .with_total_delay(Some(Duration::from_secs(60)))
-        .without_max_times();
+    let backoff =
+        retry::backoff(Duration::from_secs(1)).with_total_delay(Some(Duration::from_secs(60)));
     (|| RegistryClient::connect(url.to_owned()))
         .retry(backoff)
         .await
