@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::plan::{JobPlan, PlanError};
 use crate::{Datacenter, SyncPolicy, TrainingJob};
 use kube::ResourceExt;
 use serde::Deserialize;
@@ -18,13 +19,16 @@ pub enum ManifestError {
         /// Why.
         source: std::io::Error,
     },
-    /// A document is not valid YAML for its kind.
+    /// The file is not YAML.
+    #[error("{}", .0.without_snippet())]
+    Yaml(crate::yaml::Error),
+    /// A document is not valid for its kind.
     #[error("document {index}: {source}")]
-    Yaml {
-        /// Position of the document in the stream, from 1.
+    Object {
+        /// Position of the document in the stream, from 1, empty ones skipped.
         index: usize,
         /// Why.
-        source: serde_yaml::Error,
+        source: serde_json::Error,
     },
     /// A document is not a geoml object.
     #[error(
@@ -47,6 +51,9 @@ pub enum ManifestError {
     /// The job names a Datacenter the manifest does not hold.
     #[error("spec.datacenters: Datacenter {0:?} is not in the manifest")]
     MissingDatacenter(String),
+    /// A value of the job or its SyncPolicy is unusable.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 /// The geoml objects of one manifest file, in file order.
@@ -69,6 +76,8 @@ pub struct ResolvedJob<'a> {
     pub sync_policy: &'a SyncPolicy,
     /// Its Datacenters, in the order the job lists them.
     pub datacenters: Vec<&'a Datacenter>,
+    /// The job's checked numbers.
+    pub plan: JobPlan,
 }
 
 #[derive(Deserialize)]
@@ -93,29 +102,26 @@ impl Manifest {
     /// Parses a stream of YAML documents; empty documents are skipped.
     pub fn from_yaml(text: &str) -> Result<Self, ManifestError> {
         let mut manifest = Self::default();
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let documents = crate::yaml::documents(text).map_err(ManifestError::Yaml)?;
+        for (i, value) in documents.into_iter().enumerate() {
             let index = i + 1;
-            let yaml = |source| ManifestError::Yaml { index, source };
-            let value = serde_yaml::Value::deserialize(document).map_err(yaml)?;
-            if value.is_null() {
-                continue;
-            }
-            let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(yaml)?;
+            let object = |source| ManifestError::Object { index, source };
+            let meta = TypeMeta::deserialize(&value).map_err(object)?;
             match (meta.api_version.as_str(), meta.kind.as_str()) {
                 ("geoml.io/v1alpha1", "Datacenter") => {
                     manifest
                         .datacenters
-                        .push(serde_yaml::from_value(value).map_err(yaml)?);
+                        .push(serde_json::from_value(value).map_err(object)?);
                 }
                 ("geoml.io/v1alpha1", "SyncPolicy") => {
                     manifest
                         .sync_policies
-                        .push(serde_yaml::from_value(value).map_err(yaml)?);
+                        .push(serde_json::from_value(value).map_err(object)?);
                 }
                 ("geoml.io/v1alpha1", "TrainingJob") => {
                     manifest
                         .training_jobs
-                        .push(serde_yaml::from_value(value).map_err(yaml)?);
+                        .push(serde_json::from_value(value).map_err(object)?);
                 }
                 _ => {
                     return Err(ManifestError::UnknownKind {
@@ -152,6 +158,7 @@ impl Manifest {
             })
             .collect::<Result<_, _>>()?;
         Ok(ResolvedJob {
+            plan: JobPlan::new(&job.spec, &sync_policy.spec)?,
             job,
             sync_policy,
             datacenters,

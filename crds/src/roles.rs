@@ -225,7 +225,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub index: u32,
     /// Evaluate every this many clocks (worker 0).
-    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY)]
+    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
     pub eval_every: u64,
     /// The job, topology, seed, metrics and data of the role.
     #[command(flatten)]

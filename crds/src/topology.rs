@@ -45,13 +45,13 @@ pub struct Topology {
 
 impl Topology {
     /// Parses a topology file.
-    pub fn from_yaml(text: &str) -> Result<Self, serde_yaml::Error> {
-        serde_yaml::from_str(text)
+    pub fn from_yaml(text: &str) -> Result<Self, crate::yaml::Error> {
+        crate::yaml::from_str(text)
     }
 
     /// The file's text.
-    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        serde_yaml::to_string(self)
+    pub fn to_yaml(&self) -> Result<String, crate::yaml::SerializeError> {
+        crate::yaml::to_string(self)
     }
 }
 

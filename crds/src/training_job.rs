@@ -115,26 +115,8 @@ fn default_learning_rate() -> f64 {
     0.1
 }
 
-/// `batchSize` when a TrainingJob gives none.
-pub const DEFAULT_BATCH_SIZE: i32 = 64;
-
 fn default_batch_size() -> i32 {
-    DEFAULT_BATCH_SIZE
-}
-
-impl ModelSpec {
-    /// Examples per mini-batch, as a count: `batchSize`, or
-    /// [`DEFAULT_BATCH_SIZE`] when it is not positive (the CRD's schema
-    /// admits 1 to 65536 only).
-    #[must_use]
-    pub fn batch(&self) -> usize {
-        let size = if self.batch_size > 0 {
-            self.batch_size
-        } else {
-            DEFAULT_BATCH_SIZE
-        };
-        usize::try_from(size).unwrap_or(1)
-    }
+    64
 }
 
 /// Kind of model.
@@ -281,20 +263,6 @@ pub struct DatacenterPlacement {
     pub resources: Option<RoleResources>,
 }
 
-impl DatacenterPlacement {
-    /// `parameterServers` as a count (the schema admits 1 to 1024).
-    #[must_use]
-    pub fn shard_count(&self) -> usize {
-        usize::try_from(self.parameter_servers).unwrap_or(0)
-    }
-
-    /// `workers` as a count (the schema admits 1 to 4096).
-    #[must_use]
-    pub fn worker_count(&self) -> usize {
-        usize::try_from(self.workers).unwrap_or(0)
-    }
-}
-
 fn default_one() -> i32 {
     1
 }
@@ -372,8 +340,11 @@ pub struct Checkpointing {
     pub claim_name: Option<String>,
 }
 
+/// `checkpoint.intervalClocks` when a TrainingJob gives none.
+pub const DEFAULT_CHECKPOINT_INTERVAL_CLOCKS: i32 = 10;
+
 fn default_checkpoint_interval() -> i32 {
-    10
+    DEFAULT_CHECKPOINT_INTERVAL_CLOCKS
 }
 
 /// Retries, deadlines, clean-up and suspension of a job.

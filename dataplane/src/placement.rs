@@ -10,7 +10,6 @@
 
 use geoml_crds::Topology;
 use geoml_crds::sync_policy::InterDatacenterModel;
-use geoml_crds::training_job::DatacenterPlacement;
 
 use crate::gaia::significance::Filter;
 use crate::gaia::state::{Exchange, MirrorConfig};
@@ -98,82 +97,66 @@ fn mirror_config(
     job: &ResolvedJob<'_>,
     here: usize,
 ) -> Result<Option<MirrorConfig>, PlacementError> {
-    let spec = &job.job.spec;
+    let datacenters = &job.plan.datacenters;
+    let numbers = &job.plan.policy;
     let policy = &job.sync_policy.spec;
     let model = policy.inter_datacenter.model;
-    let dc = &spec.datacenters[here];
+    let dc = &datacenters[here];
     let exchange = match model {
         InterDatacenterModel::Asp => Exchange::Asp {
             selective_barrier: policy.selective_barrier,
         },
         InterDatacenterModel::FedAvg => Exchange::FedAvg {
-            round_clocks: u64::try_from(policy.federated_averaging.round_clocks.max(1))
-                .unwrap_or(1),
+            round_clocks: numbers.round_clocks,
         },
         _ => return Ok(None),
     };
-    if spec.datacenters.len() < 2 {
+    if datacenters.len() < 2 {
         return Ok(None);
     }
-    if spec
-        .datacenters
-        .iter()
-        .any(|d| d.parameter_servers != dc.parameter_servers)
-    {
+    if datacenters.iter().any(|d| d.shards != dc.shards) {
         return Err(PlacementError::UnevenShards {
             mode: geoml_crds::mode::Mode::from(model).name(),
         });
     }
     Ok(Some(MirrorConfig {
         datacenter: dc.name.clone(),
-        peers: spec
-            .datacenters
+        peers: datacenters
             .iter()
             .filter(|d| d.name != dc.name)
             .map(|d| d.name.clone())
             .collect(),
         exchange,
-        period: u64::try_from(policy.mirror_clock_period.max(1)).unwrap_or(1),
-        bound: u64::try_from(policy.mirror_clock_bound.max(0)).unwrap_or(0),
-        filter: Filter::new(&policy.significance, policy.wan_budget_mbps),
+        period: numbers.mirror_clock_period,
+        bound: numbers.mirror_clock_bound,
+        filter: Filter::new(
+            &policy.significance,
+            policy.wan_budget_mbps,
+            numbers.decay_clocks,
+        ),
     }))
 }
 
 impl RolePlace {
     /// The place of `topology.datacenter` in `job`.
     pub fn new(job: &ResolvedJob<'_>, topology: &Topology) -> Result<Self, PlacementError> {
-        let spec = &job.job.spec;
+        let plan = &job.plan;
         let policy = &job.sync_policy.spec;
         let model = policy.inter_datacenter.model;
-        let here = spec
+        let here = plan
             .datacenters
             .iter()
             .position(|d| d.name == topology.datacenter)
             .ok_or_else(|| PlacementError::UnknownDatacenter(topology.datacenter.clone()))?;
-        let dc = &spec.datacenters[here];
+        let dc = &plan.datacenters[here];
         let global = model.is_global();
-        let shard_offset: usize = spec.datacenters[..here]
-            .iter()
-            .map(DatacenterPlacement::shard_count)
-            .sum();
-        let total_shards: usize = spec
-            .datacenters
-            .iter()
-            .map(DatacenterPlacement::shard_count)
-            .sum();
-        let worker_offset: usize = spec.datacenters[..here]
-            .iter()
-            .map(DatacenterPlacement::worker_count)
-            .sum();
-        let total_workers: usize = spec
-            .datacenters
-            .iter()
-            .map(DatacenterPlacement::worker_count)
-            .sum();
+        let before = &plan.datacenters[..here];
+        let shard_offset: usize = before.iter().map(|d| d.shards).sum();
+        let worker_offset: usize = before.iter().map(|d| d.workers).sum();
         let shards = if global {
-            total_shards
+            plan.total_shards()
         } else {
-            dc.shard_count()
+            dc.shards
         };
         if topology.parameter_servers.len() != shards {
             return Err(PlacementError::ShardCount {
@@ -184,29 +167,23 @@ impl RolePlace {
         }
         let consistency = match model {
             InterDatacenterModel::Bsp => Consistency::Bsp,
-            InterDatacenterModel::Ssp => Consistency::Ssp(
-                policy
-                    .inter_datacenter
-                    .staleness
-                    .and_then(|s| u64::try_from(s).ok())
-                    .unwrap_or(0),
-            ),
-            _ => Consistency::from_policy(&policy.intra_datacenter),
+            InterDatacenterModel::Ssp => Consistency::Ssp(plan.policy.inter_staleness),
+            _ => Consistency::new(policy.intra_datacenter.model, plan.policy.intra_staleness),
         };
         let exchange = mirror_config(job, here)?;
         Ok(Self {
             datacenter: dc.name.clone(),
             shard_offset: u32::try_from(if global { shard_offset } else { 0 }).unwrap_or(0),
             shards: u32::try_from(shards).unwrap_or(u32::MAX),
-            own_shards: u32::try_from(dc.shard_count()).unwrap_or(u32::MAX),
+            own_shards: u32::try_from(dc.shards).unwrap_or(u32::MAX),
             workers: if global {
-                total_workers
+                plan.total_workers()
             } else {
-                dc.worker_count()
+                dc.workers
             },
-            own_workers: dc.worker_count(),
+            own_workers: dc.workers,
             worker_offset,
-            total_workers,
+            total_workers: plan.total_workers(),
             global,
             consistency,
             exchange,

@@ -359,7 +359,7 @@ pub async fn run(
             .inc_by((started.elapsed().saturating_sub(computed) + pulled).as_secs_f64());
         metrics.clock.set(i64::try_from(clock).unwrap_or(i64::MAX));
 
-        if config.evaluates && (stop || clock % config.eval_every.max(1) == 0) {
+        if config.evaluates && (stop || clock % config.eval_every == 0) {
             stop |= session.pull(clock, &WorkingSet::All).await?;
             let value = model.evaluate(&session.params, &data.test);
             let change = previous

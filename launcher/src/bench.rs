@@ -153,6 +153,7 @@ pub async fn run(
                 target_metric: None,
                 min_relative_change: None,
             },
+            None,
             true,
         ),
         seed: 0,

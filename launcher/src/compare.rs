@@ -8,8 +8,9 @@ use std::path::Path;
 use geoml_crds::sync_policy::InterDatacenterModel;
 use plotters::prelude::*;
 use serde::Serialize;
-use serde_yaml::Value;
+use serde_json::{Value, json};
 
+use geoml_crds::manifest::ManifestError;
 use geoml_crds::mode::Mode;
 
 use crate::error::RunError;
@@ -40,37 +41,30 @@ pub fn with_mode(
     model: InterDatacenterModel,
     full_budget: bool,
 ) -> Result<(String, Option<f64>), RunError> {
-    let model_value = serde_yaml::to_value(model)?;
-    let mut out = Vec::new();
+    let mut documents = geoml_crds::yaml::documents(manifest).map_err(ManifestError::Yaml)?;
     let mut target = None;
-    for document in serde_yaml::Deserializer::from_str(manifest) {
-        let mut doc: Value = serde::Deserialize::deserialize(document)?;
+    for doc in &mut documents {
         if full_budget
-            && doc["kind"].as_str() == Some("TrainingJob")
+            && doc["kind"] == "TrainingJob"
             && let Some(stopping) = doc
-                .get_mut("spec")
-                .and_then(|s| s.get_mut("stopping"))
-                .and_then(Value::as_mapping_mut)
+                .pointer_mut("/spec/stopping")
+                .and_then(Value::as_object_mut)
         {
             target = stopping.remove("targetMetric").and_then(|t| t.as_f64());
         }
-        if doc["kind"].as_str() == Some("SyncPolicy") {
+        if doc["kind"] == "SyncPolicy" {
             let spec = doc
-                .as_mapping_mut()
-                .and_then(|d| d.get_mut("spec"))
-                .and_then(Value::as_mapping_mut)
+                .get_mut("spec")
+                .and_then(Value::as_object_mut)
                 .ok_or(RunError::SyncPolicyWithoutSpec)?;
-            let inter = spec
-                .entry("interDatacenter".into())
-                .or_insert_with(|| Value::Mapping(serde_yaml::Mapping::new()));
-            inter["model"] = model_value.clone();
+            let inter = spec.entry("interDatacenter").or_insert_with(|| json!({}));
+            inter["model"] = json!(model);
             if model == InterDatacenterModel::Ssp && inter.get("staleness").is_none() {
                 inter["staleness"] = DEFAULT_WAN_STALENESS.into();
             }
         }
-        out.push(serde_yaml::to_string(&doc)?);
     }
-    Ok((out.join("---\n"), target))
+    Ok((geoml_crds::yaml::to_stream(&documents)?, target))
 }
 
 /// What `--json` holds.

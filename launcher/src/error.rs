@@ -18,7 +18,7 @@ pub enum RunError {
     Manifest(#[from] ManifestError),
     /// A manifest could not be rewritten (`geoml compare`'s per-mode copies).
     #[error("manifest: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] geoml_crds::yaml::SerializeError),
     /// A manifest holds a SyncPolicy without a spec.
     #[error("manifest: a SyncPolicy has no spec")]
     SyncPolicyWithoutSpec,

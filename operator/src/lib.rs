@@ -44,7 +44,7 @@ pub enum Error {
     },
     /// Serialising the manifest or topology failed.
     #[error("serialising YAML: {0}")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] geoml_crds::yaml::SerializeError),
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),

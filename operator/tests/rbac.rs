@@ -71,7 +71,7 @@ fn chart_rbac(namespace: &str) -> String {
 /// A kubeconfig for `plane` that authenticates with a bearer token.
 fn token_kubeconfig(plane: &ControlPlane, token: &str) -> String {
     let admin: serde_json::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(plane.kubeconfig()).unwrap()).unwrap();
+        geoml_crds::yaml::from_str(&std::fs::read_to_string(plane.kubeconfig()).unwrap()).unwrap();
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -80,7 +80,7 @@ fn token_kubeconfig(plane: &ControlPlane, token: &str) -> String {
         "contexts": [{ "name": "operator", "context": { "cluster": "hub", "user": "operator" } }],
         "current-context": "operator",
     });
-    serde_yaml::to_string(&config).unwrap()
+    geoml_crds::yaml::to_string(&config).unwrap()
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -115,7 +115,7 @@ struct RunArgs {
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Evaluate on held-out data every this many clocks.
-    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY)]
+    #[arg(long, default_value_t = DEFAULT_EVAL_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
     eval_every: u64,
     #[command(flatten)]
     data: DataDirArgs,
@@ -202,7 +202,6 @@ async fn serve_ps(args: ParameterServerArgs) -> anyhow::Result<()> {
     let spec = &job.job.spec;
     let data = load(&args.role, spec.dataset.name)?;
     let model = model::build(&spec.model, &data)?;
-    let interval = spec.checkpoint.as_ref().map_or(10, |c| c.interval_clocks);
     #[allow(clippy::cast_possible_truncation)] // learning rates are small
     let config = PsConfig {
         shard: place.shard(args.shard)?,
@@ -211,13 +210,17 @@ async fn serve_ps(args: ParameterServerArgs) -> anyhow::Result<()> {
         consistency: place.consistency,
         optimizer: spec.model.optimizer,
         learning_rate: spec.model.learning_rate as f32,
-        stopping: StoppingRule::new(&spec.stopping, model.higher_is_better()),
+        stopping: StoppingRule::new(
+            &spec.stopping,
+            job.plan.max_clocks,
+            model.higher_is_better(),
+        ),
         seed: args.role.seed,
         datacenter: place.datacenter.clone(),
         mirror: place.exchange.clone().map(|m| (m, mirrors)),
         checkpoint: args
             .checkpoint_dir
-            .map(|dir| (dir, u64::try_from(interval).unwrap_or(10))),
+            .map(|dir| (dir, job.plan.checkpoint_interval)),
         local_workers: place.local_workers(),
         exit_when_done: !args.keep_serving,
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
@@ -273,7 +276,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             args.index == 0
         },
         parameter_servers: place.parameter_servers,
-        batch_size: spec.model.batch(),
+        batch_size: job.plan.batch_size,
         seed: args.role.seed,
         eval_every: args.eval_every,
         retry_for: std::time::Duration::from_secs(120),
@@ -386,7 +389,7 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
-            let config: wan::WanConfig = serde_yaml::from_str(&text)
+            let config: wan::WanConfig = geoml_crds::yaml::from_str(&text)
                 .with_context(|| format!("parsing {}", config.display()))?;
             let registry = Registry::new();
             serve_metrics(metrics_listen, &registry);

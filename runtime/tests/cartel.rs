@@ -22,7 +22,7 @@ use geoml_dataplane::data::rng::SplitMix64;
 use geoml_launcher::cartel::run_detailed;
 use geoml_proto::cartel::registry_client::RegistryClient;
 use geoml_proto::cartel::{NeighboursRequest, SiteMetadata, SitesRequest};
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Error rate of a batch of 32 predictions, each wrong with probability `p`.
 #[allow(clippy::cast_precision_loss)] // small counts

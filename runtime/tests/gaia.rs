@@ -23,7 +23,7 @@ use geoml_proto as pb;
 use geoml_proto::mirror::mirror_client::MirrorClient;
 use geoml_proto::parameter_server_client::ParameterServerClient;
 use geoml_proto::rows::{pack_indexes, pack_keys, pack_values, unpack_values};
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// `gaia-3dc.yaml` on Digits: `latency` ms per datacenter (ap-southeast
 /// `slow_latency`), mirror clocks of `period` clocks, bound `bound`.
@@ -47,7 +47,7 @@ fn digits_gaia(latency: i64, slow_latency: i64, period: i64, bound: i64) -> Vec<
     set(
         job,
         "spec.stopping",
-        serde_yaml::from_str("{maxClocks: 150}").unwrap(),
+        geoml_crds::yaml::from_str("{maxClocks: 150}").unwrap(),
     );
     docs
 }
@@ -182,7 +182,7 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
     let mut docs = digits_gaia(10, 10, 1000, 1);
     docs.retain(|d| d["metadata"]["name"] != "ap-southeast");
     let job = doc(&mut docs, "TrainingJob");
-    let datacenters = job["spec"]["datacenters"].as_sequence_mut().unwrap();
+    let datacenters = job["spec"]["datacenters"].as_array_mut().unwrap();
     datacenters.retain(|d| d["name"] != "ap-southeast");
     let manifest = write(dir, &docs);
     let port = free_port();
@@ -308,7 +308,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
     set(
         doc(&mut docs, "TrainingJob"),
         "spec.stopping",
-        serde_yaml::from_str("{maxClocks: 40}").unwrap(),
+        geoml_crds::yaml::from_str("{maxClocks: 40}").unwrap(),
     );
     let manifest = write(dir.path(), &docs);
     let (json, svg) = (dir.path().join("out.json"), dir.path().join("out.svg"));

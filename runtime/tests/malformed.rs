@@ -48,7 +48,7 @@ async fn start(dir: &std::path::Path) -> Server {
     set(
         doc(&mut docs, "TrainingJob"),
         "spec.datacenters",
-        serde_yaml::from_str("[{name: lan, parameterServers: 2, workers: 2}]").unwrap(),
+        geoml_crds::yaml::from_str("[{name: lan, parameterServers: 2, workers: 2}]").unwrap(),
     );
     let manifest = write(dir, &docs);
     let (port, metrics_port) = (free_port(), free_port());

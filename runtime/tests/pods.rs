@@ -18,7 +18,7 @@ use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, set};
 use geoml_crds::Topology;
 use geoml_crds::metrics as names;
 use geoml_dataplane::ps::durability::Durability;
-use serde_yaml::Value;
+use serde_json::Value;
 use tokio::process::{Child, Command};
 
 /// `gaia-3dc.yaml` without ap-southeast, on Digits, with inter-datacenter
@@ -37,9 +37,9 @@ fn two_datacenters(model: &str, workers: i64, max_clocks: i64) -> Vec<Value> {
     set(
         job,
         "spec.stopping",
-        serde_yaml::from_str(&format!("{{maxClocks: {max_clocks}}}")).unwrap(),
+        geoml_crds::yaml::from_str(&format!("{{maxClocks: {max_clocks}}}")).unwrap(),
     );
-    let datacenters = job["spec"]["datacenters"].as_sequence_mut().unwrap();
+    let datacenters = job["spec"]["datacenters"].as_array_mut().unwrap();
     datacenters.retain(|d| d["name"] != "ap-southeast");
     for d in datacenters {
         d["workers"] = workers.into();
@@ -48,10 +48,7 @@ fn two_datacenters(model: &str, workers: i64, max_clocks: i64) -> Vec<Value> {
 }
 
 fn manifest_text(docs: &[Value]) -> String {
-    docs.iter()
-        .map(|d| serde_yaml::to_string(d).unwrap())
-        .collect::<Vec<_>>()
-        .join("---\n")
+    geoml_crds::yaml::to_stream(docs).unwrap()
 }
 
 /// A job's processes on loopback, one shard per datacenter.

@@ -127,7 +127,7 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     set(
         job,
         "spec.stopping",
-        serde_yaml::from_str("{maxClocks: 300}").unwrap(),
+        geoml_crds::yaml::from_str("{maxClocks: 300}").unwrap(),
     );
     let manifest = write(dir.path(), &docs);
     let loaded = Manifest::load(&manifest).unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, options, set, write};
 use geoml_launcher::run::{LocalRun, Report, run};
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// The Fashion-MNIST example, changed by `edit`, run to completion.
 async fn run_example(name: &str, edit: impl FnOnce(&mut Vec<Value>)) -> Report {
@@ -62,7 +62,7 @@ async fn mlp_on_fashion_mnist_reaches_0_86() {
         set(
             job,
             "spec.model.hiddenUnits",
-            serde_yaml::from_str("[128]").unwrap(),
+            geoml_crds::yaml::from_str("[128]").unwrap(),
         );
         set(job, "spec.model.learningRate", 0.1.into());
         set(job, "spec.stopping.targetMetric", 0.86.into());
@@ -79,7 +79,7 @@ async fn matrix_factorization_on_movielens_reaches_rmse_0_95() {
         set(
             job,
             "spec.model",
-            serde_yaml::from_str("{kind: MatrixFactorization, rank: 16, learningRate: 0.5}")
+            geoml_crds::yaml::from_str("{kind: MatrixFactorization, rank: 16, learningRate: 0.5}")
                 .unwrap(),
         );
         set(job, "spec.dataset.name", "MovieLens100K".into());

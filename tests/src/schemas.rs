@@ -82,9 +82,9 @@ pub fn write(openapi: &Path, crds: &str, dir: &Path) -> Result<usize, Error> {
         .get("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta")
         .map(|m| strict(&inline(m, definitions, &mut Vec::new())))
         .ok_or_else(|| Error::Command("the swagger document has no ObjectMeta".into()))?;
-    for doc in serde_yaml::Deserializer::from_str(crds) {
-        let crd: Value = serde::Deserialize::deserialize(doc)
-            .map_err(|e| Error::Command(format!("parsing the CRDs: {e}")))?;
+    let documents = geoml_crds::yaml::documents(crds)
+        .map_err(|e| Error::Command(format!("parsing the CRDs: {e}")))?;
+    for crd in documents {
         if crd["kind"] != "CustomResourceDefinition" {
             continue;
         }

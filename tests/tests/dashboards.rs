@@ -19,12 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use geoml_crds::TrainingJob;
 use geoml_crds::training_job::JobPhase;
+use geoml_crds::{TrainingJob, yaml};
 use geoml_tests::{Cluster, eventually_within, geoml_images};
 use promql_parser::parser::{self, Expr};
-use serde::Deserialize as _;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn repo() -> PathBuf {
@@ -320,7 +319,7 @@ async fn query(prometheus: SocketAddr, query: &str, at: f64) -> Vec<Value> {
     assert_eq!(answer["status"], "success", "{answer}");
     // A scalar (a panel's constant line) is one sample.
     if answer["data"]["resultType"] == "scalar" {
-        return vec![serde_json::json!({"value": answer["data"]["result"]})];
+        return vec![json!({"value": answer["data"]["result"]})];
     }
     answer["data"]["result"].as_array().unwrap().clone()
 }
@@ -425,26 +424,22 @@ async fn start_prometheus(cluster: &Cluster, dir: &Path) -> (tokio::process::Chi
 fn gaia_in_one_cluster() -> String {
     let manifest =
         std::fs::read_to_string(repo().join("manifests/examples/gaia-3dc.yaml")).unwrap();
-    let mut out = String::new();
-    for doc in serde_yaml::Deserializer::from_str(&manifest) {
-        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+    let mut docs = yaml::documents(&manifest).unwrap();
+    for value in &mut docs {
         match value["kind"].as_str() {
             Some("Datacenter") => {
-                value["spec"]["peerAccess"] =
-                    serde_yaml::from_str("serviceType: ClusterIP").unwrap();
+                value["spec"]["peerAccess"] = json!({"serviceType": "ClusterIP"});
             }
             Some("SyncPolicy") => value["spec"]["mirrorClockPeriod"] = 5.into(),
             Some("TrainingJob") => {
                 value["spec"]["dataset"]["name"] = "Digits".into();
                 value["spec"]["model"]["learningRate"] = 0.1.into();
-                value["spec"]["stopping"] = serde_yaml::from_str("{maxClocks: 4000}").unwrap();
+                value["spec"]["stopping"] = json!({"maxClocks": 4000});
             }
             _ => {}
         }
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).unwrap());
     }
-    out
+    yaml::to_stream(&docs).unwrap()
 }
 
 /// A job the apiserver refuses pods for: its CPU request is no quantity

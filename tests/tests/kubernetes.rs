@@ -8,11 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use geoml_crds::training_job::{DatasetName, JobPhase};
-use geoml_crds::{Datacenter, TrainingJob};
+use geoml_crds::{Datacenter, TrainingJob, yaml};
 use geoml_tests::{Cluster, eventually_within, geoml_images};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
+use serde_json::json;
 
 /// Longest a job may take from apply to a finished phase.
 const TRAINING: Duration = Duration::from_secs(15 * 60);
@@ -166,29 +167,23 @@ async fn fashion_mnist_lan_trains_to_succeeded_on_a_real_node() {
 /// Secret `<cluster>-kubeconfig`; every datacenter exposes its parameter
 /// servers as NodePorts (the test bed has no load balancer).
 fn spread_over(manifest: &str, clusters: &[Cluster]) -> String {
-    let mut out = String::new();
+    let mut docs = yaml::documents(manifest).unwrap();
     let mut dc = 0;
-    for doc in serde_yaml::Deserializer::from_str(manifest) {
-        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+    for value in &mut docs {
         if value["kind"] == "Datacenter" {
             let spec = &mut value["spec"];
             if dc > 0 {
                 let secret = format!("{}-kubeconfig", clusters[dc].name());
-                spec["cluster"] = serde_yaml::from_str(&format!(
-                    "remote: {{kubeconfigSecretRef: {{name: {secret}, namespace: geoml-system}}}}"
-                ))
-                .unwrap();
+                spec["cluster"] = json!({"remote": {"kubeconfigSecretRef": {
+                    "name": secret, "namespace": "geoml-system"
+                }}});
             }
-            spec["peerAccess"] = serde_yaml::from_str("serviceType: NodePort").unwrap();
+            spec["peerAccess"] = json!({"serviceType": "NodePort"});
             dc += 1;
         }
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).unwrap());
     }
-    out
+    yaml::to_stream(&docs).unwrap()
 }
-
-use serde::Deserialize as _;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gaia_trains_across_three_clusters() {
@@ -319,18 +314,14 @@ fn uids(pods: &[Pod]) -> Vec<String> {
 /// `manifest` with its TrainingJob renamed `name` and stopping only after
 /// `max_clocks` (no target): a job that runs until it is deleted.
 fn long_running(manifest: &str, name: &str, max_clocks: u64) -> String {
-    let mut out = String::new();
-    for doc in serde_yaml::Deserializer::from_str(manifest) {
-        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+    let mut docs = yaml::documents(manifest).unwrap();
+    for value in &mut docs {
         if value["kind"] == "TrainingJob" {
             value["metadata"]["name"] = name.into();
-            value["spec"]["stopping"] =
-                serde_yaml::from_str(&format!("maxClocks: {max_clocks}")).unwrap();
+            value["spec"]["stopping"] = json!({"maxClocks": max_clocks});
         }
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).unwrap());
     }
-    out
+    yaml::to_stream(&docs).unwrap()
 }
 
 /// A SyncPolicy threshold edit reaches every running parameter server in
@@ -403,17 +394,13 @@ async fn threshold_edit_applies_live(clusters: &[Cluster]) {
 
 /// `manifest` with its SyncPolicy's inter-datacenter model set to `model`.
 fn with_model(manifest: &str, model: &str) -> String {
-    let mut out = String::new();
-    for doc in serde_yaml::Deserializer::from_str(manifest) {
-        let mut value = serde_yaml::Value::deserialize(doc).unwrap();
+    let mut docs = yaml::documents(manifest).unwrap();
+    for value in &mut docs {
         if value["kind"] == "SyncPolicy" {
-            value["spec"]["interDatacenter"] =
-                serde_yaml::from_str(&format!("model: {model}")).unwrap();
+            value["spec"]["interDatacenter"] = json!({"model": model});
         }
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).unwrap());
     }
-    out
+    yaml::to_stream(&docs).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

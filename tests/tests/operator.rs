@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use geoml_crds::roles::ParameterServerArgs;
-use geoml_crds::{Datacenter, Topology, TrainingJob};
+use geoml_crds::{Datacenter, Topology, TrainingJob, yaml};
 use geoml_operator::{Operator, Settings};
 use geoml_tests::{ControlPlane, eventually};
 use k8s_openapi::ByteString;
@@ -71,19 +71,16 @@ async fn kubeconfig_secret(hub: &Client, name: &str, member: &ControlPlane) {
 fn gaia_manifest() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/gaia-3dc.yaml");
     let text = std::fs::read_to_string(path).unwrap();
-    let mut out = String::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let mut value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+    let mut docs = yaml::documents(&text).unwrap();
+    for value in &mut docs {
         let name = value["metadata"]["name"].as_str().unwrap().to_owned();
         if value["kind"] == "Datacenter" && name != "us-east" {
             value["spec"]["cluster"] = json!({ "remote": {
                 "kubeconfigSecretRef": { "name": format!("{name}-kubeconfig"), "namespace": "geoml-system" }
             }});
         }
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).unwrap());
     }
-    out
+    yaml::to_stream(&docs).unwrap()
 }
 
 fn kubectl_apply(plane: &ControlPlane, yaml: &str) {

@@ -26,8 +26,8 @@ pub use geoml_crds::mode::CollaborativeMode;
 /// Cartel's generated protocol (`registry.proto`).
 pub use geoml_proto::cartel as pb;
 
-use geoml_crds::sync_policy::Collaborative;
-use geoml_crds::training_job::{ModelKind, TrainingJobSpec};
+use geoml_crds::manifest::ResolvedJob;
+use geoml_crds::training_job::ModelKind;
 
 /// What can go wrong in collaborative learning.
 #[derive(Debug, thiserror::Error)]
@@ -85,20 +85,22 @@ pub struct SiteConfig {
 
 impl SiteConfig {
     /// The settings of a job; only `OnlineLinear` models are supported.
-    pub fn from_job(spec: &TrainingJobSpec, policy: &Collaborative) -> Result<Self, CartelError> {
+    pub fn from_job(job: &ResolvedJob<'_>) -> Result<Self, CartelError> {
+        let spec = &job.job.spec;
+        let policy = &job.sync_policy.spec.collaborative;
+        let numbers = &job.plan.policy;
         if spec.model.kind != ModelKind::OnlineLinear {
             return Err(CartelError::Unsupported(format!(
                 "model {:?} in the Collaborative mode: only OnlineLinear (per-class weight blocks) is implemented",
                 spec.model.kind
             )));
         }
-        let positive = |v: i32| usize::try_from(v).unwrap_or(1).max(1);
         #[allow(clippy::cast_possible_truncation)] // learning rates and L2 are small
         Ok(Self {
-            window: positive(policy.drift_window),
+            window: numbers.drift_window,
             limit: policy.drift_limit,
-            neighbours: positive(policy.neighbours),
-            metadata_interval: positive(policy.metadata_interval_batches),
+            neighbours: numbers.neighbours,
+            metadata_interval: numbers.metadata_interval,
             metadata_change: policy.metadata_change_threshold,
             learning_rate: spec.model.learning_rate as f32,
             l2: spec.model.l2 as f32,

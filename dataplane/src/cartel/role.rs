@@ -78,7 +78,7 @@ pub async fn site(
     let manifest = Manifest::load(&args.manifest)?;
     let job = manifest.job()?;
     let spec = &job.job.spec;
-    let mut config = SiteConfig::from_job(spec, &job.sync_policy.spec.collaborative)?;
+    let mut config = SiteConfig::from_job(&job)?;
     config.adwin = args.adwin;
     let data_dir = args
         .data
@@ -88,7 +88,7 @@ pub async fn site(
     if args.no_fetch {
         crate::data::require_cached(spec.dataset.name, &data_dir)?;
     }
-    let scenario = Scenario::build(spec, &data_dir)?;
+    let scenario = Scenario::build(&job, &data_dir)?;
     let index = scenario
         .sites
         .iter()

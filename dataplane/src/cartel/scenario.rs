@@ -14,7 +14,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use geoml_crds::training_job::{DatasetName, TrainingJobSpec};
+use geoml_crds::manifest::ResolvedJob;
+use geoml_crds::training_job::DatasetName;
 use ndarray::{Array2, ArrayView2, Axis};
 
 use crate::data::rng::{SplitMix64, shuffle};
@@ -59,14 +60,12 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// Builds the scenario of `spec`, loading its data from `cache`.
-    pub fn build(spec: &TrainingJobSpec, cache: &Path) -> Result<Self, CartelError> {
+    /// Builds the scenario of `job`, loading its data from `cache`.
+    pub fn build(job: &ResolvedJob<'_>, cache: &Path) -> Result<Self, CartelError> {
+        let spec = &job.job.spec;
         let names: Vec<String> = spec.datacenters.iter().map(|d| d.name.clone()).collect();
-        let batch = spec.model.batch();
-        let max = spec
-            .stopping
-            .max_clocks
-            .and_then(|c| usize::try_from(c).ok());
+        let batch = job.plan.batch_size;
+        let max = job.plan.max_clocks.and_then(|c| usize::try_from(c).ok());
         match spec.dataset.name {
             DatasetName::Nycflights13 => {
                 let flights = nycflights13::load_flights(cache)?;

@@ -23,16 +23,17 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// The filter a SyncPolicy describes; `budget_mbps` is its `wanBudgetMbps`.
+    /// The filter a SyncPolicy describes; `budget_mbps` is its
+    /// `wanBudgetMbps`, `decay_clocks` its checked `significance.decayClocks`.
     #[must_use]
-    pub fn new(spec: &Significance, budget_mbps: Option<f64>) -> Self {
+    pub fn new(spec: &Significance, budget_mbps: Option<f64>, decay_clocks: u64) -> Self {
         Self {
             function: spec.function,
             schedule: spec.schedule,
             initial: spec.threshold,
             floor: spec.floor.unwrap_or(0.0),
             #[allow(clippy::cast_precision_loss)] // clock counts are far below 2^52
-            decay_clocks: spec.decay_clocks.unwrap_or(1).max(1) as f64,
+            decay_clocks: decay_clocks as f64,
             budget: budget_mbps.map(|mbps| mbps * 1e6 / 8.0),
             threshold: spec.threshold,
         }
@@ -43,11 +44,11 @@ impl Filter {
     /// schedule changed (time-based schedules then place it at the current
     /// clock on their next [`Self::on_clock`]); otherwise it stays where the
     /// schedule had moved it, so a new WAN budget nudges from there.
-    pub fn reconfigure(&mut self, spec: &Significance, budget_mbps: Option<f64>) {
+    pub fn reconfigure(&mut self, new: &Self) {
         #[allow(clippy::float_cmp)] // did the spec's number change, not a computed one
-        let restart = spec.threshold != self.initial || spec.schedule != self.schedule;
+        let restart = new.initial != self.initial || new.schedule != self.schedule;
         let threshold = self.threshold;
-        *self = Self::new(spec, budget_mbps);
+        *self = new.clone();
         if !restart {
             self.threshold = threshold;
         }
@@ -117,7 +118,8 @@ mod tests {
             floor,
             decay_clocks: decay,
         };
-        Filter::new(&spec, Some(8.0))
+        let decay = decay.map_or(1, |d| u64::try_from(d).unwrap());
+        Filter::new(&spec, Some(8.0), decay)
     }
 
     #[test]
@@ -140,7 +142,7 @@ mod tests {
             threshold: 0.04,
             ..Significance::default()
         };
-        let f = Filter::new(&spec, None);
+        let f = Filter::new(&spec, None, 1);
         assert!(f.significant(0.05, 100.0));
         assert!(!f.significant(0.03, 0.0));
     }
@@ -189,19 +191,20 @@ mod tests {
             floor: None,
             decay_clocks: None,
         };
-        f.reconfigure(&spec, Some(80.0));
+        f.reconfigure(&Filter::new(&spec, Some(80.0), 1));
         assert_eq!(f.threshold(), nudged);
         f.on_rate(2e6); // below 0.9× the new 10 MB/s
         assert!(f.threshold() < nudged);
         // A new threshold: it starts from there.
-        f.reconfigure(
+        f.reconfigure(&Filter::new(
             &Significance {
                 threshold: 0.3,
                 schedule: ThresholdSchedule::Constant,
                 ..spec
             },
             None,
-        );
+            1,
+        ));
         assert_eq!(f.threshold(), 0.3);
         assert!(!f.significant(0.2, 1.0));
         assert!(f.significant(0.31, 1.0));

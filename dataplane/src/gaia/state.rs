@@ -327,8 +327,8 @@ impl MirrorState {
     /// period. Readers waiting on the bound must be woken (the read limit
     /// may have moved).
     pub fn reconfigure(&mut self, change: &crate::ps::policy::PolicyChange) {
-        if let Some((significance, budget)) = &change.filter {
-            self.config.filter.reconfigure(significance, *budget);
+        if let Some(filter) = &change.filter {
+            self.config.filter.reconfigure(filter);
             self.config.filter.on_clock(self.checked_clock);
         }
         if let (Some(on), Exchange::Asp { selective_barrier }) =
@@ -340,7 +340,7 @@ impl MirrorState {
             self.config.bound = bound;
         }
         if let Some(period) = change.mirror_clock_period {
-            self.config.period = period.max(1);
+            self.config.period = period;
         }
         self.epoch += 1;
     }

@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use geoml_crds::sync_policy::Significance;
+use geoml_crds::plan::PolicyPlan;
 use geoml_crds::{SyncPolicySpec, TrainingJobSpec};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::gaia::significance::Filter;
 use crate::metrics::PsMetrics;
 use crate::state::{Progress, State, lock, publish};
 use geoml_crds::manifest::Manifest;
@@ -27,9 +28,9 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// What changed between two SyncPolicy specs, as a running shard sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyChange {
-    /// The new significance filter and WAN budget (`wanBudgetMbps`), when
-    /// either changed.
-    pub filter: Option<(Significance, Option<f64>)>,
+    /// The new significance filter, when it or the WAN budget
+    /// (`wanBudgetMbps`) changed.
+    pub filter: Option<Filter>,
     /// The selective barrier switched on or off.
     pub selective_barrier: Option<bool>,
     /// A new mirror-clock bound DS.
@@ -52,35 +53,40 @@ impl PolicyChange {
     }
 }
 
-fn clocks(n: i32) -> u64 {
-    u64::try_from(n.max(0)).unwrap_or(0)
-}
-
-/// What changed from `old` to `new`.
+/// What changed from `old` to `new`, whose checked numbers are `plan`.
 #[must_use]
-pub fn diff(old: &SyncPolicySpec, new: &SyncPolicySpec) -> PolicyChange {
+pub fn diff(old: &SyncPolicySpec, new: &SyncPolicySpec, plan: &PolicyPlan) -> PolicyChange {
     let mut change = PolicyChange::default();
     if old.significance != new.significance || old.wan_budget_mbps != new.wan_budget_mbps {
-        change.filter = Some((new.significance.clone(), new.wan_budget_mbps));
+        change.filter = Some(Filter::new(
+            &new.significance,
+            new.wan_budget_mbps,
+            plan.decay_clocks,
+        ));
     }
     if old.selective_barrier != new.selective_barrier {
         change.selective_barrier = Some(new.selective_barrier);
     }
     if old.mirror_clock_bound != new.mirror_clock_bound {
-        change.mirror_clock_bound = Some(clocks(new.mirror_clock_bound));
+        change.mirror_clock_bound = Some(plan.mirror_clock_bound);
     }
     if old.mirror_clock_period != new.mirror_clock_period {
-        change.mirror_clock_period = Some(clocks(new.mirror_clock_period).max(1));
+        change.mirror_clock_period = Some(plan.mirror_clock_period);
     }
     change.ignored = old.changes_needing_new_pods(new);
     change
 }
 
-/// The manifest's job and policy specs, or why the text is not a usable manifest.
-fn specs(text: &str) -> Result<(TrainingJobSpec, SyncPolicySpec), String> {
+/// The manifest's job and policy specs and the policy's checked numbers, or
+/// why the text is not a usable manifest.
+fn specs(text: &str) -> Result<(TrainingJobSpec, SyncPolicySpec, PolicyPlan), String> {
     let manifest = Manifest::from_yaml(text).map_err(|e| e.to_string())?;
     let job = manifest.job().map_err(|e| e.to_string())?;
-    Ok((job.job.spec.clone(), job.sync_policy.spec.clone()))
+    Ok((
+        job.job.spec.clone(),
+        job.sync_policy.spec.clone(),
+        job.plan.policy,
+    ))
 }
 
 /// A shard's view of its manifest file.
@@ -98,7 +104,7 @@ pub struct PolicyWatcher {
 impl PolicyWatcher {
     /// Watches `path`, whose text `text` describes the job running now.
     pub fn new(path: PathBuf, text: String) -> Result<Self, String> {
-        let (job, policy) = specs(&text)?;
+        let (job, policy, _) = specs(&text)?;
         Ok(Self {
             path,
             text,
@@ -117,7 +123,7 @@ impl PolicyWatcher {
         // A half-written file differs again once complete: remember the
         // text so each version is judged once.
         self.text = text;
-        let (job, policy) = match specs(&self.text) {
+        let (job, policy, plan) = match specs(&self.text) {
             Ok(specs) => specs,
             Err(e) => {
                 warn!(path = %self.path.display(), "manifest changed but is unusable ({e}); keeping the policy in effect");
@@ -127,7 +133,7 @@ impl PolicyWatcher {
         if job != self.job {
             warn!(path = %self.path.display(), "the TrainingJob changed; a running job cannot take that (ignored)");
         }
-        let change = diff(&self.policy, &policy);
+        let change = diff(&self.policy, &policy, &plan);
         for field in &change.ignored {
             warn!(
                 field,
@@ -194,13 +200,18 @@ mod tests {
     use super::*;
 
     fn spec() -> SyncPolicySpec {
-        serde_yaml::from_str("{}").unwrap_or_else(|e| unreachable!("{e}"))
+        geoml_crds::yaml::from_str("{}").unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    fn diff_of(old: &SyncPolicySpec, new: &SyncPolicySpec) -> PolicyChange {
+        let plan = PolicyPlan::new(new).unwrap_or_else(|e| unreachable!("{e}"));
+        diff(old, new, &plan)
     }
 
     #[test]
     fn an_unchanged_policy_changes_nothing() {
-        assert_eq!(diff(&spec(), &spec()), PolicyChange::default());
-        assert!(!diff(&spec(), &spec()).is_live());
+        assert_eq!(diff_of(&spec(), &spec()), PolicyChange::default());
+        assert!(!diff_of(&spec(), &spec()).is_live());
     }
 
     #[test]
@@ -212,11 +223,9 @@ mod tests {
         new.selective_barrier = !old.selective_barrier;
         new.mirror_clock_bound = 4;
         new.mirror_clock_period = 7;
-        let change = diff(&old, &new);
+        let change = diff_of(&old, &new);
         assert!(change.is_live());
-        let (significance, budget) = change.filter.clone().unwrap_or_default();
-        assert_eq!(significance, new.significance);
-        assert_eq!(budget, None);
+        assert_eq!(change.filter, Some(Filter::new(&new.significance, None, 1)));
         assert_eq!(change.selective_barrier, Some(new.selective_barrier));
         assert_eq!(change.mirror_clock_bound, Some(4));
         assert_eq!(change.mirror_clock_period, Some(7));
@@ -225,8 +234,8 @@ mod tests {
         let mut budget = spec();
         budget.wan_budget_mbps = Some(50.0);
         assert_eq!(
-            diff(&old, &budget).filter,
-            Some((old.significance.clone(), Some(50.0)))
+            diff_of(&old, &budget).filter,
+            Some(Filter::new(&old.significance, Some(50.0), 1))
         );
     }
 
@@ -237,7 +246,7 @@ mod tests {
         new.inter_datacenter.model = InterDatacenterModel::Ssp;
         new.inter_datacenter.staleness = Some(2);
         new.federated_averaging.round_clocks = 99;
-        let change = diff(&old, &new);
+        let change = diff_of(&old, &new);
         assert!(!change.is_live());
         assert_eq!(
             change.ignored,
@@ -284,7 +293,7 @@ spec:
         assert_eq!(w.update(half), None);
         assert!((w.policy.significance.threshold - 0.1).abs() < 1e-12);
         let change = w.update(manifest(0.2));
-        let threshold = change.and_then(|c| c.filter).map(|(s, _)| s.threshold);
+        let threshold = change.and_then(|c| c.filter).map(|f| f.threshold());
         assert_eq!(threshold, Some(0.2));
         assert_eq!(w.update(manifest(0.2)), None);
     }

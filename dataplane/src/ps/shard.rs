@@ -1,7 +1,7 @@
 //! One parameter-server shard: its rows, optimiser state, worker clocks and
 //! consistency model. Pure state, no I/O; the gRPC service wraps it.
 
-use geoml_crds::sync_policy::{ConsistencyModel, IntraDatacenterSync};
+use geoml_crds::sync_policy::ConsistencyModel;
 use geoml_crds::training_job::Optimizer;
 
 use super::optimizer::OptimizerState;
@@ -21,17 +21,13 @@ pub enum Consistency {
 }
 
 impl Consistency {
-    /// The consistency a SyncPolicy asks for.
+    /// The consistency of a SyncPolicy's `intraDatacenter.model`, with its
+    /// checked staleness.
     #[must_use]
-    pub fn from_policy(intra: &IntraDatacenterSync) -> Self {
-        match intra.model {
+    pub fn new(model: ConsistencyModel, staleness: u64) -> Self {
+        match model {
             ConsistencyModel::Bsp => Self::Bsp,
-            ConsistencyModel::Ssp => Self::Ssp(
-                intra
-                    .staleness
-                    .and_then(|s| u64::try_from(s).ok())
-                    .unwrap_or(0),
-            ),
+            ConsistencyModel::Ssp => Self::Ssp(staleness),
             ConsistencyModel::Async => Self::Async,
         }
     }

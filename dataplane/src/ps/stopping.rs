@@ -13,12 +13,13 @@ pub struct StoppingRule {
 }
 
 impl StoppingRule {
-    /// The rule of a job's spec, for a metric where higher (accuracy) or
-    /// lower (RMSE) is better.
+    /// The rule of a job's spec with its checked clock budget (the
+    /// plan's `max_clocks`), for a metric where higher (accuracy) or lower
+    /// (RMSE) is better.
     #[must_use]
-    pub fn new(spec: &StoppingSpec, higher_is_better: bool) -> Self {
+    pub fn new(spec: &StoppingSpec, max_clocks: Option<u64>, higher_is_better: bool) -> Self {
         Self {
-            max_clocks: spec.max_clocks.and_then(|c| u64::try_from(c).ok()),
+            max_clocks,
             target: spec.target_metric,
             higher_is_better,
             min_relative_change: spec.min_relative_change,
@@ -75,6 +76,7 @@ mod tests {
                 target_metric: Some(0.9),
                 min_relative_change: Some(1e-4),
             },
+            Some(10),
             higher,
         )
     }

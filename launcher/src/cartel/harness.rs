@@ -193,7 +193,7 @@ impl CartelSummary {
     /// The summary as a `geoml run` report.
     #[must_use]
     pub fn report(&self, reports: &[SiteReport], eval_every: u64) -> Report {
-        let every = usize::try_from(eval_every).unwrap_or(usize::MAX).max(1);
+        let every = usize::try_from(eval_every).unwrap_or(usize::MAX);
         let mean_history = (0..self.batches)
             .step_by(every)
             .filter_map(|b| {
@@ -261,24 +261,23 @@ pub async fn run_detailed(
     let started = Instant::now();
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;
-    let spec = &job.job.spec;
-    let config = SiteConfig::from_job(spec, &job.sync_policy.spec.collaborative)?;
+    let config = SiteConfig::from_job(&job)?;
     let (scenario_name, reports, central) = match mode {
         CollaborativeMode::Cartel | CollaborativeMode::Isolated => {
             // Fetch the data once, before the sites load it from the cache.
-            let scenario = Scenario::build(spec, &options.data_dir)?;
+            let scenario = Scenario::build(&job, &options.data_dir)?;
             let names: Vec<String> = scenario.sites.iter().map(|s| s.name.clone()).collect();
             let name = scenario.name.clone();
             drop(scenario);
             (name, run_processes(options, &names, mode).await?, None)
         }
         CollaborativeMode::Centralized => {
-            let scenario = Scenario::build(spec, &options.data_dir)?;
+            let scenario = Scenario::build(&job, &options.data_dir)?;
             let (reports, seconds) = baselines::centralized(&scenario, config);
             (scenario.name.clone(), reports, Some(seconds))
         }
         CollaborativeMode::Global => {
-            let scenario = Scenario::build(spec, &options.data_dir)?;
+            let scenario = Scenario::build(&job, &options.data_dir)?;
             (
                 scenario.name.clone(),
                 baselines::global(&scenario, config),

@@ -70,9 +70,9 @@ impl LocalRun {
 
         let names: Vec<String> = spec.datacenters.iter().map(|d| d.name.clone()).collect();
         let mut ports: Vec<Vec<u16>> = Vec::new();
-        for dc in &spec.datacenters {
+        for dc in &job.plan.datacenters {
             ports.push(
-                (0..dc.shard_count())
+                (0..dc.shards)
                     .map(|_| free_port())
                     .collect::<Result<_, _>>()?,
             );
@@ -108,13 +108,13 @@ impl LocalRun {
             started: 0.0,
         };
         let mut worker_offset = 0;
-        for (d, dc) in spec.datacenters.iter().enumerate() {
+        for (d, dc) in job.plan.datacenters.iter().enumerate() {
             let shards = ports[d]
                 .iter()
                 .enumerate()
                 .map(|(i, &port)| cluster.spawn_parameter_server(job, d, i, port, &topologies[d]))
                 .collect::<Result<_, _>>()?;
-            let workers = dc.worker_count();
+            let workers = dc.workers;
             cluster.sites.push(LocalDatacenter {
                 name: dc.name.clone(),
                 workers,
@@ -125,8 +125,8 @@ impl LocalRun {
         }
         cluster.wait_for_parameter_servers().await?;
         cluster.started = unix_now();
-        for (d, dc) in spec.datacenters.iter().enumerate() {
-            for index in 0..dc.worker_count() {
+        for (d, dc) in job.plan.datacenters.iter().enumerate() {
+            for index in 0..dc.workers {
                 let args = WorkerArgs {
                     index: u32::try_from(index).unwrap_or(u32::MAX),
                     eval_every: cluster.processes.options.eval_every,

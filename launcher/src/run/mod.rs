@@ -49,7 +49,7 @@ fn free_port() -> Result<u16, RunError> {
 }
 
 fn write_yaml(path: &Path, value: &impl Serialize) -> Result<(), RunError> {
-    let text = serde_yaml::to_string(value)?;
+    let text = geoml_crds::yaml::to_string(value)?;
     std::fs::write(path, text).map_err(io(format!("writing {}", path.display())))
 }
 

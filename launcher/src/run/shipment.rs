@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 
 use geoml_crds::manifest::ResolvedJob;
 use geoml_crds::roles::DEFAULT_SEED;
-use geoml_crds::training_job::DatacenterPlacement;
 use geoml_dataplane::data::Examples;
 use kube::ResourceExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,19 +108,16 @@ impl Shipment {
         // The same partitions the workers draw with their default seed.
         let parts = geoml_dataplane::data::partition(
             train,
-            spec.datacenters
-                .iter()
-                .map(DatacenterPlacement::worker_count)
-                .sum(),
+            job.plan.total_workers(),
             &spec.dataset.partitioning,
             DEFAULT_SEED,
         );
         let mut payloads = Vec::new();
-        let mut offset = spec.datacenters[0].worker_count();
-        for dc in spec.datacenters.iter().skip(1) {
-            let indices: Vec<usize> = parts[offset..offset + dc.worker_count()].concat();
+        let mut offset = job.plan.datacenters[0].workers;
+        for dc in job.plan.datacenters.iter().skip(1) {
+            let indices: Vec<usize> = parts[offset..offset + dc.workers].concat();
             payloads.push(example_bytes(&train.select(&indices)));
-            offset += dc.worker_count();
+            offset += dc.workers;
         }
         Self::send(&self.inbound, payloads).await
     }

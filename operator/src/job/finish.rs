@@ -136,7 +136,13 @@ async fn check_pods(
     // finisher ended.
     let mut exiting = false;
     let mut last_finish: Option<Time> = None;
-    for (i, (p, cluster)) in view.placements.iter().zip(clusters).enumerate() {
+    for (i, ((p, dc), cluster)) in view
+        .placements
+        .iter()
+        .zip(&view.plan.datacenters)
+        .zip(clusters)
+        .enumerate()
+    {
         let Ok(cluster) = cluster else {
             all_finished = false;
             continue;
@@ -144,7 +150,7 @@ async fn check_pods(
         let expected = if view.collaborative() {
             1 + usize::from(i == 0)
         } else {
-            p.spec.shard_count()
+            dc.shards
         };
         let pods = cluster.datacenter_pods(job, p.name());
         let finishers: Vec<_> = pods.iter().filter(|pod| ends_training(pod)).collect();

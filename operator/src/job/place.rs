@@ -5,12 +5,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use geoml_crds::SyncPolicy;
+use geoml_crds::manifest::Manifest;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt};
-use serde::Deserialize as _;
 
 use super::build::{self, CONFIG_HASH_ANNOTATION, JobView, Placement, SPEC_HASH_ANNOTATION};
 use super::objects::{apply_object, delete_ignoring_missing, ensure_namespace, publish};
@@ -189,10 +188,9 @@ async fn mounted_manifest(
     let Some(text) = map.data.and_then(|mut d| d.remove("manifest.yaml")) else {
         return Ok(None);
     };
-    let policy = serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
-        .find(|doc| doc["kind"] == "SyncPolicy")
-        .and_then(|doc| serde_yaml::from_value::<SyncPolicy>(doc).ok());
+    let policy = Manifest::from_yaml(&text)
+        .ok()
+        .and_then(|m| m.sync_policies.into_iter().next());
     Ok(policy.map(|p| (p.spec, text)))
 }
 

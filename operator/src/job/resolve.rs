@@ -6,7 +6,7 @@ use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
 use kube::{Api, ResourceExt};
 
 use super::Outcome;
-use super::build::{self, JobView, Role};
+use super::build::{self, JobView, Role, ViewError};
 use crate::clusters::{Cluster, Unavailable};
 use crate::{Context, Error};
 
@@ -58,12 +58,18 @@ async fn dereference(job: &TrainingJob, ctx: &Context) -> Result<Result<JobView,
         &datacenters,
         &ctx.settings.default_image,
     )
-    .map_err(|missing| Blocked {
-        reason: "DatacenterNotFound",
-        message: format!(
-            "spec.datacenters: no Datacenter named {}",
-            missing.join(", ")
-        ),
+    .map_err(|e| match e {
+        ViewError::MissingDatacenters(missing) => Blocked {
+            reason: "DatacenterNotFound",
+            message: format!(
+                "spec.datacenters: no Datacenter named {}",
+                missing.join(", ")
+            ),
+        },
+        ViewError::Plan(e) => Blocked {
+            reason: "InvalidSpec",
+            message: e.to_string(),
+        },
     }))
 }
 

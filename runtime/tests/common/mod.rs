@@ -5,8 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use geoml_crds::yaml;
 use geoml_launcher::run::RunOptions;
-use serde_yaml::Value;
+use serde_json::Value;
 
 /// Multi-process runs share two cores; one at a time keeps them comparable.
 pub static ONE_RUN_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -18,9 +19,7 @@ pub fn repo_root() -> PathBuf {
 /// The documents of `manifests/examples/<name>`.
 pub fn example(name: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(repo_root().join("manifests/examples").join(name)).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .collect()
+    yaml::documents(&text).unwrap()
 }
 
 /// The document of kind `kind`.
@@ -35,7 +34,7 @@ pub fn set(value: &mut Value, path: &str, new: Value) {
     let mut at = value;
     for key in path.split('.') {
         if at.get(key).is_none() {
-            at[key] = Value::Mapping(serde_yaml::Mapping::new());
+            at[key] = Value::Object(serde_json::Map::new());
         }
         at = &mut at[key];
     }
@@ -45,11 +44,7 @@ pub fn set(value: &mut Value, path: &str, new: Value) {
 /// Writes `docs` as a manifest in `dir`.
 pub fn write(dir: &Path, docs: &[Value]) -> PathBuf {
     let path = dir.join("job.yaml");
-    let text: Vec<String> = docs
-        .iter()
-        .map(|d| serde_yaml::to_string(d).unwrap())
-        .collect();
-    std::fs::write(&path, text.join("---\n")).unwrap();
+    std::fs::write(&path, yaml::to_stream(docs).unwrap()).unwrap();
     path
 }
 

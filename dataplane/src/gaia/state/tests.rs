@@ -35,6 +35,7 @@ fn mirror(exchange: Exchange, period: u64, bound: u64) -> MirrorState {
                 ..Significance::default()
             },
             None,
+            1,
         ),
     };
     MirrorState::new(config, 8, 4)

@@ -50,7 +50,7 @@ impl JobView {
 
     /// `manifest.yaml`: the job's Datacenters, its SyncPolicy and the job
     /// itself (names and specs only), as `geoml_runtime::manifest` reads it.
-    pub fn manifest_yaml(&self) -> Result<String, serde_yaml::Error> {
+    pub fn manifest_yaml(&self) -> Result<String, geoml_crds::yaml::SerializeError> {
         let mut out = String::new();
         for p in &self.placements {
             let dc = Datacenter {
@@ -80,7 +80,7 @@ impl JobView {
         dc: usize,
         manifest: &str,
         topology: &Topology,
-    ) -> Result<ConfigMap, serde_yaml::Error> {
+    ) -> Result<ConfigMap, geoml_crds::yaml::SerializeError> {
         let p = &self.placements[dc];
         Ok(ConfigMap {
             metadata: self.meta(p, names::config_map(&self.job_name(), p.name()), &[]),
@@ -104,8 +104,8 @@ fn bare_meta(meta: &ObjectMeta) -> ObjectMeta {
 fn push_document<T: serde::Serialize>(
     out: &mut String,
     value: &T,
-) -> Result<(), serde_yaml::Error> {
+) -> Result<(), geoml_crds::yaml::SerializeError> {
     out.push_str("---\n");
-    out.push_str(&serde_yaml::to_string(value)?);
+    out.push_str(&geoml_crds::yaml::to_string(value)?);
     Ok(())
 }

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use geoml_crds::manifest::{Manifest, ManifestError};
+use geoml_crds::plan::{JobPlan, PlanError};
 use geoml_crds::sync_policy::InterDatacenterModel;
 use geoml_crds::training_job::DatacenterPlacement;
 use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
@@ -169,8 +170,19 @@ pub struct JobView {
     pub policy: SyncPolicy,
     /// Its datacenters, in `spec.datacenters` order.
     pub placements: Vec<Placement>,
+    /// The job's checked numbers.
+    pub plan: JobPlan,
     /// Image of the pods (the job's `spec.image` or the operator's default).
     pub image: String,
+}
+
+/// Why a job and the objects it names make no [`JobView`].
+#[derive(Debug)]
+pub enum ViewError {
+    /// The Datacenters not found.
+    MissingDatacenters(Vec<String>),
+    /// A value of the job or its SyncPolicy is unusable.
+    Plan(PlanError),
 }
 
 /// Names of the objects of one job in one datacenter.
@@ -229,13 +241,13 @@ impl JobView {
 
     /// The view of `job`, its SyncPolicy and the Datacenters it names, found
     /// in `datacenters`; its pods run the job's `spec.image`, else
-    /// `default_image`. Err: the names of the Datacenters not found.
+    /// `default_image`.
     pub fn new(
         job: TrainingJob,
         policy: SyncPolicy,
         datacenters: &[Datacenter],
         default_image: &str,
-    ) -> Result<Self, Vec<String>> {
+    ) -> Result<Self, ViewError> {
         let mut missing = Vec::new();
         let mut placements = Vec::new();
         for spec in &job.spec.datacenters {
@@ -245,8 +257,9 @@ impl JobView {
             }
         }
         if !missing.is_empty() {
-            return Err(missing);
+            return Err(ViewError::MissingDatacenters(missing));
         }
+        let plan = JobPlan::new(&job.spec, &policy.spec).map_err(ViewError::Plan)?;
         let image = job
             .spec
             .image
@@ -256,6 +269,7 @@ impl JobView {
             job,
             policy,
             placements,
+            plan,
             image,
         })
     }
@@ -276,7 +290,12 @@ impl JobView {
             &manifest.datacenters,
             default_image,
         )
-        .map_err(|missing| ManifestError::MissingDatacenter(missing.join(", ")))
+        .map_err(|e| match e {
+            ViewError::MissingDatacenters(missing) => {
+                ManifestError::MissingDatacenter(missing.join(", "))
+            }
+            ViewError::Plan(e) => ManifestError::Plan(e),
+        })
     }
 
     fn job_name(&self) -> String {

@@ -42,8 +42,6 @@ fn endpoints(view: &JobView, registry: Option<&str>) -> Endpoints {
     }
 }
 
-use serde::Deserialize;
-
 #[test]
 fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
     let view = view("gaia-3dc.yaml");
@@ -179,9 +177,10 @@ fn config_map_holds_a_manifest_without_status_and_the_topology() {
         Topology::from_yaml(&data["topology.yaml"]).unwrap(),
         topology
     );
-    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&data["manifest.yaml"])
-        .map(|d| {
-            let v = serde_yaml::Value::deserialize(d).unwrap();
+    let kinds: Vec<String> = geoml_crds::yaml::documents(&data["manifest.yaml"])
+        .unwrap()
+        .into_iter()
+        .map(|v| {
             assert!(v.get("status").is_none());
             v["kind"].as_str().unwrap().to_owned()
         })
