@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -83,12 +82,9 @@ fn token_kubeconfig(plane: &ControlPlane, token: &str) -> String {
     geoml_crds::yaml::to_string(&config).unwrap()
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
+async fn http_get(port: u16, path: &str) -> String {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    geoml_tests::prometheus::get(addr, path, &[]).await.unwrap()
 }
 
 /// Requests the apiserver answered 403, from its audit log.
@@ -261,9 +257,10 @@ spec:
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("test-operator")
     );
-    assert!(http_get(port, "/readyz").ends_with("ok"));
+    assert!(http_get(port, "/readyz").await.ends_with("ok"));
     assert!(
         http_get(port, "/metrics")
+            .await
             .contains("geoml_operator_reconciliations_total{controller=\"trainingjob\"}")
     );
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, repo_root, set, write};
 use geoml_crds::manifest::Manifest;
 use geoml_launcher::run::LocalRun;
+use geoml_tests::prometheus;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn prometheus_binary() -> String {
     let output = std::process::Command::new("bash")
@@ -32,39 +32,13 @@ fn prometheus_binary() -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-/// GET `path` from `addr`; the body.
-async fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
-
-/// The result vector of PromQL `query`.
-async fn query(prometheus: SocketAddr, query: &str) -> Vec<Value> {
-    let encoded: String = query
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'_' {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    let body = get(prometheus, &format!("/api/v1/query?query={encoded}"))
-        .await
-        .unwrap();
-    let answer: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(answer["status"], "success", "{answer}");
-    answer["data"]["result"].as_array().unwrap().clone()
+/// The samples of PromQL `promql` now.
+async fn query(addr: SocketAddr, promql: &str) -> Vec<Value> {
+    prometheus::query(addr, promql, None).await.unwrap()
 }
 
 fn value(sample: &Value) -> f64 {
-    sample["value"][1].as_str().unwrap().parse().unwrap()
+    prometheus::value(sample).unwrap()
 }
 
 /// A Prometheus server scraping `endpoints` every 200 ms, once it is ready.
@@ -97,13 +71,11 @@ async fn start_prometheus(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    for _ in 0..300 {
-        if get(address, "/-/ready").await.is_some() {
-            return (server, address);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("prometheus did not become ready");
+    assert!(
+        prometheus::wait_ready(address, Duration::from_secs(30)).await,
+        "prometheus did not become ready"
+    );
+    (server, address)
 }
 
 #[tokio::test]
@@ -155,7 +127,9 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let targets = get(prometheus, "/api/v1/targets").await;
+    let targets = prometheus::get(prometheus, "/api/v1/targets", &[])
+        .await
+        .ok();
     assert_eq!(up.len(), 4, "{up:?}\n{targets:?}");
     tokio::time::sleep(Duration::from_secs(1)).await;
 

@@ -15,6 +15,7 @@ pub mod image;
 mod network;
 mod node;
 mod pki;
+pub mod prometheus;
 pub mod schemas;
 pub mod storage;
 mod tools;
@@ -61,6 +62,9 @@ pub enum Error {
     /// Building an image failed.
     #[error("building an image: {0}")]
     Image(String),
+    /// An HTTP request failed or was not answered with 200.
+    #[error("{0}")]
+    Http(String),
 }
 
 impl Error {

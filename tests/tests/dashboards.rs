@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use geoml_crds::training_job::JobPhase;
 use geoml_crds::{TrainingJob, yaml};
+use geoml_tests::prometheus as prom;
 use geoml_tests::{Cluster, eventually_within, geoml_images};
 use promql_parser::parser::{self, Expr};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -286,46 +286,15 @@ echo "$bin"
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-/// GET `path` from `addr`; the body of a 200 answer.
-async fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.contains(" 200 ").then(|| body.to_owned())
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b == b'_' {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-/// The result of instant query `query` at Unix time `at`.
-async fn query(prometheus: SocketAddr, query: &str, at: f64) -> Vec<Value> {
-    let path = format!("/api/v1/query?query={}&time={at}", encode(query));
-    let body = get(prometheus, &path)
+/// The result of instant query `promql` at Unix time `at`.
+async fn query(addr: SocketAddr, promql: &str, at: f64) -> Vec<Value> {
+    prom::query(addr, promql, Some(at))
         .await
-        .unwrap_or_else(|| panic!("query {query} failed"));
-    let answer: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(answer["status"], "success", "{answer}");
-    // A scalar (a panel's constant line) is one sample.
-    if answer["data"]["resultType"] == "scalar" {
-        return vec![json!({"value": answer["data"]["result"]})];
-    }
-    answer["data"]["result"].as_array().unwrap().clone()
+        .unwrap_or_else(|e| panic!("query {promql}: {e}"))
 }
 
 fn value(sample: &Value) -> f64 {
-    sample["value"][1].as_str().unwrap().parse().unwrap()
+    prom::value(sample).unwrap()
 }
 
 /// The network namespace of `cluster`'s node: the harness names it
@@ -406,11 +375,8 @@ async fn start_prometheus(cluster: &Cluster, dir: &Path) -> (tokio::process::Chi
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    for _ in 0..300 {
-        if get(address, "/-/ready").await.is_some() {
-            return (server, address);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if prom::wait_ready(address, Duration::from_secs(30)).await {
+        return (server, address);
     }
     panic!(
         "prometheus did not become ready:\n{}",

@@ -8,23 +8,22 @@
 //! their legends, stat panels as their last values.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use geoml_tests::prometheus;
 use plotters::prelude::*;
 use serde_json::Value;
 
 /// Renders a dashboard's panels from a Prometheus server into an SVG.
 #[derive(Parser, Debug)]
 struct Args {
-    /// The Prometheus server, `host:port`.
+    /// The Prometheus server, `ip:port`.
     #[arg(long)]
-    prometheus: String,
+    prometheus: SocketAddr,
     /// The dashboard JSON (e.g. charts/geoml/dashboards/sync-traffic.json).
     #[arg(long)]
     dashboard: PathBuf,
@@ -75,7 +74,8 @@ struct Panel {
     series: Vec<Series>,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.dashboard)
         .with_context(|| format!("reading {}", args.dashboard.display()))?;
@@ -104,7 +104,8 @@ fn main() -> anyhow::Result<()> {
             let expr = substitute(target["expr"].as_str().unwrap_or_default(), &vars);
             let legend = target["legendFormat"].as_str().unwrap_or_default();
             series.extend(
-                query_range(&args.prometheus, &expr, start, end, step)
+                query_range(args.prometheus, &expr, start, end, step)
+                    .await
                     .with_context(|| format!("querying {expr}"))?
                     .into_iter()
                     .map(|(labels, points)| Series {
@@ -197,23 +198,23 @@ type Labels = BTreeMap<String, String>;
 type Points = Vec<(f64, f64)>;
 
 /// The result of a range query: each series' labels and points.
-fn query_range(
-    prometheus: &str,
+async fn query_range(
+    prometheus: SocketAddr,
     expr: &str,
     start: f64,
     end: f64,
     step: f64,
 ) -> anyhow::Result<Vec<(Labels, Points)>> {
-    let path = format!(
-        "/api/v1/query_range?query={}&start={start}&end={end}&step={step}",
-        encode(expr)
-    );
-    let answer: Value = serde_json::from_str(&get(prometheus, &path)?)?;
-    if answer["status"] != "success" {
-        bail!("{answer}");
-    }
+    let (start, end, step) = (start.to_string(), end.to_string(), step.to_string());
+    let params = [
+        ("query", expr),
+        ("start", &start),
+        ("end", &end),
+        ("step", &step),
+    ];
+    let data = prometheus::api(prometheus, "/api/v1/query_range", &params).await?;
     let mut out = Vec::new();
-    for series in answer["data"]["result"].as_array().into_iter().flatten() {
+    for series in data["result"].as_array().into_iter().flatten() {
         let labels = series["metric"]
             .as_object()
             .into_iter()
@@ -233,35 +234,6 @@ fn query_range(
         out.push((labels, points));
     }
     Ok(out)
-}
-
-/// Percent-encodes a query parameter.
-fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
-/// GET `path` from `addr` (HTTP/1.0, enough for Prometheus); the body.
-fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let Some((head, body)) = response.split_once("\r\n\r\n") else {
-        bail!("no HTTP answer from {addr}");
-    };
-    if !head.contains(" 200 ") {
-        bail!("{}: {body}", head.lines().next().unwrap_or_default());
-    }
-    Ok(body.to_owned())
 }
 
 /// `value` in the panel's unit, short.
