@@ -111,6 +111,22 @@ pub struct ModelSpec {
     pub l2: f64,
 }
 
+impl ModelSpec {
+    /// A model of `kind` with every other field at its default.
+    #[must_use]
+    pub fn new(kind: ModelKind) -> Self {
+        Self {
+            kind,
+            hidden_units: None,
+            rank: None,
+            optimizer: Optimizer::default(),
+            learning_rate: default_learning_rate(),
+            batch_size: default_batch_size(),
+            l2: 0.0,
+        }
+    }
+}
+
 fn default_learning_rate() -> f64 {
     0.1
 }

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)] // test code
 
-use geoml_crds::training_job::{DatasetName, ModelKind, ModelSpec, Optimizer};
+use geoml_crds::training_job::{DatasetName, ModelKind, ModelSpec};
 use geoml_dataplane::data::{self, DataSet, Examples, Ratings};
 use geoml_dataplane::model::{self, Model, Update};
 use rand::rngs::StdRng;
@@ -11,15 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 fn spec(kind: ModelKind) -> ModelSpec {
-    ModelSpec {
-        kind,
-        hidden_units: None,
-        rank: None,
-        optimizer: Optimizer::Sgd,
-        learning_rate: 0.1,
-        batch_size: 64,
-        l2: 0.0,
-    }
+    ModelSpec::new(kind)
 }
 
 /// Every row initialised as a parameter server would, one by one.

@@ -48,33 +48,15 @@ async fn start_prometheus(
     endpoints: &[SocketAddr],
 ) -> (tokio::process::Child, SocketAddr) {
     let targets: Vec<String> = endpoints.iter().map(|a| format!("'{a}'")).collect();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global: {{scrape_interval: 200ms, scrape_timeout: 150ms}}\n\
-             scrape_configs:\n- job_name: geoml\n  static_configs:\n  - targets: [{}]\n",
-            targets.join(", ")
-        ),
-    )
-    .unwrap();
-    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let server = tokio::process::Command::new(binary)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={address}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    assert!(
-        prometheus::wait_ready(address, Duration::from_secs(30)).await,
-        "prometheus did not become ready"
+    let config = format!(
+        "global: {{scrape_interval: 200ms, scrape_timeout: 150ms}}\n\
+         scrape_configs:\n- job_name: geoml\n  static_configs:\n  - targets: [{}]\n",
+        targets.join(", ")
     );
+    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let server = prometheus::start(&[], binary, dir, &config, address)
+        .await
+        .unwrap();
     (server, address)
 }
 

@@ -107,6 +107,25 @@ pub fn run(cmd: &mut std::process::Command, stdin: Option<&str>) -> Result<Strin
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The text of `manifests/examples/<name>`.
+pub fn example(name: &str) -> Result<String, Error> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/examples")
+        .join(name);
+    std::fs::read_to_string(&path).map_err(Error::io(format!("reading {}", path.display())))
+}
+
+/// The data cache, with data set `name` in it (fetched once): the volume
+/// the test clusters' data claims are bound to.
+pub fn data_cache(
+    name: geoml_crds::training_job::DatasetName,
+) -> Result<std::path::PathBuf, Error> {
+    let dir = geoml_dataplane::data::default_cache_dir();
+    geoml_dataplane::data::load(name, &dir)
+        .map_err(|e| Error::Command(format!("loading {name:?}: {e}")))?;
+    Ok(dir)
+}
+
 /// How long [`eventually`] keeps polling.
 pub const EVENTUALLY: std::time::Duration = std::time::Duration::from_secs(60);
 

@@ -2,6 +2,8 @@
 //! with hyper's client (the one kube uses) and `form_urlencoded` queries.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -84,4 +86,64 @@ pub async fn api(addr: SocketAddr, path: &str, query: &[(&str, &str)]) -> Result
 #[must_use]
 pub fn value(sample: &Value) -> Option<f64> {
     sample["value"][1].as_str()?.parse().ok()
+}
+
+/// Starts Prometheus `binary` (under `wrapper`'s command, e.g. `nsenter
+/// --net=...`, when not empty) with `config` (its YAML), its files in `dir`,
+/// listening on `address`; the process once it is ready. It is killed when
+/// the handle drops.
+pub async fn start(
+    wrapper: &[String],
+    binary: &str,
+    dir: &Path,
+    config: &str,
+    address: SocketAddr,
+) -> Result<tokio::process::Child, Error> {
+    let config_file = dir.join("prometheus.yml");
+    std::fs::write(&config_file, config).map_err(Error::io("writing prometheus.yml"))?;
+    let log_file = dir.join("prometheus.log");
+    let log = std::fs::File::create(&log_file).map_err(Error::io("creating prometheus.log"))?;
+    let (program, args) = wrapper
+        .split_first()
+        .map_or((binary, &[][..]), |(p, rest)| (p.as_str(), rest));
+    let mut command = tokio::process::Command::new(program);
+    if !wrapper.is_empty() {
+        command.args(args).arg(binary);
+    }
+    let server = command
+        .arg(format!("--config.file={}", config_file.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={address}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(Error::io(format!("starting {binary}")))?;
+    if wait_ready(address, Duration::from_secs(30)).await {
+        return Ok(server);
+    }
+    Err(Error::Http(format!(
+        "prometheus did not become ready on {address}:\n{}",
+        std::fs::read_to_string(&log_file).unwrap_or_default()
+    )))
+}
+
+/// A dashboard query `expr` with every Grafana variable `$name` and
+/// `${name}` of `vars` replaced, longest names first (so that `$__range`
+/// does not eat the start of a longer name).
+#[must_use]
+pub fn substitute<N: AsRef<str>>(expr: &str, vars: &[(N, String)]) -> String {
+    let mut sorted: Vec<_> = vars.iter().collect();
+    sorted.sort_by_key(|(name, _)| std::cmp::Reverse(name.as_ref().len()));
+    let mut out = expr.to_owned();
+    for (name, value) in sorted {
+        let name = name.as_ref();
+        out = out
+            .replace(&format!("${{{name}}}"), value)
+            .replace(&format!("${name}"), value);
+    }
+    out
 }

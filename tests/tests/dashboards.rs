@@ -79,16 +79,9 @@ fn queries(name: &str, dashboard: &Value) -> Vec<Query> {
     out
 }
 
-/// `expr` with Grafana's variables replaced, longest names first.
+/// `expr` with Grafana's variables replaced, none left over.
 fn substitute(expr: &str, vars: &[(&str, String)]) -> String {
-    let mut sorted: Vec<_> = vars.iter().collect();
-    sorted.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
-    let mut out = expr.to_owned();
-    for (name, value) in sorted {
-        out = out
-            .replace(&format!("${{{name}}}"), value)
-            .replace(&format!("${name}"), value);
-    }
+    let out = prom::substitute(expr, vars);
     assert!(!out.contains('$'), "a variable left in {out}");
     out
 }
@@ -357,31 +350,16 @@ fn prometheus_config(kubeconfig: &Path) -> String {
 /// through the test network's router).
 async fn start_prometheus(cluster: &Cluster, dir: &Path) -> (tokio::process::Child, SocketAddr) {
     let binary = prometheus_binary();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(&config, prometheus_config(cluster.kubeconfig())).unwrap();
     let address = SocketAddr::from((cluster.address(), 9095));
-    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-    let server = tokio::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", node_netns(cluster)))
-        .arg(binary)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address={address}"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
+    let nsenter = [
+        "nsenter".to_owned(),
+        format!("--net=/run/netns/{}", node_netns(cluster)),
+    ];
+    let config = prometheus_config(cluster.kubeconfig());
+    let server = prom::start(&nsenter, &binary, dir, &config, address)
+        .await
         .unwrap();
-    if prom::wait_ready(address, Duration::from_secs(30)).await {
-        return (server, address);
-    }
-    panic!(
-        "prometheus did not become ready:\n{}",
-        std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
-    );
+    (server, address)
 }
 
 /// The Gaia example over three datacenters of one cluster, small enough for

@@ -13,7 +13,9 @@ use std::time::Duration;
 use geoml_crds::TrainingJob;
 use geoml_crds::training_job::{DatasetName, JobPhase};
 use geoml_tests::helm::{self, RELEASE, chart_dir};
-use geoml_tests::{Cluster, Helm, eventually, eventually_within, geoml_images, schemas};
+use geoml_tests::{
+    Cluster, Helm, data_cache, eventually, eventually_within, example, geoml_images, schemas,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -218,19 +220,6 @@ fn helm_refuses_wrong_values_naming_the_field() {
     }
 }
 
-fn data_cache(name: DatasetName) -> std::path::PathBuf {
-    let dir = geoml_dataplane::data::default_cache_dir();
-    geoml_dataplane::data::load(name, &dir).unwrap();
-    dir
-}
-
-fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests/examples")
-        .join(name);
-    std::fs::read_to_string(path).unwrap()
-}
-
 async fn release_objects(client: &kube::Client) -> Vec<String> {
     let selector = ListParams::default().labels(&format!("app.kubernetes.io/instance={RELEASE}"));
     let mut found = Vec::new();
@@ -350,7 +339,7 @@ async fn uninstall_leaves_nothing(helm: &Helm, client: &kube::Client) -> Vec<Str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_install_runs_a_job_to_succeeded_and_uninstall_leaves_nothing() {
-    let data = data_cache(DatasetName::FashionMnist);
+    let data = data_cache(DatasetName::FashionMnist).unwrap();
     let images = geoml_images().unwrap();
     let cluster = Cluster::start("helm", &images).await.unwrap();
     let client = cluster.client();
@@ -391,7 +380,7 @@ async fn helm_install_runs_a_job_to_succeeded_and_uninstall_leaves_nothing() {
     cluster.provide_data("default", &data).await.unwrap();
     geoml_tests::run(
         cluster.kubectl().args(["apply", "-f", "-"]),
-        Some(&example("fashion-mnist-lan.yaml")),
+        Some(&example("fashion-mnist-lan.yaml").unwrap()),
     )
     .unwrap();
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), "default");

@@ -3,13 +3,12 @@
 //! jobs trained to `Succeeded` by real pods.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use geoml_crds::training_job::{DatasetName, JobPhase};
 use geoml_crds::{Datacenter, TrainingJob, yaml};
-use geoml_tests::{Cluster, eventually_within, geoml_images};
+use geoml_tests::{Cluster, data_cache, eventually_within, example, geoml_images};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
@@ -17,21 +16,6 @@ use serde_json::json;
 
 /// Longest a job may take from apply to a finished phase.
 const TRAINING: Duration = Duration::from_secs(15 * 60);
-
-/// The host's data cache with `name` in it: the volume the clusters' data
-/// claims are bound to.
-fn data_cache(name: DatasetName) -> std::path::PathBuf {
-    let dir = geoml_dataplane::data::default_cache_dir();
-    geoml_dataplane::data::load(name, &dir).unwrap();
-    dir
-}
-
-fn example(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests/examples")
-        .join(name);
-    std::fs::read_to_string(path).unwrap()
-}
 
 /// Runs `cmd` (kubectl) with `stdin`, asserting success; returns stdout.
 fn run(cmd: &mut Command, stdin: Option<&str>) -> String {
@@ -89,14 +73,14 @@ async fn wait_for_success(cluster: &Cluster, name: &str) -> TrainingJob {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fashion_mnist_lan_trains_to_succeeded_on_a_real_node() {
-    let data = data_cache(DatasetName::FashionMnist);
+    let data = data_cache(DatasetName::FashionMnist).unwrap();
     let images = geoml_images().unwrap();
     let cluster = Cluster::start("lan", &images).await.unwrap();
     cluster.install_operator().await.unwrap();
     cluster.provide_data("default", &data).await.unwrap();
 
     let applied = Instant::now();
-    apply(&cluster, &example("fashion-mnist-lan.yaml"));
+    apply(&cluster, &example("fashion-mnist-lan.yaml").unwrap());
     let pods = eventually_within(Duration::from_secs(180), "6 pods Running", || async {
         let pods = job_pods(&cluster, "fashion-mnist-lan").await;
         (pods.len() == 6 && pods.iter().all(|p| phase(p) == "Running")).then_some(pods)
@@ -187,7 +171,7 @@ fn spread_over(manifest: &str, clusters: &[Cluster]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gaia_trains_across_three_clusters() {
-    let data = data_cache(DatasetName::FashionMnist);
+    let data = data_cache(DatasetName::FashionMnist).unwrap();
     let images = geoml_images().unwrap();
     let (a, b, c) = tokio::join!(
         Cluster::start("us-east", &images),
@@ -205,7 +189,10 @@ async fn gaia_trains_across_three_clusters() {
     }
 
     let applied = Instant::now();
-    apply(hub, &spread_over(&example("gaia-3dc.yaml"), &clusters));
+    apply(
+        hub,
+        &spread_over(&example("gaia-3dc.yaml").unwrap(), &clusters),
+    );
     for cluster in &clusters {
         eventually_within(
             Duration::from_secs(240),
@@ -329,7 +316,7 @@ fn long_running(manifest: &str, name: &str, max_clocks: u64) -> String {
 async fn threshold_edit_applies_live(clusters: &[Cluster]) {
     let hub = &clusters[0];
     let manifest = long_running(
-        &spread_over(&example("gaia-3dc.yaml"), clusters),
+        &spread_over(&example("gaia-3dc.yaml").unwrap(), clusters),
         "gaia-live",
         1_000_000,
     );
@@ -405,7 +392,7 @@ fn with_model(manifest: &str, model: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains() {
-    let data = data_cache(DatasetName::FashionMnist);
+    let data = data_cache(DatasetName::FashionMnist).unwrap();
     let images = geoml_images().unwrap();
     let cluster = Cluster::start("recovery", &images).await.unwrap();
     cluster.install_operator().await.unwrap();
@@ -413,7 +400,7 @@ async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains
 
     // The example checkpoints every 20 clocks into a claim the operator
     // creates; kill shard 0 once it has checkpointed twice.
-    apply(&cluster, &example("fashion-mnist-lan.yaml"));
+    apply(&cluster, &example("fashion-mnist-lan.yaml").unwrap());
     let ps = "fashion-mnist-lan-lan-ps-0";
     let clock = eventually_within(TRAINING, "clock 40 on shard 0", || async {
         let clock = gauge(&cluster, ps, "geoml_ps_clock").await?;
@@ -460,7 +447,10 @@ async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains
     // Three datacenters in one cluster as one parameter server (LAN); the
     // example's Datacenters are all `local`, so their LoadBalancer peer
     // Services (no load balancer here) are not waited for.
-    apply(&cluster, &with_model(&example("bsp-3dc.yaml"), "LAN"));
+    apply(
+        &cluster,
+        &with_model(&example("bsp-3dc.yaml").unwrap(), "LAN"),
+    );
     let name = "fashion-mnist-bsp";
     let done = wait_for_success(&cluster, name).await;
     let metric = done.status.unwrap().metric.unwrap();
@@ -469,7 +459,7 @@ async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_collaborative_job_runs_its_registry_and_sites_to_completion() {
-    let data = data_cache(DatasetName::FashionMnist);
+    let data = data_cache(DatasetName::FashionMnist).unwrap();
     let images = geoml_images().unwrap();
     let cluster = Cluster::start("cartel", &images).await.unwrap();
     cluster.install_operator().await.unwrap();
@@ -477,7 +467,7 @@ async fn a_collaborative_job_runs_its_registry_and_sites_to_completion() {
 
     let applied = Instant::now();
     // The example as it is: its Datacenters are all `local`.
-    apply(&cluster, &example("cartel-fashion.yaml"));
+    apply(&cluster, &example("cartel-fashion.yaml").unwrap());
     let done = wait_for_success(&cluster, "cartel-fashion").await;
     let pods = job_pods(&cluster, "cartel-fashion").await;
     let mut roles: Vec<(String, String)> = pods

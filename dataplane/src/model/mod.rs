@@ -324,7 +324,6 @@ fn narrow(x: f64) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use geoml_crds::training_job::Optimizer;
     use ndarray::Array2;
 
     use super::*;
@@ -338,15 +337,7 @@ mod tests {
     }
 
     fn spec(kind: ModelKind) -> ModelSpec {
-        ModelSpec {
-            kind,
-            hidden_units: None,
-            rank: None,
-            optimizer: Optimizer::Sgd,
-            learning_rate: 0.1,
-            batch_size: 64,
-            l2: 0.0,
-        }
+        ModelSpec::new(kind)
     }
 
     fn images() -> DataSet {

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let mut series = Vec::new();
         for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = substitute(target["expr"].as_str().unwrap_or_default(), &vars);
+            let expr = prometheus::substitute(target["expr"].as_str().unwrap_or_default(), &vars);
             let legend = target["legendFormat"].as_str().unwrap_or_default();
             series.extend(
                 query_range(args.prometheus, &expr, start, end, step)
@@ -160,20 +160,6 @@ fn variables(dashboard: &Value, args: &Args, range: f64, step: f64) -> Vec<(Stri
     vars.push(("__range".into(), format!("{}s", range.ceil())));
     vars.push(("__interval".into(), format!("{}s", step.ceil())));
     vars
-}
-
-/// `expr` with every `$name` and `${name}` replaced, longest names first
-/// (so that `$__range` does not eat the start of a longer name).
-fn substitute(expr: &str, vars: &[(String, String)]) -> String {
-    let mut sorted: Vec<_> = vars.iter().collect();
-    sorted.sort_by_key(|(name, _)| std::cmp::Reverse(name.len()));
-    let mut out = expr.to_owned();
-    for (name, value) in sorted {
-        out = out
-            .replace(&format!("${{{name}}}"), value)
-            .replace(&format!("${name}"), value);
-    }
-    out
 }
 
 /// `format` with every `{{label}}` replaced by the series' label.
