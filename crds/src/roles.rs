@@ -19,6 +19,12 @@ use crate::mode::CollaborativeMode;
 /// a role is given none.
 pub const DEFAULT_SEED: u64 = 42;
 
+/// Environment variable a launcher (`geoml run`, `geoml compare`, the
+/// Cartel harness) sets on every role it starts: its own process id. A role
+/// whose parent is no longer that process (its launcher ended, even by
+/// SIGKILL) exits, so nothing outlives its launcher.
+pub const LAUNCHER_PID_ENV: &str = "GEOML_LAUNCHER_PID";
+
 /// Clocks between evaluations of the model on held-out data.
 pub const DEFAULT_EVAL_EVERY: u64 = 20;
 

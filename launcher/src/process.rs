@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use geoml_crds::roles::LAUNCHER_PID_ENV;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -135,6 +136,7 @@ impl Supervisor {
             // An error that ends a role is one line in its log, not a
             // backtrace that would push it out of the tail a failure shows.
             .env("RUST_LIB_BACKTRACE", "0")
+            .env(LAUNCHER_PID_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

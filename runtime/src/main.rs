@@ -10,8 +10,8 @@ use geoml_crds::Topology;
 use geoml_crds::manifest::Manifest;
 use geoml_crds::mode::Mode;
 use geoml_crds::roles::{
-    DEFAULT_EVAL_EVERY, DataDirArgs, JobRoleArgs, ParameterServerArgs, RegistryArgs, SiteArgs,
-    WanProxyArgs, WorkerArgs,
+    DEFAULT_EVAL_EVERY, DataDirArgs, JobRoleArgs, LAUNCHER_PID_ENV, ParameterServerArgs,
+    RegistryArgs, SiteArgs, WanProxyArgs, WorkerArgs,
 };
 use geoml_dataplane::cartel::role as cartel_role;
 use geoml_dataplane::metrics::{self, WorkerMetrics};
@@ -366,6 +366,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    exit_with_launcher();
     match dispatch(Cli::parse().command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -374,6 +375,31 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+/// A role started by a launcher ends with it: a thread compares the role's
+/// parent with the launcher named in [`LAUNCHER_PID_ENV`] and exits the
+/// process once they differ (the launcher ended and the role was
+/// reparented), however the launcher ended.
+fn exit_with_launcher() {
+    let Some(launcher) = std::env::var(LAUNCHER_PID_ENV)
+        .ok()
+        .and_then(|pid| pid.parse::<u32>().ok())
+    else {
+        return;
+    };
+    std::thread::spawn(move || {
+        loop {
+            if std::os::unix::process::parent_id() != launcher {
+                tracing::error!(launcher, "the launcher is gone; exiting");
+                std::process::exit(1);
+            }
+            std::thread::sleep(LAUNCHER_POLL);
+        }
+    });
+}
+
+/// How often a role checks that its launcher still runs.
+const LAUNCHER_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
