@@ -26,33 +26,23 @@ pub struct PlanError {
     pub value: String,
 }
 
-/// `value` of `field` as a count of at least `min`.
-fn at_least<T>(field: impl Display, value: T, min: u64) -> Result<u64, PlanError>
+/// `value` of `field` as a number of at least `min`, in the type `N` the
+/// plan holds it in (`u64` clocks, `usize` counts).
+fn at_least<N, T>(field: impl Display, value: T, min: u64) -> Result<N, PlanError>
 where
     T: TryInto<u64> + Display + Copy,
+    N: TryFrom<u64>,
 {
     value
         .try_into()
         .ok()
         .filter(|&v| v >= min)
+        .and_then(|v| N::try_from(v).ok())
         .ok_or_else(|| PlanError {
             field: field.to_string(),
             min,
             value: value.to_string(),
         })
-}
-
-/// [`at_least`] as a `usize` (every count here fits: the schema caps them).
-fn count<T>(field: impl Display, value: T, min: u64) -> Result<usize, PlanError>
-where
-    T: TryInto<u64> + Display + Copy,
-{
-    let n = at_least(&field, value, min)?;
-    usize::try_from(n).map_err(|_| PlanError {
-        field: field.to_string(),
-        min,
-        value: value.to_string(),
-    })
 }
 
 /// One datacenter of a job.
@@ -115,13 +105,13 @@ impl PolicyPlan {
                 spec.significance.decay_clocks.unwrap_or(1),
                 1,
             )?,
-            drift_window: count(
+            drift_window: at_least(
                 "spec.collaborative.driftWindow",
                 collaborative.drift_window,
                 1,
             )?,
-            neighbours: count("spec.collaborative.neighbours", collaborative.neighbours, 1)?,
-            metadata_interval: count(
+            neighbours: at_least("spec.collaborative.neighbours", collaborative.neighbours, 1)?,
+            metadata_interval: at_least(
                 "spec.collaborative.metadataIntervalBatches",
                 collaborative.metadata_interval_batches,
                 1,
@@ -157,14 +147,14 @@ impl JobPlan {
                 let field = |name: &str| format!("spec.datacenters[{i}].{name}");
                 Ok(DatacenterPlan {
                     name: dc.name.clone(),
-                    shards: count(field("parameterServers"), dc.parameter_servers, 1)?,
-                    workers: count(field("workers"), dc.workers, 1)?,
+                    shards: at_least(field("parameterServers"), dc.parameter_servers, 1)?,
+                    workers: at_least(field("workers"), dc.workers, 1)?,
                 })
             })
             .collect::<Result<_, PlanError>>()?;
         Ok(Self {
             datacenters,
-            batch_size: count("spec.model.batchSize", job.model.batch_size, 1)?,
+            batch_size: at_least("spec.model.batchSize", job.model.batch_size, 1)?,
             max_clocks: job
                 .stopping
                 .max_clocks

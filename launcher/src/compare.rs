@@ -10,7 +10,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use geoml_crds::manifest::ManifestError;
+use geoml_crds::manifest::{Manifest, ManifestError};
 use geoml_crds::mode::Mode;
 
 use crate::error::RunError;
@@ -90,6 +90,9 @@ pub async fn compare(
         context: format!("reading {}", options.manifest.display()),
         source,
     })?;
+    // Checked once, before any mode runs: a manifest the roles would refuse
+    // is refused here, and the per-mode copies edit a well-formed one.
+    Manifest::from_yaml(&text)?.job()?;
     let mut comparison = Comparison {
         job: String::new(),
         modes: BTreeMap::new(),
