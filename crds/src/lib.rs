@@ -9,7 +9,8 @@
 //!
 //! Every field carries a doc comment: it becomes the CRD's `description` and so
 //! the text of `kubectl explain`. Cross-field rules are CEL
-//! `x-kubernetes-validations`, enforced by the apiserver itself.
+//! `x-kubernetes-validations`, enforced by the apiserver itself and, for
+//! `geoml run`, by [`validate`] from the same generated schema.
 
 pub mod datacenter;
 pub mod manifest;
@@ -19,6 +20,7 @@ pub mod plan;
 pub mod roles;
 pub mod sync_policy;
 pub mod topology;
+pub mod validate;
 pub mod training_job;
 pub mod yaml;
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::plan::{JobPlan, PlanError};
+use crate::validate;
 use crate::{Datacenter, SyncPolicy, TrainingJob};
 use kube::ResourceExt;
 use serde::Deserialize;
@@ -12,23 +13,35 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {reason}")]
     Read {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// The file is not YAML.
     #[error("{}", .0.without_snippet())]
     Yaml(crate::yaml::Error),
     /// A document is not valid for its kind.
-    #[error("document {index}: {source}")]
+    #[error("document {index}: {reason}")]
     Object {
         /// Position of the document in the stream, from 1, empty ones skipped.
         index: usize,
         /// Why.
-        source: serde_json::Error,
+        reason: serde_json::Error,
+    },
+    /// A document breaks its CRD's schema or rules: the apiserver would refuse it.
+    #[error("document {index} ({kind} {name:?}): {fields}")]
+    Invalid {
+        /// Position of the document in the stream, from 1.
+        index: usize,
+        /// Its `kind`.
+        kind: String,
+        /// Its `metadata.name`.
+        name: String,
+        /// Every field it breaks.
+        fields: validate::Invalid,
     },
     /// A document is not a geoml object.
     #[error(
@@ -92,9 +105,9 @@ struct TypeMeta {
 impl Manifest {
     /// Reads a manifest file.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ManifestError::Read {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::from_yaml(&text)
     }
@@ -103,33 +116,36 @@ impl Manifest {
     pub fn from_yaml(text: &str) -> Result<Self, ManifestError> {
         let mut manifest = Self::default();
         let documents = crate::yaml::documents(text).map_err(ManifestError::Yaml)?;
-        for (i, value) in documents.into_iter().enumerate() {
+        let crds = crate::crds();
+        for (i, mut value) in documents.into_iter().enumerate() {
             let index = i + 1;
-            let object = |source| ManifestError::Object { index, source };
+            let object = |reason| ManifestError::Object { index, reason };
             let meta = TypeMeta::deserialize(&value).map_err(object)?;
-            match (meta.api_version.as_str(), meta.kind.as_str()) {
-                ("geoml.io/v1alpha1", "Datacenter") => {
-                    manifest
-                        .datacenters
-                        .push(serde_json::from_value(value).map_err(object)?);
-                }
-                ("geoml.io/v1alpha1", "SyncPolicy") => {
-                    manifest
-                        .sync_policies
-                        .push(serde_json::from_value(value).map_err(object)?);
-                }
-                ("geoml.io/v1alpha1", "TrainingJob") => {
-                    manifest
-                        .training_jobs
-                        .push(serde_json::from_value(value).map_err(object)?);
-                }
-                _ => {
-                    return Err(ManifestError::UnknownKind {
-                        index,
-                        api_version: meta.api_version,
-                        kind: meta.kind,
-                    });
-                }
+            let crd = crds
+                .iter()
+                .find(|crd| crd.spec.names.kind == meta.kind)
+                .filter(|_| meta.api_version == format!("{}/{}", crate::GROUP, crate::VERSION))
+                .ok_or_else(|| ManifestError::UnknownKind {
+                    index,
+                    api_version: meta.api_version.clone(),
+                    kind: meta.kind.clone(),
+                })?;
+            validate::object(crd, &mut value).map_err(|fields| ManifestError::Invalid {
+                index,
+                kind: meta.kind.clone(),
+                name: value["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                fields,
+            })?;
+            match meta.kind.as_str() {
+                "Datacenter" => manifest
+                    .datacenters
+                    .push(serde_json::from_value(value).map_err(object)?),
+                "SyncPolicy" => manifest
+                    .sync_policies
+                    .push(serde_json::from_value(value).map_err(object)?),
+                _ => manifest
+                    .training_jobs
+                    .push(serde_json::from_value(value).map_err(object)?),
             }
         }
         Ok(manifest)
