@@ -360,12 +360,6 @@ async fn run_job(job: RunJobArgs) -> anyhow::Result<()> {
         faults,
         wan_control,
     } = job;
-    if let Some(addr) = wan_control {
-        anyhow::ensure!(
-            addr.ip().is_loopback(),
-            "--wan-control {addr}: only loopback addresses may serve the fault API"
-        );
-    }
     let temp = tempfile::Builder::new().prefix("geoml-run-").tempdir()?;
     let options = RunOptions {
         wan_control,

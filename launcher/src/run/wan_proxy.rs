@@ -76,6 +76,9 @@ impl Wan {
         write_yaml(&path, &config)?;
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let control = match processes.options.wan_control {
+            Some(control) if !control.ip().is_loopback() => {
+                return Err(fault::FaultError::NotLoopback(control).into());
+            }
             Some(control) => control,
             None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         };

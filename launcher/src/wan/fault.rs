@@ -187,6 +187,9 @@ pub enum FaultError {
         /// The datacenters there are.
         known: String,
     },
+    /// The fault API may only listen on a loopback address.
+    #[error("the WAN fault API listens on loopback addresses only, not {0}")]
+    NotLoopback(std::net::SocketAddr),
     /// The request body is not a [`FaultOp`].
     #[error("malformed fault request: {0}")]
     Malformed(String),

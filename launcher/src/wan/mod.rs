@@ -306,6 +306,9 @@ pub enum WanError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The fault API was asked to listen beyond this machine.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
 }
 
 /// The fault series of the proxy.
@@ -449,8 +452,8 @@ impl Network {
 ///
 /// # Errors
 ///
-/// A route without its links, an address that cannot be bound, metrics
-/// that cannot be registered.
+/// A route without its links, an address that cannot be bound, a control
+/// address that is not loopback, metrics that cannot be registered.
 pub async fn serve(
     config: &WanConfig,
     registry: &Registry,
@@ -491,6 +494,9 @@ pub async fn serve(
         }));
     }
     if let Some(addr) = control {
+        if !addr.ip().is_loopback() {
+            return Err(FaultError::NotLoopback(addr).into());
+        }
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| WanError::Listen(addr, e))?;
