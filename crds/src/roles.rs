@@ -450,9 +450,15 @@ pub struct WanProxyArgs {
     /// The links and routes (YAML; see `geoml_launcher::wan::WanConfig`).
     #[arg(long)]
     pub config: PathBuf,
-    /// Serve Prometheus metrics (bytes per link) at http://ADDR/metrics.
+    /// Serve Prometheus metrics (bytes and faults per link) at
+    /// http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the fault API at http://ADDR/faults (a loopback address): GET
+    /// for every link's state, POST a JSON operation to cut, heal, reset or
+    /// delay links (`geoml wan-fault` is its client). None when absent.
+    #[arg(long)]
+    pub control_listen: Option<SocketAddr>,
 }
 
 impl WanProxyArgs {
@@ -465,6 +471,7 @@ impl WanProxyArgs {
         let mut out = Vec::new();
         flag(&mut out, "config", self.config.display());
         optional(&mut out, "metrics-listen", self.metrics_listen);
+        optional(&mut out, "control-listen", self.control_listen);
         out
     }
 
@@ -590,11 +597,13 @@ mod tests {
         let proxy = WanProxyArgs {
             config: "/w/wan.yaml".into(),
             metrics_listen: Some(addr(9200)),
+            control_listen: Some(addr(9201)),
         };
         assert_eq!(parse::<WanProxyArgs>(proxy.to_args()), proxy);
         let bare = WanProxyArgs {
             config: "/w/wan.yaml".into(),
             metrics_listen: None,
+            control_listen: None,
         };
         assert_eq!(parse::<WanProxyArgs>(bare.to_args()), bare);
     }

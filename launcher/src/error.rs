@@ -31,6 +31,9 @@ pub enum RunError {
     /// A Collaborative job failed.
     #[error(transparent)]
     Cartel(#[from] CartelError),
+    /// A WAN fault names something the run's WAN does not have.
+    #[error(transparent)]
+    Fault(#[from] crate::wan::fault::FaultError),
     /// The job asks for something local runs do not support.
     #[error("{0}")]
     Unsupported(&'static str),

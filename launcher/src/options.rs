@@ -1,7 +1,10 @@
 //! [`RunOptions`]: how to run a job locally, shared by `geoml run`,
 //! `geoml compare`, the Cartel harness and `geoml cartel-bench`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+
+use crate::wan::fault::ScheduledFault;
 
 /// How to run a job locally.
 #[derive(Clone, Debug)]
@@ -22,4 +25,10 @@ pub struct RunOptions {
     /// job has none of its own (`geoml compare --full-budget` removes it so
     /// that runs use their whole clock budget).
     pub target: Option<f64>,
+    /// Where the WAN proxy serves its fault API [default: a free loopback
+    /// port]; `geoml run` prints it when progress is drawn.
+    pub wan_control: Option<SocketAddr>,
+    /// Faults the launcher applies to the WAN during the run (`geoml run
+    /// --fault`); refused when the run has no WAN between datacenters.
+    pub faults: Vec<ScheduledFault>,
 }

@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a TrainingJob manifest on this machine with real processes on loopback.
-    Run(RunArgs),
+    Run(RunJobArgs),
     /// Run a manifest's job under several modes and compare them: a ratio
     /// table, every run's report as JSON, and a plot of the metric over time.
     Compare(CompareArgs),
@@ -48,6 +48,9 @@ enum Command {
     /// Emulate WAN links between datacenters: a TCP proxy adding latency and
     /// a bandwidth limit per link.
     WanProxy(WanProxyArgs),
+    /// Inject faults into a running WAN proxy: cut, heal, reset or delay a
+    /// link or a datacenter's links, or print every link's state (JSON).
+    WanFault(wan::cli::WanFaultArgs),
     /// Measure push+apply throughput of a parameter server against raw
     /// loopback TCP in the same run (build with --release).
     Bench {
@@ -120,6 +123,23 @@ struct RunArgs {
     eval_every: u64,
     #[command(flatten)]
     data: DataDirArgs,
+}
+
+#[derive(Args)]
+struct RunJobArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// A WAN fault at a time after the WAN proxy starts, OP:SCOPE@START[+DURATION]
+    /// (repeatable): OP is cut, reset or delay=MS; SCOPE a datacenter, a
+    /// directed link FROM,TO or all; START and DURATION like 500ms, 20s or
+    /// 2m; after DURATION the scope heals. E.g. cut:us-east@20s+60s.
+    #[arg(long = "fault", value_name = "SPEC")]
+    faults: Vec<wan::fault::ScheduledFault>,
+    /// Serve the WAN proxy's fault API on this loopback address
+    /// [default: a free port]; printed at start either way, for
+    /// `geoml wan-fault --control ADDR`.
+    #[arg(long, value_name = "ADDR")]
+    wan_control: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -306,6 +326,8 @@ impl RunArgs {
             eval_every: self.eval_every,
             progress: true,
             target: None,
+            wan_control: None,
+            faults: Vec::new(),
         })
     }
 }
@@ -332,9 +354,19 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_job(args: RunArgs) -> anyhow::Result<()> {
+async fn run_job(job: RunJobArgs) -> anyhow::Result<()> {
+    let RunJobArgs {
+        run: args,
+        faults,
+        wan_control,
+    } = job;
     let temp = tempfile::Builder::new().prefix("geoml-run-").tempdir()?;
-    let report = run(args.options(&temp)?).await?;
+    let options = RunOptions {
+        wan_control,
+        faults,
+        ..args.options(&temp)?
+    };
+    let report = run(options).await?;
     print!("{}", report.table());
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -425,6 +457,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::WanProxy(WanProxyArgs {
             config,
             metrics_listen,
+            control_listen,
         }) => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -432,7 +465,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 .with_context(|| format!("parsing {}", config.display()))?;
             let registry = Registry::new();
             serve_metrics(metrics_listen, &registry);
-            wan::serve(&config, &registry, shutdown_signal()).await?;
+            wan::serve(&config, &registry, control_listen, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::WanFault(args) => {
+            let state = wan::cli::run(&args).await?;
+            println!("{}", serde_json::to_string_pretty(&state)?);
             Ok(())
         }
         Command::Registry(args) => Ok(cartel_role::registry(args, shutdown_signal()).await?),

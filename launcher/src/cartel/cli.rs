@@ -59,6 +59,8 @@ pub async fn bench(args: BenchArgs) -> Result<String, RunError> {
                 eval_every: geoml_crds::roles::DEFAULT_EVAL_EVERY,
                 progress: false,
                 target: None,
+                wan_control: None,
+                faults: Vec::new(),
             };
             let (_, summary, _) = super::run_detailed(&options, mode).await?;
             summaries.push(summary);

@@ -258,6 +258,11 @@ pub async fn run_detailed(
     options: &RunOptions,
     mode: CollaborativeMode,
 ) -> Result<(Report, CartelSummary, Vec<SiteReport>), RunError> {
+    if !options.faults.is_empty() {
+        return Err(RunError::Unsupported(
+            "--fault needs the WAN proxy of a job with parameter servers; Collaborative jobs have none",
+        ));
+    }
     let started = Instant::now();
     let manifest = Manifest::load(&options.manifest)?;
     let job = manifest.job()?;

@@ -89,10 +89,16 @@ impl LocalRun {
                 Ok(path)
             })
             .collect::<Result<Vec<_>, RunError>>()?;
+        let faults = processes.options.faults.clone();
         let wan = if routes.is_empty() {
+            if !faults.is_empty() {
+                return Err(RunError::Unsupported(
+                    "--fault needs a WAN between datacenters: this job's mode or its single datacenter has none",
+                ));
+            }
             None
         } else {
-            Some(Wan::start(&processes, job, routes).await?)
+            Some(Wan::start(&processes, job, routes, &faults).await?)
         };
 
         let mut cluster = Self {
@@ -203,6 +209,13 @@ impl LocalRun {
     #[must_use]
     pub fn parameter_server_addresses(&self) -> &[String] {
         &self.ps_addresses
+    }
+
+    /// The WAN proxy's fault API (`http://ADDR/faults`), if the run has a
+    /// WAN; see [`crate::wan::control`].
+    #[must_use]
+    pub fn wan_control(&self) -> Option<SocketAddr> {
+        self.wan.as_ref().map(|w| w.control)
     }
 
     /// Every Prometheus endpoint of the run (`http://ADDR/metrics`): the

@@ -65,7 +65,7 @@ impl Shipment {
                 list.push(listen);
             }
         }
-        let wan = Wan::start(processes, job, routes).await?;
+        let wan = Wan::start(processes, job, routes, &[]).await?;
         Ok(Self {
             wan,
             inbound,

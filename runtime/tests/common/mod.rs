@@ -58,6 +58,8 @@ pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
         eval_every: 20,
         progress: false,
         target: None,
+        wan_control: None,
+        faults: Vec::new(),
     }
 }
 
