@@ -101,52 +101,9 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     );
 
     cluster.wait(None).await.unwrap();
-    let addresses = cluster.parameter_server_addresses().to_vec();
-    let mut snapshots = Vec::new();
-    for address in &addresses {
-        let s = mirror_client(address)
-            .await
-            .snapshot(pb::mirror::SnapshotRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        snapshots.push((
-            unpack_values(&s.values).unwrap(),
-            unpack_values(&s.generated).unwrap(),
-        ));
-    }
+    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
-
-    // The initial model, as every shard builds it.
-    let data = geoml_dataplane::data::load(
-        job.job.spec.dataset.name,
-        &geoml_dataplane::data::default_cache_dir(),
-    )
-    .unwrap();
-    let model = geoml_dataplane::model::build(&job.job.spec.model, &data).unwrap();
-    let mut initial = vec![0.0; model.layout().len()];
-    for key in 0..model.layout().num_rows() as u32 {
-        let range = model.layout().row(key).unwrap();
-        model.init_row(key, 42, &mut initial[range]);
-    }
-    let mut expected = initial.clone();
-    for (_, generated) in &snapshots {
-        assert!(
-            generated.iter().any(|&g| g != 0.0),
-            "a datacenter trained nothing"
-        );
-        for (e, g) in expected.iter_mut().zip(generated) {
-            *e += g;
-        }
-    }
-    for (d, (values, _)) in snapshots.iter().enumerate() {
-        for (i, (v, e)) in values.iter().zip(&expected).enumerate() {
-            assert!(
-                (v - e).abs() <= 1e-3 * (1.0 + e.abs()),
-                "datacenter {d}, element {i}: {v} != initial + all updates = {e}"
-            );
-        }
-    }
+    assert_conserved(&job, &snapshots);
     for status in &statuses {
         let m = status.mirror.as_ref().unwrap();
         assert!(m.drained, "{status:?}");
@@ -163,6 +120,128 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
             .any(|s| s.mirror.as_ref().unwrap().clock_blocks > 0),
         "the bound never held a read"
     );
+}
+
+/// Every shard's values and the updates its own workers generated.
+async fn snapshots(addresses: &[String]) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let mut snapshots = Vec::new();
+    for address in addresses {
+        let s = mirror_client(address)
+            .await
+            .snapshot(pb::mirror::SnapshotRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        snapshots.push((
+            unpack_values(&s.values).unwrap(),
+            unpack_values(&s.generated).unwrap(),
+        ));
+    }
+    snapshots
+}
+
+/// Conservation: every datacenter's model (one shard each) is the initial
+/// model plus every update generated anywhere, within float tolerance.
+fn assert_conserved(
+    job: &geoml_crds::manifest::ResolvedJob<'_>,
+    snapshots: &[(Vec<f32>, Vec<f32>)],
+) {
+    // The initial model, as every shard builds it.
+    let data = geoml_dataplane::data::load(
+        job.job.spec.dataset.name,
+        &geoml_dataplane::data::default_cache_dir(),
+    )
+    .unwrap();
+    let model = geoml_dataplane::model::build(&job.job.spec.model, &data).unwrap();
+    let mut initial = vec![0.0; model.layout().len()];
+    for key in 0..model.layout().num_rows() as u32 {
+        let range = model.layout().row(key).unwrap();
+        model.init_row(key, 42, &mut initial[range]);
+    }
+    let mut expected = initial.clone();
+    for (_, generated) in snapshots {
+        assert!(
+            generated.iter().any(|&g| g != 0.0),
+            "a datacenter trained nothing"
+        );
+        for (e, g) in expected.iter_mut().zip(generated) {
+            *e += g;
+        }
+    }
+    for (d, (values, _)) in snapshots.iter().enumerate() {
+        for (i, (v, e)) in values.iter().zip(&expected).enumerate() {
+            assert!(
+                (v - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                "datacenter {d}, element {i}: {v} != initial + all updates = {e}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(5, 5, 2, 1);
+    let job = doc(&mut docs, "TrainingJob");
+    set(
+        job,
+        "spec.stopping",
+        geoml_crds::yaml::from_str("{maxClocks: 300}").unwrap(),
+    );
+    set(
+        job,
+        "spec.checkpoint",
+        geoml_crds::yaml::from_str("{intervalClocks: 10}").unwrap(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let docs = Manifest::load(&manifest).unwrap();
+    let job = docs.job().unwrap();
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+
+    // eu-west's shard crashes mid-run, between two checkpoints, while
+    // updates flow both ways.
+    let clock_before = loop {
+        let status = cluster.status(1).await.unwrap();
+        if status.min_clock >= 45 {
+            break status.min_clock;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.kill_parameter_server(1).await.unwrap();
+    let killed = std::time::Instant::now();
+    assert!(
+        cluster.status(1).await.is_err(),
+        "eu-west answers after SIGKILL"
+    );
+    // The others keep sending to it meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart_parameter_server(1).await.unwrap();
+    let restored = cluster.status(1).await.unwrap();
+    eprintln!(
+        "eu-west killed at clock {clock_before}, answering again after {:?} at clock {}",
+        killed.elapsed(),
+        restored.min_clock
+    );
+    assert!(restored.min_clock >= clock_before);
+
+    // Every worker finishes (no read stays blocked) and every shard drains.
+    tokio::time::timeout(Duration::from_secs(240), cluster.wait(None))
+        .await
+        .expect("the run did not finish after the restart: a read stayed blocked")
+        .unwrap();
+    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let (statuses, _) = cluster.shutdown().await.unwrap();
+    for status in &statuses {
+        assert_eq!(status.min_clock, 300, "{status:?}");
+        assert!(status.mirror.as_ref().unwrap().drained, "{status:?}");
+    }
+    assert_conserved(&job, &snapshots);
+    let log = std::fs::read_to_string(dir.path().join("logs/eu-west-ps-0.log")).unwrap();
+    let restored = log.lines().find(|l| l.contains("restored"));
+    eprintln!("{}", restored.unwrap_or_else(|| panic!("{log}")));
 }
 
 fn pull(keys: &[u32]) -> pb::PullRequest {
@@ -240,6 +319,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             datacenter: "eu-west".into(),
             seq: 1,
             indexes: pack_indexes(&indexes),
+            epoch: 1,
         })
         .await
         .unwrap();
@@ -266,6 +346,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             deltas: pack_values(&vec![1.0; indexes.len()]),
             announced: true,
             round: 0,
+            epoch: 1,
         })
         .await
         .unwrap();
@@ -289,6 +370,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             deltas: pack_values(&vec![1.0; indexes.len()]),
             announced: false,
             round: 0,
+            epoch: 1,
         })
         .await
         .unwrap_err();
