@@ -200,15 +200,15 @@ pub struct Links {
 }
 
 /// Calls `f` until it succeeds or fails for good; retries with backoff while
-/// the peer is unreachable (a WAN partition heals, a restarted peer comes
-/// back).
-async fn deliver<T, F, Fut>(what: &str, f: F) -> Option<T>
+/// `again` says the failure may pass (the peer is unreachable: a WAN
+/// partition heals, a restarted peer comes back).
+async fn deliver<T, F, Fut>(what: &str, again: fn(&Status) -> bool, f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
     f.retry(retry::backoff(Duration::from_secs(2)))
-        .when(retry::unreachable)
+        .when(again)
         .notify(|status, _| debug!(what, %status, "mirror unreachable; retrying"))
         .await
         .map(Response::into_inner)
@@ -289,13 +289,17 @@ impl Links {
     pub async fn tell(&self, tick: &ClockTick) {
         let calls = self.peers.iter().map(|link| {
             let client = link.control.clone();
-            deliver("tick", move || {
+            deliver("tick", retry::unreachable, move || {
                 let (mut client, message) = (client.clone(), tick.clone());
                 async move { client.tick(message).await }
             })
         });
         futures::future::join_all(calls).await;
     }
+}
+
+fn unreachable_or_internal(status: &Status) -> bool {
+    retry::unreachable(status) || status.code() == tonic::Code::Internal
 }
 
 /// The data task of link `p`: sends the update in flight (forming it from
@@ -327,7 +331,9 @@ async fn carry_updates(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sent);
         let bytes = update.encoded_len();
-        let delivered = deliver("update", || {
+        // A receiver that could not log the update (`Internal`) did not
+        // apply it either: it is tried again too.
+        let delivered = deliver("update", unreachable_or_internal, || {
             let (mut client, message) = (link.data.clone(), update.clone());
             async move { client.update(message).await }
         })

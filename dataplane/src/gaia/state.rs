@@ -191,6 +191,8 @@ pub struct MirrorState {
     peers: Vec<Peer>,
     /// This shard's epoch: stamps what it sends from now on.
     sender_epoch: u64,
+    /// Records of own deltas queued for the peers so far.
+    queued_count: u64,
     /// The clock significance was last checked at.
     checked_clock: u64,
     mirror_clock: u64,
@@ -236,6 +238,7 @@ impl MirrorState {
             changes: Changes::new(elements),
             peers,
             sender_epoch: 0,
+            queued_count: 0,
             checked_clock: 0,
             mirror_clock: 0,
             stopped: false,
@@ -363,7 +366,7 @@ impl MirrorState {
                             outbox.announced = true;
                         }
                     }
-                    queued = Some(Self::queued(0, &indexes, &deltas));
+                    queued = Some(self.queued(0, &indexes, &deltas));
                 }
             }
             Exchange::FedAvg { round_clocks } => {
@@ -375,7 +378,7 @@ impl MirrorState {
                 if !stopped && round > sent {
                     let own = self.changes.accumulated.clone();
                     let (indexes, deltas) = nonzero(&own);
-                    queued = Some(Self::queued(round, &indexes, &deltas));
+                    queued = Some(self.queued(round, &indexes, &deltas));
                     self.own_round = Some((round, own));
                 }
             }
@@ -400,10 +403,13 @@ impl MirrorState {
         queued
     }
 
-    fn queued(round: u64, indexes: &[u32], deltas: &[f32]) -> MirrorLogRecord {
+    /// The record that queues `deltas` at `indexes` (of `round`) for every
+    /// peer; numbered, so that replaying it twice queues it once.
+    fn queued(&self, round: u64, indexes: &[u32], deltas: &[f32]) -> MirrorLogRecord {
         use crate::pb::mirror::mirror_log_record::Record;
         let mut update = wire::update_message(indexes, deltas);
         update.round = round;
+        update.seq = self.queued_count + 1;
         MirrorLogRecord {
             record: Some(Record::Queued(update)),
         }
@@ -453,16 +459,27 @@ impl MirrorState {
         (indexes, deltas)
     }
 
-    /// Own deltas taken from the accumulated changes and queued for every
-    /// peer: ASP deltas are added into each link's queue, a round waits as
-    /// its own message.
-    fn take(&mut self, round: u64, indexes: &[u32], deltas: &[f32]) -> Result<(), MirrorError> {
+    /// Own deltas (record `seq`) taken from the accumulated changes and
+    /// queued for every peer: ASP deltas are added into each link's queue, a
+    /// round waits as its own message. A record taken before (a log replayed
+    /// over the checkpoint that already holds it) changes nothing.
+    fn take(
+        &mut self,
+        seq: u64,
+        round: u64,
+        indexes: &[u32],
+        deltas: &[f32],
+    ) -> Result<(), MirrorError> {
+        if seq <= self.queued_count {
+            return Ok(());
+        }
         let elements = self.changes.accumulated.len();
         if indexes.len() != deltas.len() || indexes.iter().any(|&i| i as usize >= elements) {
             return Err(MirrorError::Durable(
                 "a queued update does not fit the shard".into(),
             ));
         }
+        self.queued_count = seq;
         for (&i, &d) in indexes.iter().zip(deltas) {
             self.changes.accumulated[i as usize] -= d;
         }
@@ -511,6 +528,10 @@ impl MirrorState {
             .get_mut(p)
             .ok_or_else(|| MirrorError::Durable(format!("no peer {p}")))?;
         let outbox = &mut peer.outbox;
+        if stamp.1 < outbox.next_seq {
+            // Replayed over the checkpoint that already holds it.
+            return Ok(());
+        }
         if stamp.1 != outbox.next_seq {
             return Err(MirrorError::Durable(format!(
                 "update {} formed where update {} was next",

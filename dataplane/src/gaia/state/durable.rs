@@ -34,6 +34,7 @@ impl MirrorState {
             count: self.changes.count,
             mirror_clock: self.mirror_clock,
             checked_clock: self.checked_clock,
+            queued_count: self.queued_count,
             peers: self
                 .peers
                 .iter()
@@ -93,6 +94,7 @@ impl MirrorState {
         self.changes.count = checkpoint.count;
         self.mirror_clock = checkpoint.mirror_clock;
         self.checked_clock = checkpoint.checked_clock;
+        self.queued_count = checkpoint.queued_count;
         Ok(())
     }
 }

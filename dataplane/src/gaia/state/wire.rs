@@ -94,7 +94,7 @@ impl MirrorState {
             Some(Record::Queued(update)) => {
                 let indexes = unpack_indexes(&update.indexes)?;
                 let deltas = unpack_values(&update.deltas)?;
-                self.take(update.round, &indexes, &deltas)
+                self.take(update.seq, update.round, &indexes, &deltas)
             }
             Some(Record::Formed(formed)) => self.formed(
                 formed.peer as usize,
