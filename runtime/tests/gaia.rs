@@ -299,6 +299,180 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
     panic!("geoml ps did not start");
 }
 
+/// `geoml ps` for datacenter `dc`'s shard on `port`, its mirror `peer` on
+/// `peer_port`, checkpointing in `dir/dc`.
+fn spawn_shard(
+    dir: &Path,
+    manifest: &Path,
+    (dc, port): (&str, u16),
+    (peer, peer_port): (&str, u16),
+) -> tokio::process::Child {
+    let topology = dir.join(format!("topology-{dc}.yaml"));
+    std::fs::write(
+        &topology,
+        format!(
+            "datacenter: {dc}\nparameterServers: [http://127.0.0.1:{port}]\nmirrors:\n  {peer}: [http://127.0.0.1:{peer_port}]\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{dc}.log")))
+        .unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(["ps", "--shard=0", "--keep-serving"])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--topology={}", topology.display()))
+        .arg(format!("--manifest={}", manifest.display()))
+        .arg(format!("--checkpoint-dir={}", dir.join(dc).display()))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn connect_ps(address: &str) -> ParameterServerClient<tonic::transport::Channel> {
+    for _ in 0..300 {
+        if let Ok(client) = ParameterServerClient::connect(address.to_owned()).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("geoml ps at {address} did not start");
+}
+
+/// Both workers of a datacenter push clocks `clocks` (dense gradients that
+/// differ by element, clock and datacenter).
+async fn train(
+    ps: &mut ParameterServerClient<tonic::transport::Channel>,
+    elements: usize,
+    salt: usize,
+    clocks: std::ops::RangeInclusive<u64>,
+) {
+    for clock in clocks {
+        for worker in 0..2 {
+            let gradient: Vec<f32> = (0..elements)
+                .map(|i| ((i * 7 + clock as usize * 3 + salt) % 11) as f32 * 0.02 - 0.1)
+                .collect();
+            ps.push(pb::PushRequest {
+                worker,
+                clock,
+                gradient: Some(pb::Rows {
+                    keys: Vec::new(),
+                    values: pack_values(&gradient),
+                    all: true,
+                }),
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+async fn mirror_status(
+    ps: &mut ParameterServerClient<tonic::transport::Channel>,
+) -> pb::MirrorStatus {
+    ps.status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mirror
+        .unwrap()
+}
+
+/// Two datacenters; the test plays their workers. eu-west stops answering
+/// (its shard is killed) for longer than the peer timeout: us-east's reads
+/// stop waiting for it, what us-east generates meanwhile waits for eu-west
+/// in one coalesced queue, and once eu-west is back every update arrives
+/// exactly once.
+#[tokio::test]
+async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(10, 10, 1, 1);
+    docs.retain(|d| d["metadata"]["name"] != "ap-southeast");
+    let job = doc(&mut docs, "TrainingJob");
+    job["spec"]["datacenters"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|d| d["name"] != "ap-southeast");
+    set(
+        job,
+        "spec.stopping",
+        geoml_crds::yaml::from_str("{maxClocks: 40}").unwrap(),
+    );
+    set(
+        job,
+        "spec.checkpoint",
+        geoml_crds::yaml::from_str("{intervalClocks: 4}").unwrap(),
+    );
+    let policy = doc(&mut docs, "SyncPolicy");
+    set(policy, "spec.interDatacenter.peerTimeoutSeconds", 2.into());
+    let manifest = write(dir.path(), &docs);
+    let (us, eu) = (free_port(), free_port());
+    let _us_east = spawn_shard(dir.path(), &manifest, ("us-east", us), ("eu-west", eu));
+    let mut eu_west = spawn_shard(dir.path(), &manifest, ("eu-west", eu), ("us-east", us));
+    let mut us_ps = connect_ps(&format!("http://127.0.0.1:{us}")).await;
+    let mut eu_ps = connect_ps(&format!("http://127.0.0.1:{eu}")).await;
+    let mut all = pull(&[]);
+    all.rows = Some(pb::Rows {
+        keys: Vec::new(),
+        values: Vec::new(),
+        all: true,
+    });
+    let elements = unpack_values(&us_ps.pull(all.clone()).await.unwrap().into_inner().rows.unwrap().values)
+        .unwrap()
+        .len();
+
+    train(&mut us_ps, elements, 0, 1..=5).await;
+    train(&mut eu_ps, elements, 1, 1..=5).await;
+    eu_west.kill().await.unwrap();
+
+    // us-east trains on; a read at clock 30 is 25 mirror clocks past
+    // eu-west, far beyond the bound of 1: it waits only until eu-west has
+    // been silent for the peer timeout.
+    train(&mut us_ps, elements, 0, 6..=30).await;
+    let mut read = all.clone();
+    read.clock = 30;
+    tokio::time::timeout(Duration::from_secs(60), us_ps.pull(read))
+        .await
+        .expect("a read stayed blocked by a datacenter that stopped answering")
+        .unwrap();
+    let status = mirror_status(&mut us_ps).await;
+    let peer = &status.peers[0];
+    assert_eq!(status.peers_reachable, 0, "{status:?}");
+    assert!(!peer.reachable && peer.in_flight, "{peer:?}");
+    // 25 clocks of updates wait in at most the update in flight and one
+    // coalesced queue.
+    assert!(
+        peer.queued_elements <= 2 * elements as u64,
+        "{} elements wait for eu-west; the shard has {elements}",
+        peer.queued_elements
+    );
+
+    // eu-west comes back (from its checkpoint) and both train to the end.
+    let _eu_west = spawn_shard(dir.path(), &manifest, ("eu-west", eu), ("us-east", us));
+    let mut eu_ps = connect_ps(&format!("http://127.0.0.1:{eu}")).await;
+    train(&mut eu_ps, elements, 1, 6..=40).await;
+    train(&mut us_ps, elements, 0, 31..=40).await;
+    let mut drained = false;
+    for _ in 0..600 {
+        let (us_status, eu_status) = (mirror_status(&mut us_ps).await, mirror_status(&mut eu_ps).await);
+        if us_status.drained && eu_status.drained {
+            assert_eq!(us_status.peers_reachable, 1, "eu-west is back: {us_status:?}");
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(drained, "the datacenters did not exchange everything after eu-west came back");
+    let addresses = [format!("http://127.0.0.1:{us}"), format!("http://127.0.0.1:{eu}")];
+    let snapshots = snapshots(&addresses).await;
+    let loaded = Manifest::load(&manifest).unwrap();
+    assert_conserved(&loaded.job().unwrap(), &snapshots);
+}
+
 #[tokio::test]
 async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrives() {
     let dir = tempfile::tempdir().unwrap();
