@@ -59,6 +59,16 @@ pub const MIRROR_ELEMENTS_UPDATED: &str = "geoml_mirror_elements_updated_total";
 /// Counter: of [`MIRROR_ELEMENTS_UPDATED`], the elements sent to the mirrors
 /// (the significant ones); the ratio is the fraction of updates sent.
 pub const MIRROR_ELEMENTS_SENT: &str = "geoml_mirror_elements_sent_total";
+/// Gauge: peers the mirror-clock bound counts (heard from within
+/// `interDatacenter.peerTimeoutSeconds` and still training).
+pub const MIRROR_PEERS_REACHABLE: &str = "geoml_mirror_peers_reachable";
+/// Gauge per peer ([`PEER_LABEL`]): 1 while the peer was heard from within
+/// the peer timeout, 0 once it went silent for longer.
+pub const MIRROR_PEER_REACHABLE: &str = "geoml_mirror_peer_reachable";
+/// Gauge per peer ([`PEER_LABEL`]): elements waiting for the peer, queued
+/// behind or in the update in flight (coalesced per element, so bounded by
+/// the shard's size during a partition).
+pub const MIRROR_PEER_QUEUED_ELEMENTS: &str = "geoml_mirror_peer_queued_elements";
 
 /// The series the operator reads for a job's progress: from a running
 /// parameter server's `/metrics`, and from a finished one's termination

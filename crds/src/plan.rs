@@ -11,7 +11,7 @@
 
 use std::fmt::Display;
 
-use crate::sync_policy::SyncPolicySpec;
+use crate::sync_policy::{DEFAULT_PEER_TIMEOUT_SECONDS, SyncPolicySpec};
 use crate::training_job::{DEFAULT_CHECKPOINT_INTERVAL_CLOCKS, TrainingJobSpec};
 
 /// A field whose value a plan cannot use.
@@ -67,6 +67,8 @@ pub struct PolicyPlan {
     pub mirror_clock_bound: u64,
     /// `mirrorClockPeriod`: clocks per mirror clock.
     pub mirror_clock_period: u64,
+    /// `interDatacenter.peerTimeoutSeconds`, or its default.
+    pub peer_timeout_seconds: u64,
     /// `federatedAveraging.roundClocks`.
     pub round_clocks: u64,
     /// `significance.decayClocks`, 1 when unset (only `LinearToFloor` uses it).
@@ -95,6 +97,13 @@ impl PolicyPlan {
             )?,
             mirror_clock_bound: at_least("spec.mirrorClockBound", spec.mirror_clock_bound, 0)?,
             mirror_clock_period: at_least("spec.mirrorClockPeriod", spec.mirror_clock_period, 1)?,
+            peer_timeout_seconds: at_least(
+                "spec.interDatacenter.peerTimeoutSeconds",
+                spec.inter_datacenter
+                    .peer_timeout_seconds
+                    .unwrap_or(DEFAULT_PEER_TIMEOUT_SECONDS),
+                1,
+            )?,
             round_clocks: at_least(
                 "spec.federatedAveraging.roundClocks",
                 spec.federated_averaging.round_clocks,
@@ -215,6 +224,7 @@ mod tests {
         assert_eq!(plan.max_clocks, Some(100));
         assert_eq!(plan.checkpoint_interval, 10);
         assert_eq!(plan.policy.mirror_clock_period, 20);
+        assert_eq!(plan.policy.peer_timeout_seconds, 30);
         assert_eq!(plan.policy.decay_clocks, 1);
     }
 

@@ -153,7 +153,24 @@ pub struct InterDatacenterSync {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub staleness: Option<i32>,
+
+    /// Seconds a datacenter may go unheard (no clock tick, update or
+    /// announcement from its parameter servers; they tick at least every
+    /// second) before its mirrors stop counting it for the mirror-clock
+    /// bound, so that the others keep training through a WAN partition; it
+    /// counts again as soon as it is heard, and what it missed or sent meanwhile
+    /// arrives exactly once. Its pending selective-barrier announcements
+    /// expire after the same time. The parameter servers report it in
+    /// `geoml_mirror_peer_reachable` and `geoml_mirror_peers_reachable`.
+    /// Model `ASP` (federated-averaging rounds wait for every datacenter).
+    /// Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub peer_timeout_seconds: Option<i32>,
 }
+
+/// `interDatacenter.peerTimeoutSeconds` when a SyncPolicy gives none.
+pub const DEFAULT_PEER_TIMEOUT_SECONDS: i32 = 30;
 
 /// How datacenters exchange what they learn.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -195,6 +212,9 @@ impl SyncPolicySpec {
         }
         if self.inter_datacenter.staleness != new.inter_datacenter.staleness {
             fields.push("interDatacenter.staleness");
+        }
+        if self.inter_datacenter.peer_timeout_seconds != new.inter_datacenter.peer_timeout_seconds {
+            fields.push("interDatacenter.peerTimeoutSeconds");
         }
         if self.intra_datacenter != new.intra_datacenter {
             fields.push("intraDatacenter");

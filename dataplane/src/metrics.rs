@@ -57,6 +57,9 @@ pub struct MirrorMetrics {
     throughput: GaugeVec,
     link_sent: IntCounterVec,
     link_delivered: IntCounterVec,
+    peers_reachable: IntGauge,
+    peer_reachable: IntGaugeVec,
+    peer_queued: IntGaugeVec,
 }
 
 fn catch_up(counter: &IntCounter, total: u64) {
@@ -145,6 +148,24 @@ impl MirrorMetrics {
                 ),
                 &[names::PEER_LABEL],
             )?,
+            peers_reachable: IntGauge::with_opts(opts(
+                names::MIRROR_PEERS_REACHABLE,
+                "Peers the mirror-clock bound counts: heard within the peer timeout and training",
+            ))?,
+            peer_reachable: IntGaugeVec::new(
+                opts(
+                    names::MIRROR_PEER_REACHABLE,
+                    "1 while a peer was heard from within the peer timeout, else 0",
+                ),
+                &[names::PEER_LABEL],
+            )?,
+            peer_queued: IntGaugeVec::new(
+                opts(
+                    names::MIRROR_PEER_QUEUED_ELEMENTS,
+                    "Elements waiting for each peer, queued or in flight (coalesced: at most the shard's size)",
+                ),
+                &[names::PEER_LABEL],
+            )?,
         })
     }
 
@@ -163,7 +184,10 @@ impl MirrorMetrics {
         registry.register(Box::new(self.rtt.clone()))?;
         registry.register(Box::new(self.throughput.clone()))?;
         registry.register(Box::new(self.link_sent.clone()))?;
-        registry.register(Box::new(self.link_delivered.clone()))
+        registry.register(Box::new(self.link_delivered.clone()))?;
+        registry.register(Box::new(self.peers_reachable.clone()))?;
+        registry.register(Box::new(self.peer_reachable.clone()))?;
+        registry.register(Box::new(self.peer_queued.clone()))
     }
 }
 
@@ -183,6 +207,7 @@ impl PsMetrics {
             .set(i64::try_from(status.mirror_clock).unwrap_or(i64::MAX));
         m.skew
             .set(i64::try_from(status.max_skew).unwrap_or(i64::MAX));
+        m.peers_reachable.set(i64::from(status.peers_reachable));
         for peer in &status.peers {
             let name = [peer.datacenter.as_str()];
             m.peer_clock
@@ -197,6 +222,12 @@ impl PsMetrics {
                 &m.link_delivered.with_label_values(&name),
                 peer.delivered_bytes,
             );
+            m.peer_reachable
+                .with_label_values(&name)
+                .set(i64::from(peer.reachable));
+            m.peer_queued
+                .with_label_values(&name)
+                .set(i64::try_from(peer.queued_elements).unwrap_or(i64::MAX));
         }
     }
 }

@@ -134,6 +134,7 @@ fn mirror_config(
             policy.wan_budget_mbps,
             numbers.decay_clocks,
         ),
+        peer_timeout: Some(std::time::Duration::from_secs(numbers.peer_timeout_seconds)),
     }))
 }
 

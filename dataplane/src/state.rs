@@ -7,8 +7,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use crate::gaia::state::MirrorState;
+use prost::Message;
+
+use crate::gaia::state::{MirrorError, MirrorState};
 use crate::pb;
+use crate::pb::mirror::MirrorLogRecord;
 use crate::ps::durability::Durability;
 use crate::ps::shard::Shard;
 
@@ -78,15 +81,26 @@ pub struct State {
 impl State {
     /// Whether this shard's own part of training is over: training stopped,
     /// every worker left, and (with mirrors) everything generated here
-    /// reached every peer, `unacknowledged` updates being still on their way.
+    /// reached every peer.
     #[must_use]
-    pub fn finished(&self, unacknowledged: u64) -> bool {
+    pub fn finished(&self) -> bool {
         self.stopped.is_some()
             && self.left.iter().all(|&l| l)
-            && self
-                .mirror
-                .as_ref()
-                .is_none_or(|m| m.drained(unacknowledged))
+            && self.mirror.as_ref().is_none_or(MirrorState::drained)
+    }
+
+    /// Appends a change of mirror state to the write-ahead log (when there
+    /// is one), then carries it out.
+    pub fn mirror_step(&mut self, record: &MirrorLogRecord) -> Result<(), MirrorError> {
+        if let Some(durability) = &mut self.durability {
+            durability.log(&pb::WalRecord {
+                record: Some(pb::wal_record::Record::Mirror(record.encode_to_vec())),
+            })?;
+        }
+        match &mut self.mirror {
+            Some(mirror) => mirror.apply(record, &mut self.shard),
+            None => Ok(()),
+        }
     }
 
     /// Writes a checkpoint now, if checkpoints are enabled.
@@ -95,6 +109,11 @@ impl State {
         let mut checkpoint = self.shard.checkpoint();
         checkpoint.stopped = self.stopped.is_some();
         checkpoint.stop_reason = self.stopped.clone().unwrap_or_default();
+        checkpoint.mirror = self
+            .mirror
+            .as_ref()
+            .map(|m| m.checkpoint().encode_to_vec())
+            .unwrap_or_default();
         match &mut self.durability {
             Some(d) => d.checkpoint(&checkpoint, min_clock),
             None => Ok(()),

@@ -101,52 +101,9 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     );
 
     cluster.wait(None).await.unwrap();
-    let addresses = cluster.parameter_server_addresses().to_vec();
-    let mut snapshots = Vec::new();
-    for address in &addresses {
-        let s = mirror_client(address)
-            .await
-            .snapshot(pb::mirror::SnapshotRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        snapshots.push((
-            unpack_values(&s.values).unwrap(),
-            unpack_values(&s.generated).unwrap(),
-        ));
-    }
+    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
-
-    // The initial model, as every shard builds it.
-    let data = geoml_dataplane::data::load(
-        job.job.spec.dataset.name,
-        &geoml_dataplane::data::default_cache_dir(),
-    )
-    .unwrap();
-    let model = geoml_dataplane::model::build(&job.job.spec.model, &data).unwrap();
-    let mut initial = vec![0.0; model.layout().len()];
-    for key in 0..model.layout().num_rows() as u32 {
-        let range = model.layout().row(key).unwrap();
-        model.init_row(key, 42, &mut initial[range]);
-    }
-    let mut expected = initial.clone();
-    for (_, generated) in &snapshots {
-        assert!(
-            generated.iter().any(|&g| g != 0.0),
-            "a datacenter trained nothing"
-        );
-        for (e, g) in expected.iter_mut().zip(generated) {
-            *e += g;
-        }
-    }
-    for (d, (values, _)) in snapshots.iter().enumerate() {
-        for (i, (v, e)) in values.iter().zip(&expected).enumerate() {
-            assert!(
-                (v - e).abs() <= 1e-3 * (1.0 + e.abs()),
-                "datacenter {d}, element {i}: {v} != initial + all updates = {e}"
-            );
-        }
-    }
+    assert_conserved(&job, &snapshots);
     for status in &statuses {
         let m = status.mirror.as_ref().unwrap();
         assert!(m.drained, "{status:?}");
@@ -163,6 +120,128 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
             .any(|s| s.mirror.as_ref().unwrap().clock_blocks > 0),
         "the bound never held a read"
     );
+}
+
+/// Every shard's values and the updates its own workers generated.
+async fn snapshots(addresses: &[String]) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let mut snapshots = Vec::new();
+    for address in addresses {
+        let s = mirror_client(address)
+            .await
+            .snapshot(pb::mirror::SnapshotRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        snapshots.push((
+            unpack_values(&s.values).unwrap(),
+            unpack_values(&s.generated).unwrap(),
+        ));
+    }
+    snapshots
+}
+
+/// Conservation: every datacenter's model (one shard each) is the initial
+/// model plus every update generated anywhere, within float tolerance.
+fn assert_conserved(
+    job: &geoml_crds::manifest::ResolvedJob<'_>,
+    snapshots: &[(Vec<f32>, Vec<f32>)],
+) {
+    // The initial model, as every shard builds it.
+    let data = geoml_dataplane::data::load(
+        job.job.spec.dataset.name,
+        &geoml_dataplane::data::default_cache_dir(),
+    )
+    .unwrap();
+    let model = geoml_dataplane::model::build(&job.job.spec.model, &data).unwrap();
+    let mut initial = vec![0.0; model.layout().len()];
+    for key in 0..model.layout().num_rows() as u32 {
+        let range = model.layout().row(key).unwrap();
+        model.init_row(key, 42, &mut initial[range]);
+    }
+    let mut expected = initial.clone();
+    for (_, generated) in snapshots {
+        assert!(
+            generated.iter().any(|&g| g != 0.0),
+            "a datacenter trained nothing"
+        );
+        for (e, g) in expected.iter_mut().zip(generated) {
+            *e += g;
+        }
+    }
+    for (d, (values, _)) in snapshots.iter().enumerate() {
+        for (i, (v, e)) in values.iter().zip(&expected).enumerate() {
+            assert!(
+                (v - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                "datacenter {d}, element {i}: {v} != initial + all updates = {e}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(5, 5, 2, 1);
+    let job = doc(&mut docs, "TrainingJob");
+    set(
+        job,
+        "spec.stopping",
+        geoml_crds::yaml::from_str("{maxClocks: 300}").unwrap(),
+    );
+    set(
+        job,
+        "spec.checkpoint",
+        geoml_crds::yaml::from_str("{intervalClocks: 10}").unwrap(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let docs = Manifest::load(&manifest).unwrap();
+    let job = docs.job().unwrap();
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+
+    // eu-west's shard crashes mid-run, between two checkpoints, while
+    // updates flow both ways.
+    let clock_before = loop {
+        let status = cluster.status(1).await.unwrap();
+        if status.min_clock >= 45 {
+            break status.min_clock;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.kill_parameter_server(1).await.unwrap();
+    let killed = std::time::Instant::now();
+    assert!(
+        cluster.status(1).await.is_err(),
+        "eu-west answers after SIGKILL"
+    );
+    // The others keep sending to it meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.restart_parameter_server(1).await.unwrap();
+    let restored = cluster.status(1).await.unwrap();
+    eprintln!(
+        "eu-west killed at clock {clock_before}, answering again after {:?} at clock {}",
+        killed.elapsed(),
+        restored.min_clock
+    );
+    assert!(restored.min_clock >= clock_before);
+
+    // Every worker finishes (no read stays blocked) and every shard drains.
+    tokio::time::timeout(Duration::from_secs(240), cluster.wait(None))
+        .await
+        .expect("the run did not finish after the restart: a read stayed blocked")
+        .unwrap();
+    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let (statuses, _) = cluster.shutdown().await.unwrap();
+    for status in &statuses {
+        assert_eq!(status.min_clock, 300, "{status:?}");
+        assert!(status.mirror.as_ref().unwrap().drained, "{status:?}");
+    }
+    assert_conserved(&job, &snapshots);
+    let log = std::fs::read_to_string(dir.path().join("logs/eu-west-ps-0.log")).unwrap();
+    let restored = log.lines().find(|l| l.contains("restored"));
+    eprintln!("{}", restored.unwrap_or_else(|| panic!("{log}")));
 }
 
 fn pull(keys: &[u32]) -> pb::PullRequest {
@@ -220,6 +299,180 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
     panic!("geoml ps did not start");
 }
 
+/// `geoml ps` for datacenter `dc`'s shard on `port`, its mirror `peer` on
+/// `peer_port`, checkpointing in `dir/dc`.
+fn spawn_shard(
+    dir: &Path,
+    manifest: &Path,
+    (dc, port): (&str, u16),
+    (peer, peer_port): (&str, u16),
+) -> tokio::process::Child {
+    let topology = dir.join(format!("topology-{dc}.yaml"));
+    std::fs::write(
+        &topology,
+        format!(
+            "datacenter: {dc}\nparameterServers: [http://127.0.0.1:{port}]\nmirrors:\n  {peer}: [http://127.0.0.1:{peer_port}]\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{dc}.log")))
+        .unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(["ps", "--shard=0", "--keep-serving"])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--topology={}", topology.display()))
+        .arg(format!("--manifest={}", manifest.display()))
+        .arg(format!("--checkpoint-dir={}", dir.join(dc).display()))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn connect_ps(address: &str) -> ParameterServerClient<tonic::transport::Channel> {
+    for _ in 0..300 {
+        if let Ok(client) = ParameterServerClient::connect(address.to_owned()).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("geoml ps at {address} did not start");
+}
+
+/// Both workers of a datacenter push clocks `clocks` (dense gradients that
+/// differ by element, clock and datacenter).
+async fn train(
+    ps: &mut ParameterServerClient<tonic::transport::Channel>,
+    elements: usize,
+    salt: usize,
+    clocks: std::ops::RangeInclusive<u64>,
+) {
+    for clock in clocks {
+        for worker in 0..2 {
+            let gradient: Vec<f32> = (0..elements)
+                .map(|i| ((i * 7 + clock as usize * 3 + salt) % 11) as f32 * 0.02 - 0.1)
+                .collect();
+            ps.push(pb::PushRequest {
+                worker,
+                clock,
+                gradient: Some(pb::Rows {
+                    keys: Vec::new(),
+                    values: pack_values(&gradient),
+                    all: true,
+                }),
+            })
+            .await
+            .unwrap();
+        }
+    }
+}
+
+async fn mirror_status(
+    ps: &mut ParameterServerClient<tonic::transport::Channel>,
+) -> pb::MirrorStatus {
+    ps.status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mirror
+        .unwrap()
+}
+
+/// Two datacenters; the test plays their workers. eu-west stops answering
+/// (its shard is killed) for longer than the peer timeout: us-east's reads
+/// stop waiting for it, what us-east generates meanwhile waits for eu-west
+/// in one coalesced queue, and once eu-west is back every update arrives
+/// exactly once.
+#[tokio::test]
+async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(10, 10, 1, 1);
+    docs.retain(|d| d["metadata"]["name"] != "ap-southeast");
+    let job = doc(&mut docs, "TrainingJob");
+    job["spec"]["datacenters"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|d| d["name"] != "ap-southeast");
+    set(
+        job,
+        "spec.stopping",
+        geoml_crds::yaml::from_str("{maxClocks: 40}").unwrap(),
+    );
+    set(
+        job,
+        "spec.checkpoint",
+        geoml_crds::yaml::from_str("{intervalClocks: 4}").unwrap(),
+    );
+    let policy = doc(&mut docs, "SyncPolicy");
+    set(policy, "spec.interDatacenter.peerTimeoutSeconds", 2.into());
+    let manifest = write(dir.path(), &docs);
+    let (us, eu) = (free_port(), free_port());
+    let _us_east = spawn_shard(dir.path(), &manifest, ("us-east", us), ("eu-west", eu));
+    let mut eu_west = spawn_shard(dir.path(), &manifest, ("eu-west", eu), ("us-east", us));
+    let mut us_ps = connect_ps(&format!("http://127.0.0.1:{us}")).await;
+    let mut eu_ps = connect_ps(&format!("http://127.0.0.1:{eu}")).await;
+    let mut all = pull(&[]);
+    all.rows = Some(pb::Rows {
+        keys: Vec::new(),
+        values: Vec::new(),
+        all: true,
+    });
+    let elements = unpack_values(&us_ps.pull(all.clone()).await.unwrap().into_inner().rows.unwrap().values)
+        .unwrap()
+        .len();
+
+    train(&mut us_ps, elements, 0, 1..=5).await;
+    train(&mut eu_ps, elements, 1, 1..=5).await;
+    eu_west.kill().await.unwrap();
+
+    // us-east trains on; a read at clock 30 is 25 mirror clocks past
+    // eu-west, far beyond the bound of 1: it waits only until eu-west has
+    // been silent for the peer timeout.
+    train(&mut us_ps, elements, 0, 6..=30).await;
+    let mut read = all.clone();
+    read.clock = 30;
+    tokio::time::timeout(Duration::from_secs(60), us_ps.pull(read))
+        .await
+        .expect("a read stayed blocked by a datacenter that stopped answering")
+        .unwrap();
+    let status = mirror_status(&mut us_ps).await;
+    let peer = &status.peers[0];
+    assert_eq!(status.peers_reachable, 0, "{status:?}");
+    assert!(!peer.reachable && peer.in_flight, "{peer:?}");
+    // 25 clocks of updates wait in at most the update in flight and one
+    // coalesced queue.
+    assert!(
+        peer.queued_elements <= 2 * elements as u64,
+        "{} elements wait for eu-west; the shard has {elements}",
+        peer.queued_elements
+    );
+
+    // eu-west comes back (from its checkpoint) and both train to the end.
+    let _eu_west = spawn_shard(dir.path(), &manifest, ("eu-west", eu), ("us-east", us));
+    let mut eu_ps = connect_ps(&format!("http://127.0.0.1:{eu}")).await;
+    train(&mut eu_ps, elements, 1, 6..=40).await;
+    train(&mut us_ps, elements, 0, 31..=40).await;
+    let mut drained = false;
+    for _ in 0..600 {
+        let (us_status, eu_status) = (mirror_status(&mut us_ps).await, mirror_status(&mut eu_ps).await);
+        if us_status.drained && eu_status.drained {
+            assert_eq!(us_status.peers_reachable, 1, "eu-west is back: {us_status:?}");
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(drained, "the datacenters did not exchange everything after eu-west came back");
+    let addresses = [format!("http://127.0.0.1:{us}"), format!("http://127.0.0.1:{eu}")];
+    let snapshots = snapshots(&addresses).await;
+    let loaded = Manifest::load(&manifest).unwrap();
+    assert_conserved(&loaded.job().unwrap(), &snapshots);
+}
+
 #[tokio::test]
 async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrives() {
     let dir = tempfile::tempdir().unwrap();
@@ -240,6 +493,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             datacenter: "eu-west".into(),
             seq: 1,
             indexes: pack_indexes(&indexes),
+            epoch: 1,
         })
         .await
         .unwrap();
@@ -266,6 +520,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             deltas: pack_values(&vec![1.0; indexes.len()]),
             announced: true,
             round: 0,
+            epoch: 1,
         })
         .await
         .unwrap();
@@ -289,6 +544,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             deltas: pack_values(&vec![1.0; indexes.len()]),
             announced: false,
             round: 0,
+            epoch: 1,
         })
         .await
         .unwrap_err();

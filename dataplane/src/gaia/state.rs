@@ -1,20 +1,36 @@
 //! A shard's side of mirror synchronisation, as pure state: accumulated
-//! updates and the significance filter, the selective barrier, mirror clocks
-//! and federated-averaging rounds. No I/O; [`super::service`] moves the
-//! messages it produces and feeds it the ones that arrive; [`wire`]
-//! decodes what arrives and encodes what leaves, so the state itself
-//! handles indexes and deltas, not bytes.
+//! updates and the significance filter, one coalescing outgoing queue per
+//! peer, the selective barrier, mirror clocks, peer reachability and
+//! federated-averaging rounds.
+//!
+//! No I/O: [`super::service`] moves the messages it produces and feeds it
+//! the ones that arrive; [`wire`] decodes what arrives and encodes what
+//! leaves, so the state itself handles indexes and deltas, not bytes;
+//! [`durable`] turns it into a checkpoint and the write-ahead-log records
+//! that replay every change a crash would otherwise lose.
+//!
+//! Each link (this shard to one peer) carries one update at a time, numbered
+//! 1, 2, ... within the link and stamped with this shard's epoch; what
+//! becomes significant while one is in flight is added into the link's
+//! queue, element by element, so a peer that stays unreachable costs at most
+//! the shard's size, however many clocks pass. A receiver applies an update
+//! only if its (epoch, seq) stamp is above the last it applied from that
+//! sender.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use prost::Message;
 
 use super::significance::Filter;
-use crate::pb::mirror::{Announcement, ClockTick, MirrorUpdate};
+use crate::pb::mirror::{Announcement, ClockTick, MirrorLogRecord, MirrorUpdate};
 use crate::ps::shard::{Changes, Shard, ShardError};
 
+mod durable;
 mod wire;
+
+/// An update's place in its link: the sender's epoch, then the seq.
+type Stamp = (u64, u64);
 
 /// How long an update may go unacknowledged before the link's RTT is
 /// measured without counting as piling up.
@@ -52,6 +68,10 @@ pub struct MirrorConfig {
     pub bound: u64,
     /// The significance filter (ASP).
     pub filter: Filter,
+    /// A peer silent this long stops counting for the mirror-clock bound
+    /// (and its announcements expire) until it is heard again; `None`:
+    /// never.
+    pub peer_timeout: Option<Duration>,
 }
 
 /// Why a mirror message is refused.
@@ -66,19 +86,49 @@ pub enum MirrorError {
     /// The update does not fit the shard.
     #[error(transparent)]
     Shard(#[from] ShardError),
+    /// A checkpoint or log record does not fit this shard's mirrors.
+    #[error("mirror state on disk does not fit this shard: {0}")]
+    Durable(String),
+    /// The write-ahead log could not be written.
+    #[error("write-ahead log: {0}")]
+    Log(#[from] std::io::Error),
 }
 
 /// A peer's update, decoded from the wire ([`MirrorUpdate`]).
 #[derive(Clone, Debug, PartialEq)]
 struct PeerUpdate {
-    seq: u64,
+    stamp: Stamp,
     indexes: Vec<u32>,
     deltas: Vec<f32>,
     announced: bool,
     round: u64,
 }
 
-/// What a peer datacenter told us.
+/// Own deltas on their way to one peer.
+#[derive(Clone, Debug, Default)]
+struct Outbox {
+    /// Seq of the next update formed on the link.
+    next_seq: u64,
+    /// The update on the wire, until the peer acknowledges it.
+    in_flight: Option<MirrorUpdate>,
+    /// ASP deltas waiting behind it, summed per element.
+    queued: BTreeMap<u32, f32>,
+    /// Federated-averaging rounds waiting behind it (one message each).
+    rounds: VecDeque<MirrorUpdate>,
+    /// Announcements not yet sent: update seq → its elements (at most the
+    /// update in flight and the next).
+    announce: BTreeMap<u64, BTreeSet<u32>>,
+    /// Whether update `next_seq` was announced.
+    announced: bool,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.in_flight.is_none() && self.queued.is_empty() && self.rounds.is_empty()
+    }
+}
+
+/// A peer datacenter: what it told us, and our link to it.
 #[derive(Clone, Debug, Default)]
 struct Peer {
     name: String,
@@ -87,22 +137,21 @@ struct Peer {
     drained: bool,
     rtt: Option<Duration>,
     throughput: Option<f64>,
-    applied: HashSet<u64>,
+    /// The newest epoch heard from it.
+    epoch: u64,
+    /// The stamp of the last update applied from it.
+    applied: Stamp,
+    /// When it was last heard from (`None`: not since this shard started).
+    last_heard: Option<Instant>,
+    /// Heard from within the peer timeout.
+    reachable: bool,
     /// Bytes of our messages handed to the link to this peer.
     sent_bytes: u64,
     /// Of those, bytes the peer acknowledged.
     delivered_bytes: u64,
-}
-
-/// Messages to send to every peer.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Outgoing {
-    /// Control channel, before `update`.
-    pub announce: Option<Announcement>,
-    /// Data channel.
-    pub update: Option<MirrorUpdate>,
-    /// Control channel.
-    pub tick: Option<ClockTick>,
+    /// Bytes handed to the link since the last mirror clock (bandwidth budget).
+    window_bytes: u64,
+    outbox: Outbox,
 }
 
 /// Counters reported in the shard's status.
@@ -126,6 +175,13 @@ pub struct Stats {
     pub max_skew: u64,
 }
 
+/// An announced update whose data has not arrived.
+#[derive(Clone, Debug)]
+struct Pending {
+    rows: Vec<usize>,
+    since: Instant,
+}
+
 /// A shard's mirror state.
 #[derive(Debug)]
 pub struct MirrorState {
@@ -133,26 +189,28 @@ pub struct MirrorState {
     /// Changes made by this datacenter's workers.
     pub changes: Changes,
     peers: Vec<Peer>,
-    seq: u64,
+    /// This shard's epoch: stamps what it sends from now on.
+    sender_epoch: u64,
+    /// Records of own deltas queued for the peers so far.
+    queued_count: u64,
     /// The clock significance was last checked at.
     checked_clock: u64,
     mirror_clock: u64,
     stopped: bool,
-    /// Announced updates whose data has not arrived: (peer, seq) → rows.
-    pending: HashMap<(usize, u64), Vec<usize>>,
+    /// Told every peer it is drained.
+    drained_told: bool,
+    /// Announced updates whose data has not arrived: (peer, stamp).
+    pending: HashMap<(usize, Stamp), Pending>,
     /// Per local row, how many pending updates touch it.
     blocked_rows: Vec<u32>,
-    /// Announced updates whose data arrived before the announcement.
-    early: HashSet<(usize, u64)>,
-    /// Changes each pending barrier-epoch bump.
+    /// Changes each time reads may go further (barrier released, a round
+    /// completed, a peer stopped counting).
     epoch: u64,
     /// FedAvg: the round sent and not yet completed, with our own delta.
     own_round: Option<(u64, Vec<f32>)>,
     completed_round: u64,
     /// FedAvg: per round, the sum of peers' deltas and who sent one.
     received: BTreeMap<u64, (Vec<f32>, BTreeSet<usize>)>,
-    /// Bytes sent per link since `window_start` (bandwidth budget).
-    window_bytes: u64,
     window_start: Instant,
     /// Counters.
     pub stats: Stats,
@@ -167,6 +225,11 @@ impl MirrorState {
             .iter()
             .map(|name| Peer {
                 name: name.clone(),
+                reachable: true,
+                outbox: Outbox {
+                    next_seq: 1,
+                    ..Outbox::default()
+                },
                 ..Peer::default()
             })
             .collect();
@@ -174,53 +237,69 @@ impl MirrorState {
             config,
             changes: Changes::new(elements),
             peers,
-            seq: 0,
+            sender_epoch: 0,
+            queued_count: 0,
             checked_clock: 0,
             mirror_clock: 0,
             stopped: false,
+            drained_told: false,
             pending: HashMap::new(),
             blocked_rows: vec![0; rows],
-            early: HashSet::new(),
             epoch: 0,
             own_round: None,
             completed_round: 0,
             received: BTreeMap::new(),
-            window_bytes: 0,
             window_start: Instant::now(),
             stats: Stats::default(),
         }
     }
 
-    /// Bumped whenever the selective barrier or a round releases reads.
+    /// Starts epoch `epoch` (a restarted shard passes something larger than
+    /// before, such as the time it started; an epoch not above the restored
+    /// one becomes the one after it). Returns the epoch in use.
+    pub fn start_epoch(&mut self, epoch: u64) -> u64 {
+        self.sender_epoch = epoch.max(self.sender_epoch + 1);
+        self.sender_epoch
+    }
+
+    /// After a restore: the mirror clock of a shard whose slowest worker
+    /// completed `min_clock` clocks (its next tick says so).
+    pub fn resume_at(&mut self, min_clock: u64) {
+        self.mirror_clock = min_clock / self.config.period.max(1);
+    }
+
+    /// Bumped whenever reads may go further: the selective barrier released
+    /// rows, a round completed, a peer stopped counting.
     #[must_use]
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
+    /// The peers that hold the mirror-clock bound: training and reachable.
     fn active_peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.iter().filter(|p| !p.stopped)
+        self.peers.iter().filter(|p| !p.stopped && p.reachable)
     }
 
     /// The highest clock at which a worker of this datacenter may read.
     #[must_use]
     pub fn read_limit(&self) -> u64 {
-        if self.active_peers().next().is_none() {
-            return u64::MAX;
-        }
         match self.config.exchange {
             Exchange::Asp { .. } => {
-                let slowest = self
-                    .active_peers()
-                    .map(|p| p.mirror_clock)
-                    .min()
-                    .unwrap_or(0);
+                let Some(slowest) = self.active_peers().map(|p| p.mirror_clock).min() else {
+                    return u64::MAX;
+                };
                 (slowest + self.config.bound + 1)
                     .saturating_mul(self.config.period)
                     .saturating_sub(1)
             }
-            Exchange::FedAvg { round_clocks } => (self.completed_round + 1)
-                .saturating_mul(round_clocks)
-                .saturating_sub(1),
+            Exchange::FedAvg { round_clocks } => {
+                if self.peers.iter().all(|p| p.stopped) {
+                    return u64::MAX;
+                }
+                (self.completed_round + 1)
+                    .saturating_mul(round_clocks)
+                    .saturating_sub(1)
+            }
         }
     }
 
@@ -237,10 +316,10 @@ impl MirrorState {
         !self.pending.is_empty() && rows.iter().any(|&r| self.blocked_rows[r] > 0)
     }
 
-    /// Whether updates pile up faster than the WAN carries them: the oldest
-    /// update still unacknowledged by some peer (`backlog`, per peer) has
-    /// waited half an RTT longer than a round trip takes, so data sent now
-    /// would arrive well after a control message.
+    /// Whether updates pile up faster than the WAN carries them: the update
+    /// in flight to some peer (`backlog`: how long it has been on its way,
+    /// per peer) has waited half an RTT longer than a round trip takes, so
+    /// data sent now would arrive well after a control message.
     fn piling_up(&self, backlog: &[Duration]) -> bool {
         self.peers
             .iter()
@@ -248,38 +327,46 @@ impl MirrorState {
             .any(|(peer, &age)| age > peer.rtt.map_or(UNMEASURED_BACKLOG, |rtt| rtt + rtt / 2))
     }
 
-    /// What to send after the slowest local worker completed `min_clock`
-    /// clocks, with the shard's current `values`; `stopped` once training
-    /// stopped here (everything accumulated is then flushed). `backlog`: how
-    /// long the oldest unacknowledged update has been on its way, per peer. Significance is
-    /// checked once per clock, and whenever stopped.
+    /// What to queue for the peers after the slowest local worker completed
+    /// `min_clock` clocks, with the shard's current `values`; `stopped` once
+    /// training stopped here (everything accumulated is then flushed).
+    /// `backlog`: how long the update in flight has been on its way, per
+    /// peer. Significance is checked once per clock, and whenever stopped.
+    ///
+    /// Returns the record to append to the write-ahead log and then hand to
+    /// [`Self::apply`], which queues it; with the selective barrier, when
+    /// updates pile up, the elements are announced to every peer first
+    /// ([`Self::announcement`]).
     pub fn on_clock(
         &mut self,
         values: &[f32],
         min_clock: u64,
         stopped: bool,
         backlog: &[Duration],
-    ) -> Outgoing {
-        let mut out = Outgoing::default();
+    ) -> Option<MirrorLogRecord> {
         if self.peers.is_empty() || (min_clock == self.checked_clock && !stopped) {
-            return out;
+            return None;
         }
         self.checked_clock = min_clock;
         let data_busy = self.piling_up(backlog);
         self.config.filter.on_clock(min_clock);
+        let mut queued = None;
         match self.config.exchange {
             Exchange::Asp { selective_barrier } => {
-                out.update = self.significant(values, stopped);
-                if let Some(update) = &mut out.update
-                    && selective_barrier
-                    && data_busy
-                {
-                    update.announced = true;
-                    out.announce = Some(Announcement {
-                        datacenter: self.config.datacenter.clone(),
-                        seq: update.seq,
-                        indexes: update.indexes.clone(),
-                    });
+                let (indexes, deltas) = self.significant(values, stopped);
+                if !indexes.is_empty() {
+                    if selective_barrier && data_busy {
+                        for peer in &mut self.peers {
+                            let outbox = &mut peer.outbox;
+                            outbox
+                                .announce
+                                .entry(outbox.next_seq)
+                                .or_default()
+                                .extend(indexes.iter().copied());
+                            outbox.announced = true;
+                        }
+                    }
+                    queued = Some(self.queued(0, &indexes, &deltas));
                 }
             }
             Exchange::FedAvg { round_clocks } => {
@@ -289,11 +376,9 @@ impl MirrorState {
                     .as_ref()
                     .map_or(self.completed_round, |r| r.0);
                 if !stopped && round > sent {
-                    let own =
-                        std::mem::replace(&mut self.changes.accumulated, vec![0.0; values.len()]);
-                    let mut update = self.update_of(&own);
-                    update.round = round;
-                    out.update = Some(update);
+                    let own = self.changes.accumulated.clone();
+                    let (indexes, deltas) = nonzero(&own);
+                    queued = Some(self.queued(round, &indexes, &deltas));
                     self.own_round = Some((round, own));
                 }
             }
@@ -302,24 +387,32 @@ impl MirrorState {
         if mirror_clock > self.mirror_clock || (stopped && !self.stopped) {
             self.mirror_clock = mirror_clock;
             self.stopped = stopped;
-            out.tick = Some(ClockTick {
-                datacenter: self.config.datacenter.clone(),
-                mirror_clock,
-                stopped,
-                drained: false,
-            });
             let elapsed = self.window_start.elapsed().as_secs_f64();
-            if elapsed > 0.0 {
+            let busiest = self.peers.iter().map(|p| p.window_bytes).max();
+            if elapsed > 0.0
+                && let Some(bytes) = busiest
+            {
                 #[allow(clippy::cast_precision_loss)] // byte counts are far below 2^52
-                self.config
-                    .filter
-                    .on_rate(self.window_bytes as f64 / elapsed);
+                self.config.filter.on_rate(bytes as f64 / elapsed);
             }
-            self.window_bytes = 0;
+            for peer in &mut self.peers {
+                peer.window_bytes = 0;
+            }
             self.window_start = Instant::now();
         }
-        self.count(&out);
-        out
+        queued
+    }
+
+    /// The record that queues `deltas` at `indexes` (of `round`) for every
+    /// peer; numbered, so that replaying it twice queues it once.
+    fn queued(&self, round: u64, indexes: &[u32], deltas: &[f32]) -> MirrorLogRecord {
+        use crate::pb::mirror::mirror_log_record::Record;
+        let mut update = wire::update_message(indexes, deltas);
+        update.round = round;
+        update.seq = self.queued_count + 1;
+        MirrorLogRecord {
+            record: Some(Record::Queued(update)),
+        }
     }
 
     /// Applies the live part of a SyncPolicy change: the significance filter
@@ -351,45 +444,208 @@ impl MirrorState {
         self.config.filter.threshold()
     }
 
-    /// The significant accumulated updates (everything when `flush`) as an
-    /// update, resetting what it takes; `None` when there is nothing.
-    fn significant(&mut self, values: &[f32], flush: bool) -> Option<MirrorUpdate> {
+    /// The significant accumulated updates (everything when `flush`), left
+    /// in place (queuing them takes them, see [`Self::apply`]).
+    fn significant(&self, values: &[f32], flush: bool) -> (Vec<u32>, Vec<f32>) {
         let filter = &self.config.filter;
         let mut indexes = Vec::new();
         let mut deltas = Vec::new();
-        for (i, (acc, value)) in self.changes.accumulated.iter_mut().zip(values).enumerate() {
-            if *acc != 0.0 && (flush || filter.significant(*acc, *value)) {
+        for (i, (&acc, value)) in self.changes.accumulated.iter().zip(values).enumerate() {
+            if acc != 0.0 && (flush || filter.significant(acc, *value)) {
                 indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
-                deltas.push(*acc);
-                *acc = 0.0;
+                deltas.push(acc);
             }
         }
-        (!indexes.is_empty()).then(|| self.update(&indexes, &deltas))
+        (indexes, deltas)
     }
 
-    /// The non-zero elements of `dense` as an update.
-    fn update_of(&mut self, dense: &[f32]) -> MirrorUpdate {
-        let (indexes, deltas): (Vec<u32>, Vec<f32>) = dense
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| **d != 0.0)
-            .map(|(i, &d)| (u32::try_from(i).unwrap_or(u32::MAX), d))
-            .unzip();
-        self.update(&indexes, &deltas)
-    }
-
-    fn count(&mut self, out: &Outgoing) {
-        let peers = self.peers.len() as u64;
-        let bytes = out.announce.as_ref().map_or(0, Message::encoded_len)
-            + out.update.as_ref().map_or(0, Message::encoded_len)
-            + out.tick.as_ref().map_or(0, Message::encoded_len);
-        self.window_bytes += bytes as u64;
-        self.stats.bytes_sent += bytes as u64 * peers;
-        for peer in &mut self.peers {
-            peer.sent_bytes += bytes as u64;
+    /// Own deltas (record `seq`) taken from the accumulated changes and
+    /// queued for every peer: ASP deltas are added into each link's queue, a
+    /// round waits as its own message. A record taken before (a log replayed
+    /// over the checkpoint that already holds it) changes nothing.
+    fn take(
+        &mut self,
+        seq: u64,
+        round: u64,
+        indexes: &[u32],
+        deltas: &[f32],
+    ) -> Result<(), MirrorError> {
+        if seq <= self.queued_count {
+            return Ok(());
         }
-        if out.update.is_some() {
-            self.stats.updates_sent += peers;
+        let elements = self.changes.accumulated.len();
+        if indexes.len() != deltas.len() || indexes.iter().any(|&i| i as usize >= elements) {
+            return Err(MirrorError::Durable(
+                "a queued update does not fit the shard".into(),
+            ));
+        }
+        self.queued_count = seq;
+        for (&i, &d) in indexes.iter().zip(deltas) {
+            self.changes.accumulated[i as usize] -= d;
+        }
+        if round == 0 {
+            self.stats.elements_sent += indexes.len() as u64;
+        }
+        for peer in &mut self.peers {
+            if round > 0 {
+                let mut update = wire::update_message(indexes, deltas);
+                update.round = round;
+                peer.outbox.rounds.push_back(update);
+            } else {
+                for (&i, &d) in indexes.iter().zip(deltas) {
+                    *peer.outbox.queued.entry(i).or_insert(0.0) += d;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The record that makes what is queued for peer `p` the update in
+    /// flight on its link, if the link is idle and something is queued: to
+    /// append to the write-ahead log, then [`Self::apply`].
+    #[must_use]
+    pub fn form(&self, p: usize) -> Option<MirrorLogRecord> {
+        use crate::pb::mirror::mirror_log_record::Record;
+        let outbox = &self.peers.get(p)?.outbox;
+        if outbox.in_flight.is_some() || (outbox.queued.is_empty() && outbox.rounds.is_empty()) {
+            return None;
+        }
+        Some(MirrorLogRecord {
+            record: Some(Record::Formed(crate::pb::mirror::Formed {
+                peer: u32::try_from(p).unwrap_or(u32::MAX),
+                epoch: self.sender_epoch,
+                seq: outbox.next_seq,
+                announced: outbox.announced && outbox.rounds.is_empty(),
+            })),
+        })
+    }
+
+    /// Makes the queue of peer `p` the update `stamp` in flight.
+    fn formed(&mut self, p: usize, stamp: Stamp, announced: bool) -> Result<(), MirrorError> {
+        let datacenter = self.config.datacenter.clone();
+        let peer = self
+            .peers
+            .get_mut(p)
+            .ok_or_else(|| MirrorError::Durable(format!("no peer {p}")))?;
+        let outbox = &mut peer.outbox;
+        if stamp.1 < outbox.next_seq {
+            // Replayed over the checkpoint that already holds it.
+            return Ok(());
+        }
+        if stamp.1 != outbox.next_seq {
+            return Err(MirrorError::Durable(format!(
+                "update {} formed where update {} was next",
+                stamp.1, outbox.next_seq
+            )));
+        }
+        // A replayed log holds no acknowledgements: forming the next update
+        // means the one before was acknowledged.
+        let mut update = if let Some(round) = outbox.rounds.pop_front() {
+            round
+        } else {
+            let (indexes, deltas): (Vec<u32>, Vec<f32>) =
+                std::mem::take(&mut outbox.queued).into_iter().unzip();
+            let mut update = wire::update_message(&indexes, &deltas);
+            update.announced = announced;
+            update
+        };
+        update.datacenter = datacenter;
+        update.epoch = stamp.0;
+        update.seq = stamp.1;
+        outbox.announced = false;
+        outbox.next_seq = stamp.1 + 1;
+        // Replayed from the log of an earlier run, the epoch is that run's.
+        self.sender_epoch = self.sender_epoch.max(stamp.0);
+        let bytes = update.encoded_len() as u64;
+        outbox.in_flight = Some(update);
+        peer.sent_bytes += bytes;
+        peer.window_bytes += bytes;
+        self.stats.updates_sent += 1;
+        self.stats.bytes_sent += bytes;
+        Ok(())
+    }
+
+    /// The update in flight to peer `p`, to send (again, until acknowledged).
+    #[must_use]
+    pub fn in_flight(&self, p: usize) -> Option<&MirrorUpdate> {
+        self.peers.get(p)?.outbox.in_flight.as_ref()
+    }
+
+    /// Peer `p` acknowledged update `stamp` of `bytes`: the link is idle.
+    pub fn acknowledged(&mut self, p: usize, stamp: Stamp) {
+        if let Some(peer) = self.peers.get_mut(p)
+            && peer
+                .outbox
+                .in_flight
+                .as_ref()
+                .is_some_and(|u| (u.epoch, u.seq) == stamp)
+            && let Some(update) = peer.outbox.in_flight.take()
+        {
+            peer.delivered_bytes += update.encoded_len() as u64;
+            // Its announcement, if still unsent, would block nothing.
+            peer.outbox.announce.retain(|&seq, _| seq > update.seq);
+        }
+    }
+
+    /// Elements and updates waiting for peer `p` (queued plus in flight):
+    /// what an unreachable peer costs this shard.
+    #[must_use]
+    pub fn backlog_elements(&self, p: usize) -> usize {
+        self.peers.get(p).map_or(0, |peer| {
+            let outbox = &peer.outbox;
+            outbox.queued.len()
+                + outbox.rounds.iter().map(|r| r.indexes.len()).sum::<usize>()
+                + outbox.in_flight.as_ref().map_or(0, |u| {
+                    geoml_proto::rows::unpack_indexes(&u.indexes).map_or(0, |i| i.len())
+                })
+        })
+    }
+
+    /// The announcement to send peer `p` on the control channel, if any:
+    /// the elements the next update on its link will carry.
+    #[must_use]
+    pub fn announcement(&self, p: usize) -> Option<Announcement> {
+        let (&seq, indexes) = self.peers.get(p)?.outbox.announce.first_key_value()?;
+        // A recovered update in flight keeps its old epoch; its
+        // announcement was lost with the crash, so only current ones go.
+        Some(Announcement {
+            datacenter: self.config.datacenter.clone(),
+            seq,
+            indexes: geoml_proto::rows::pack_indexes(&indexes.iter().copied().collect::<Vec<_>>()),
+            epoch: self.sender_epoch,
+        })
+    }
+
+    /// Peer `p` took the announcement of `seq`.
+    pub fn announcement_sent(&mut self, p: usize, seq: u64, bytes: usize) {
+        if let Some(peer) = self.peers.get_mut(p) {
+            peer.outbox.announce.remove(&seq);
+            peer.sent_bytes += bytes as u64;
+            peer.delivered_bytes += bytes as u64;
+            peer.window_bytes += bytes as u64;
+            self.stats.bytes_sent += bytes as u64;
+        }
+    }
+
+    /// This shard's clock tick, as every peer should hear it now.
+    #[must_use]
+    pub fn tick(&self) -> ClockTick {
+        ClockTick {
+            datacenter: self.config.datacenter.clone(),
+            mirror_clock: self.mirror_clock,
+            stopped: self.stopped,
+            drained: self.drained_told,
+            epoch: self.sender_epoch,
+        }
+    }
+
+    /// Peer `p` took a tick of `bytes` after `rtt`.
+    pub fn tick_sent(&mut self, p: usize, bytes: usize, rtt: Duration) {
+        if let Some(peer) = self.peers.get_mut(p) {
+            peer.rtt = Some(rtt);
+            peer.sent_bytes += bytes as u64;
+            peer.delivered_bytes += bytes as u64;
+            self.stats.bytes_sent += bytes as u64;
         }
     }
 
@@ -400,6 +656,77 @@ impl MirrorState {
             .ok_or_else(|| MirrorError::UnknownPeer(name.to_owned()))
     }
 
+    /// Peer `datacenter` spoke at `now` in `epoch`: it counts again if it
+    /// had gone silent (returns `Some(true)` then), and announcements from
+    /// its earlier epochs are void (it restarted; it may never send them).
+    pub fn heard(
+        &mut self,
+        datacenter: &str,
+        epoch: u64,
+        now: Instant,
+    ) -> Result<Option<bool>, MirrorError> {
+        let p = self.peer(datacenter)?;
+        let peer = &mut self.peers[p];
+        peer.last_heard = Some(now);
+        let back = !peer.reachable;
+        peer.reachable = true;
+        if epoch > peer.epoch {
+            peer.epoch = epoch;
+            self.release(|&(q, (e, _)), _| q == p && e < epoch);
+        }
+        Ok(back.then_some(true))
+    }
+
+    /// Releases the pending announcements `void` picks.
+    fn release(&mut self, void: impl Fn(&(usize, Stamp), &Pending) -> bool) {
+        let keys: Vec<(usize, Stamp)> = self
+            .pending
+            .iter()
+            .filter(|(k, v)| void(k, v))
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        for key in keys {
+            if let Some(pending) = self.pending.remove(&key) {
+                for r in pending.rows {
+                    self.blocked_rows[r] -= 1;
+                }
+            }
+        }
+        self.epoch += 1;
+    }
+
+    /// What the passing of time changes at `now`: a peer silent for longer
+    /// than the peer timeout stops counting for the mirror-clock bound, and
+    /// announcements older than that expire. Returns the peers whose
+    /// reachability changed, with their new state.
+    pub fn refresh(&mut self, now: Instant) -> Vec<(String, bool)> {
+        let Some(timeout) = self.config.peer_timeout else {
+            return Vec::new();
+        };
+        let mut changed = Vec::new();
+        for peer in &mut self.peers {
+            let since = *peer.last_heard.get_or_insert(now);
+            if peer.reachable && now.saturating_duration_since(since) > timeout {
+                peer.reachable = false;
+                changed.push((peer.name.clone(), false));
+            }
+        }
+        if !changed.is_empty() {
+            self.epoch += 1;
+        }
+        self.release(|_, pending| now.saturating_duration_since(pending.since) > timeout);
+        changed
+    }
+
+    /// Peers that count for the mirror-clock bound: reachable and training.
+    #[must_use]
+    pub fn peers_reachable(&self) -> usize {
+        self.active_peers().count()
+    }
+
     /// A peer's clock tick.
     pub fn on_tick(&mut self, tick: &ClockTick, shard: &mut Shard) -> Result<(), MirrorError> {
         let p = self.peer(&tick.datacenter)?;
@@ -408,19 +735,22 @@ impl MirrorState {
         peer.drained |= tick.drained;
         if (tick.stopped || tick.drained) && !peer.stopped {
             peer.stopped = true;
+            self.epoch += 1;
             // A stopped peer sends no more rounds; one may be complete now.
             self.complete_round(shard);
         }
         Ok(())
     }
 
-    /// Peer `p` announces `indexes`, the elements of its update `seq`.
+    /// Peer `p` announces `indexes`, the elements of its update `stamp`,
+    /// at `now`.
     fn announced(
         &mut self,
         p: usize,
-        seq: u64,
+        stamp: Stamp,
         indexes: &[u32],
         shard: &Shard,
+        now: Instant,
     ) -> Result<(), MirrorError> {
         if let Some(&index) = indexes
             .iter()
@@ -432,27 +762,42 @@ impl MirrorState {
             }
             .into());
         }
-        let key = (p, seq);
-        if self.early.remove(&key) || self.peers[p].applied.contains(&seq) {
+        let peer = &self.peers[p];
+        // Its data arrived already, or it belongs to an epoch that is over.
+        if stamp <= peer.applied || stamp.0 < peer.epoch {
             return Ok(());
         }
+        let key = (p, stamp);
         let mut rows: Vec<usize> = indexes.iter().map(|&i| shard.row_of(i)).collect();
         rows.dedup();
+        if let Some(old) = self.pending.remove(&key) {
+            for r in old.rows {
+                self.blocked_rows[r] -= 1;
+            }
+        }
         for &r in &rows {
             self.blocked_rows[r] += 1;
         }
-        self.pending.insert(key, rows);
+        self.pending.insert(key, Pending { rows, since: now });
         Ok(())
     }
 
-    /// Peer `p`'s update, not applied before: applied to `shard`.
-    /// Returns whether it was new.
+    /// Peer `p`'s update: new (above the last applied from `p`) and checked.
+    fn accept(&self, p: usize, update: &PeerUpdate, shard: &Shard) -> Result<bool, MirrorError> {
+        if update.stamp <= self.peers[p].applied {
+            return Ok(false);
+        }
+        shard.check_add(&update.indexes, &update.deltas)?;
+        Ok(true)
+    }
+
+    /// Peer `p`'s update, accepted: applied to `shard`.
     fn apply_update(
         &mut self,
         p: usize,
         update: &PeerUpdate,
         shard: &mut Shard,
-    ) -> Result<bool, MirrorError> {
+    ) -> Result<(), MirrorError> {
         let (indexes, deltas) = (&update.indexes, &update.deltas);
         if update.round > 0 {
             shard.check_add(indexes, deltas)?;
@@ -468,22 +813,16 @@ impl MirrorState {
         } else {
             shard.add(indexes, deltas)?;
         }
-        self.peers[p].applied.insert(update.seq);
-        if update.announced {
-            let key = (p, update.seq);
-            match self.pending.remove(&key) {
-                Some(rows) => {
-                    for r in rows {
-                        self.blocked_rows[r] -= 1;
-                    }
-                    self.epoch += 1;
-                }
-                None => {
-                    self.early.insert(key);
-                }
-            }
+        let peer = &mut self.peers[p];
+        peer.applied = update.stamp;
+        peer.epoch = peer.epoch.max(update.stamp.0);
+        // Announcements up to this update are answered (the link carries
+        // its updates in order).
+        let (stamp, announced) = (update.stamp, update.announced);
+        if announced || self.pending.keys().any(|&(q, _)| q == p) {
+            self.release(|&(q, s), _| q == p && s <= stamp);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Averages the round we sent once every active peer's delta is in.
@@ -523,50 +862,33 @@ impl MirrorState {
         self.epoch += 1;
     }
 
-    /// Records a round-trip time to `peer` measured by a tick.
-    pub fn record_rtt(&mut self, peer: usize, rtt: Duration) {
-        self.peers[peer].rtt = Some(rtt);
-    }
-
-    /// Records that `peer` acknowledged a message of `bytes`.
-    pub fn record_delivered(&mut self, peer: usize, bytes: usize) {
-        self.peers[peer].delivered_bytes += bytes as u64;
-    }
-
     /// Records the throughput an acknowledged update of `bytes` showed.
     pub fn record_transfer(&mut self, peer: usize, bytes: usize, elapsed: Duration) {
-        let rtt = self.peers[peer].rtt.unwrap_or_default();
+        let Some(peer) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let rtt = peer.rtt.unwrap_or_default();
         let busy = elapsed.saturating_sub(rtt).max(Duration::from_millis(1));
         #[allow(clippy::cast_precision_loss)] // byte counts are far below 2^52
         let sample = bytes as f64 / busy.as_secs_f64();
-        let peer = &mut self.peers[peer];
         peer.throughput = Some(peer.throughput.map_or(sample, |t| 0.8 * t + 0.2 * sample));
     }
 
-    /// Whether training stopped here and nothing of ours is left to send,
-    /// given how many sent updates are unacknowledged.
+    /// Whether training stopped here and nothing of ours is left to send:
+    /// nothing accumulated, queued or in flight.
     #[must_use]
-    pub fn drained(&self, unacknowledged: u64) -> bool {
+    pub fn drained(&self) -> bool {
         self.stopped
-            && unacknowledged == 0
+            && self.peers.iter().all(|p| p.outbox.is_empty())
             && (matches!(self.config.exchange, Exchange::FedAvg { .. })
                 || self.changes.accumulated.iter().all(|&a| a == 0.0))
     }
 
     /// The tick that tells every peer this shard is drained (see
-    /// [`Self::drained`]) and sends nothing more.
+    /// [`Self::drained`]) and sends nothing more; later ticks repeat it.
     pub fn drained_tick(&mut self) -> ClockTick {
-        let tick = ClockTick {
-            datacenter: self.config.datacenter.clone(),
-            mirror_clock: self.mirror_clock,
-            stopped: true,
-            drained: true,
-        };
-        self.count(&Outgoing {
-            tick: Some(tick.clone()),
-            ..Outgoing::default()
-        });
-        tick
+        self.drained_told = true;
+        self.tick()
     }
 
     /// Whether every peer said it is drained: none sends anything more, so
@@ -575,6 +897,22 @@ impl MirrorState {
     pub fn peers_drained(&self) -> bool {
         self.peers.iter().all(|p| p.drained)
     }
+
+    /// Peers, in `MirrorConfig::peers` order.
+    #[must_use]
+    pub fn peer_names(&self) -> Vec<String> {
+        self.peers.iter().map(|p| p.name.clone()).collect()
+    }
+}
+
+/// The non-zero elements of `dense`, as indexes and deltas.
+fn nonzero(dense: &[f32]) -> (Vec<u32>, Vec<f32>) {
+    dense
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| **d != 0.0)
+        .map(|(i, &d)| (u32::try_from(i).unwrap_or(u32::MAX), d))
+        .unzip()
 }
 
 #[cfg(test)]

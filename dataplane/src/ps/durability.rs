@@ -1,7 +1,9 @@
 //! Checkpoints and the write-ahead log of a parameter server.
 //!
-//! Every push is appended to `wal.log` before it is applied and
-//! acknowledged; every `interval` clocks the whole shard is written to
+//! Every push, and every change of mirror state (a peer's update applied,
+//! own updates queued for the peers, an update put on a link), is appended
+//! to `wal.log` before it takes effect and is acknowledged; every
+//! `interval` clocks the whole shard, mirror state included, is written to
 //! `checkpoint.bin` (temporary file, fsync, rename) and the log starts
 //! over. A restarted server loads the checkpoint and replays the log, so a
 //! crashed process loses no acknowledged update. The log is not fsynced per
@@ -20,8 +22,10 @@ use crate::pb;
 pub struct Recovered {
     /// The latest checkpoint.
     pub checkpoint: Option<pb::Checkpoint>,
-    /// Pushes logged after it, in order.
-    pub log: Vec<pb::PushRequest>,
+    /// Records logged after it, in order.
+    pub log: Vec<pb::WalRecord>,
+    /// Bytes of those records.
+    pub log_bytes: usize,
 }
 
 /// The open checkpoint directory of one shard.
@@ -68,15 +72,19 @@ impl Durability {
                 interval: interval.max(1),
                 next_checkpoint,
             },
-            Recovered { checkpoint, log },
+            Recovered {
+                checkpoint,
+                log,
+                log_bytes: good,
+            },
         ))
     }
 
-    /// Appends a push to the log.
-    pub fn log(&mut self, push: &pb::PushRequest) -> io::Result<()> {
-        let body = push.encode_to_vec();
+    /// Appends a record to the log.
+    pub fn log(&mut self, record: &pb::WalRecord) -> io::Result<()> {
+        let body = record.encode_to_vec();
         let len = u32::try_from(body.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "push too large to log"))?;
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large to log"))?;
         let mut record = Vec::with_capacity(body.len() + 4);
         record.extend_from_slice(&len.to_le_bytes());
         record.extend_from_slice(&body);
@@ -107,7 +115,7 @@ impl Durability {
 }
 
 /// The complete records of a log and the length they span.
-fn read_log(bytes: &[u8]) -> (Vec<pb::PushRequest>, usize) {
+fn read_log(bytes: &[u8]) -> (Vec<pb::WalRecord>, usize) {
     let mut records = Vec::new();
     let mut at = 0;
     while let Some(len) = bytes.get(at..at + 4) {
@@ -115,10 +123,10 @@ fn read_log(bytes: &[u8]) -> (Vec<pb::PushRequest>, usize) {
         let Some(body) = bytes.get(at + 4..at + 4 + len) else {
             break;
         };
-        let Ok(push) = pb::PushRequest::decode(body) else {
+        let Ok(record) = pb::WalRecord::decode(body) else {
             break;
         };
-        records.push(push);
+        records.push(record);
         at += 4 + len;
     }
     (records, at)
@@ -128,11 +136,13 @@ fn read_log(bytes: &[u8]) -> (Vec<pb::PushRequest>, usize) {
 mod tests {
     use super::*;
 
-    fn push(clock: u64) -> pb::PushRequest {
-        pb::PushRequest {
-            worker: 0,
-            clock,
-            gradient: None,
+    fn push(clock: u64) -> pb::WalRecord {
+        pb::WalRecord {
+            record: Some(pb::wal_record::Record::Push(pb::PushRequest {
+                worker: 0,
+                clock,
+                gradient: None,
+            })),
         }
     }
 

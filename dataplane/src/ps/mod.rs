@@ -97,6 +97,12 @@ pub enum PsError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A checkpoint's mirror state or a logged mirror record does not fit.
+    #[error("restoring mirror state: {0}")]
+    Mirror(#[from] crate::gaia::state::MirrorError),
+    /// A checkpoint's mirror state or a logged mirror record is malformed.
+    #[error("restoring mirror state: {0}")]
+    Decode(#[from] prost::DecodeError),
 }
 
 /// tonic refuses messages over the size limit with `OutOfRange` before a
@@ -117,40 +123,78 @@ fn too_large_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::
     response
 }
 
-/// Opens the checkpoint directory `dir` and brings `shard` back to what it
-/// acknowledged: the last checkpoint plus the write-ahead log. Returns the
-/// durability handle and why training had stopped, if it had.
+/// Opens the checkpoint directory `dir` and brings `shard` and its `mirror`
+/// state back to what it acknowledged: the last checkpoint plus the
+/// write-ahead log, replayed in order. Returns the durability handle and why
+/// training had stopped, if it had.
 fn restore(
     shard: &mut Shard,
+    mut mirror: Option<&mut MirrorState>,
     dir: &std::path::Path,
     interval: u64,
 ) -> Result<(Durability, Option<String>), PsError> {
+    use crate::pb::wal_record::Record;
+    use prost::Message as _;
+
+    let started = Instant::now();
     let (durability, recovered) = Durability::open(dir, interval)?;
     let mut stopped = None;
     if let Some(checkpoint) = &recovered.checkpoint {
         shard.restore(checkpoint)?;
         stopped = checkpoint.stopped.then(|| checkpoint.stop_reason.clone());
+        if let Some(mirror) = mirror.as_deref_mut()
+            && !checkpoint.mirror.is_empty()
+        {
+            mirror.restore(&crate::pb::mirror::MirrorCheckpoint::decode(
+                checkpoint.mirror.as_slice(),
+            )?)?;
+        }
     }
-    for push in &recovered.log {
-        let gradient = push.gradient.clone().unwrap_or_default();
-        let keys = (!gradient.all)
-            .then(|| unpack_keys(&gradient.keys))
-            .transpose()?;
-        shard.apply(
-            push.worker,
-            push.clock,
-            keys.as_deref(),
-            &unpack_values(&gradient.values)?,
-        )?;
+    for record in &recovered.log {
+        match &record.record {
+            Some(Record::Push(push)) => {
+                let gradient = push.gradient.clone().unwrap_or_default();
+                let keys = (!gradient.all)
+                    .then(|| unpack_keys(&gradient.keys))
+                    .transpose()?;
+                let values = unpack_values(&gradient.values)?;
+                if let Some(rows) =
+                    shard.check(push.worker, push.clock, keys.as_deref(), &values)?
+                {
+                    let changes = mirror.as_deref_mut().map(|m| &mut m.changes);
+                    shard.commit(push.worker, push.clock, &rows, &values, changes);
+                }
+            }
+            Some(Record::Mirror(bytes)) => {
+                if let Some(mirror) = mirror.as_deref_mut() {
+                    let record = crate::pb::mirror::MirrorLogRecord::decode(bytes.as_slice())?;
+                    mirror.apply(&record, shard)?;
+                }
+            }
+            None => {}
+        }
     }
     info!(
         shard = shard.id(),
         checkpoint = recovered.checkpoint.is_some(),
         replayed = recovered.log.len(),
+        replayed_bytes = recovered.log_bytes,
+        seconds = started.elapsed().as_secs_f64(),
         min_clock = shard.min_clock(),
         "restored"
     );
     Ok((durability, stopped))
+}
+
+/// Starts a new mirror epoch for this run of the shard; the time keeps it
+/// above any earlier one even when nothing was restored.
+fn start_epoch(mirror: &mut MirrorState, shard: &Shard) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let epoch = mirror.start_epoch(u64::try_from(now.as_millis()).unwrap_or(u64::MAX));
+    mirror.resume_at(shard.min_clock());
+    info!(epoch, "mirror epoch");
 }
 
 /// How often a shard looks whether its part of training is over.
@@ -174,16 +218,16 @@ async fn training_done(
             continue;
         }
         let since = *since.get_or_insert_with(Instant::now);
-        let unacknowledged = links.as_ref().map_or(0, |l| l.unacknowledged());
-        if guard.finished(unacknowledged) {
+        if guard.finished() {
             break guard.mirror.as_mut().map(MirrorState::drained_tick);
         }
         if since.elapsed() > drain_timeout {
             let left = guard.left.iter().filter(|&&l| l).count();
+            let undelivered = guard.mirror.as_ref().is_some_and(|m| !m.drained());
             warn!(
                 left,
                 workers = guard.left.len(),
-                unacknowledged,
+                undelivered,
                 "training stopped {drain_timeout:?} ago, yet not every worker left or not every update reached the mirrors; exiting anyway"
             );
             return;
@@ -200,8 +244,13 @@ async fn training_done(
                 },
             ) = (&links, &mut *guard)
         {
-            let out = mirror.on_clock(shard.values(), shard.min_clock(), true, &links.backlog());
-            links.send(&out, &state);
+            let record = mirror.on_clock(shard.values(), shard.min_clock(), true, &links.backlog());
+            if let Some(record) = record
+                && let Err(e) = guard.mirror_step(&record)
+            {
+                warn!("flushing the accumulated updates: {e}");
+            }
+            links.wake();
         }
     };
     let (Some(tick), Some(links)) = (tick, links) else {
@@ -266,6 +315,53 @@ fn watch_policy(
     }
 }
 
+/// The state of shard `config.shard` of `model` as it starts: restored from
+/// its checkpoint directory when it has one, in a new mirror epoch; and the
+/// links to its mirrors.
+fn open(config: &PsConfig, model: &dyn Model) -> Result<(State, Option<Arc<Links>>), PsError> {
+    let mut shard = Shard::new(
+        model.layout(),
+        config.shard,
+        config.shards,
+        config.workers,
+        config.optimizer,
+        config.learning_rate,
+        |key, out| model.init_row(key, config.seed, out),
+    );
+    let (mut mirror, links) = match &config.mirror {
+        None => (None, None),
+        Some((mirror, addresses)) => {
+            let heartbeat = crate::gaia::service::heartbeat(mirror.peer_timeout);
+            let mirror = MirrorState::new(mirror.clone(), shard.values().len(), shard.num_rows());
+            let links = Links::connect(addresses, heartbeat)?;
+            (Some(mirror), Some(Arc::new(links)))
+        }
+    };
+    let (durability, stopped) = match &config.checkpoint {
+        None => (None, None),
+        Some((dir, interval)) => {
+            let (durability, stopped) = restore(&mut shard, mirror.as_mut(), dir, *interval)?;
+            (Some(durability), stopped)
+        }
+    };
+    if let Some(mirror) = &mut mirror {
+        start_epoch(mirror, &shard);
+    }
+    let state = State {
+        shard,
+        durability,
+        stopped,
+        history: Vec::new(),
+        bytes_received: 0,
+        bytes_sent: 0,
+        wan_bytes: 0,
+        left: vec![false; config.workers],
+        datacenter: config.datacenter.clone(),
+        mirror,
+    };
+    Ok((state, links))
+}
+
 /// Serves shard `config.shard` of `model` on `listener` until `shutdown`
 /// completes or, with `config.exit_when_done`, until training is done (see
 /// [`training_done`]); restores from and writes checkpoints when configured,
@@ -277,50 +373,13 @@ pub async fn serve(
     registry: &Registry,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), PsError> {
-    let mut shard = Shard::new(
-        model.layout(),
-        config.shard,
-        config.shards,
-        config.workers,
-        config.optimizer,
-        config.learning_rate,
-        |key, out| model.init_row(key, config.seed, out),
-    );
-    let (durability, stopped) = match &config.checkpoint {
-        None => (None, None),
-        Some((dir, interval)) => {
-            let (durability, stopped) = restore(&mut shard, dir, *interval)?;
-            (Some(durability), stopped)
-        }
-    };
+    let (state, links) = open(&config, model)?;
     let metrics = PsMetrics::new(registry, &config.datacenter, config.shard)?;
     // A restored shard shows its clock before the first push.
     metrics
         .clock
-        .set(i64::try_from(shard.min_clock()).unwrap_or(i64::MAX));
-    let (mirror, links) = match config.mirror {
-        None => (None, None),
-        Some((mirror, addresses)) => (
-            Some(MirrorState::new(
-                mirror,
-                shard.values().len(),
-                shard.num_rows(),
-            )),
-            Some(Arc::new(Links::connect(&addresses)?)),
-        ),
-    };
-    let state = Arc::new(Mutex::new(State {
-        shard,
-        durability,
-        stopped,
-        history: Vec::new(),
-        bytes_received: 0,
-        bytes_sent: 0,
-        wan_bytes: 0,
-        left: vec![false; config.workers],
-        datacenter: config.datacenter,
-        mirror,
-    }));
+        .set(i64::try_from(state.shard.min_clock()).unwrap_or(i64::MAX));
+    let state = Arc::new(Mutex::new(state));
     let progress = Arc::new(watch::Sender::new(Progress::default()));
     let service = ShardService::new(
         state.clone(),
@@ -331,9 +390,14 @@ pub async fn serve(
         metrics.clone(),
         config.local_workers.clone(),
     );
+    let metrics_for_links = metrics.clone();
     let watcher = config
         .manifest
         .and_then(|manifest| watch_policy(manifest, &state, &progress, metrics));
+    let link_tasks = links
+        .as_ref()
+        .map(|l| l.start(&state, &progress, &metrics_for_links))
+        .unwrap_or_default();
     let mirror_service = MirrorService::new(state.clone(), progress);
     let done = config
         .exit_when_done
@@ -364,6 +428,9 @@ pub async fn serve(
         .await?;
     if let Some(watcher) = watcher {
         watcher.abort();
+    }
+    for task in link_tasks {
+        task.abort();
     }
     let mut state = state
         .lock()

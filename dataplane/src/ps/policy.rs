@@ -183,7 +183,7 @@ pub async fn watch(
             continue;
         };
         mirror.reconfigure(&change);
-        metrics.observe_mirror(&mirror.status(0));
+        metrics.observe_mirror(&mirror.status());
         info!(
             threshold = mirror.threshold(),
             ?change,

@@ -49,7 +49,7 @@ impl ShardService {
             let state = lock(&state);
             publish(&state, &progress);
             if let Some(m) = &state.mirror {
-                metrics.observe_mirror(&m.status(0));
+                metrics.observe_mirror(&m.status());
             }
         }
         Self {
@@ -82,8 +82,9 @@ impl ShardService {
         }
     }
 
-    /// Publishes the clock after a change and stops on the clock budget.
-    fn advance(&self, state: &mut State) {
+    /// Publishes the clock after a change and stops on the clock budget;
+    /// queues what became significant for the mirrors (logged first).
+    fn advance(&self, state: &mut State) -> Result<(), Status> {
         let min_clock = state.shard.min_clock();
         self.metrics
             .clock
@@ -101,17 +102,22 @@ impl ShardService {
             },
         ) = (&self.links, &mut *state)
         {
-            let out = mirror.on_clock(
+            let record = mirror.on_clock(
                 shard.values(),
                 min_clock,
                 stopped.is_some(),
                 &links.backlog(),
             );
-            links.send(&out, &self.state);
-            self.metrics
-                .observe_mirror(&mirror.status(links.unacknowledged()));
+            if let Some(record) = record {
+                state.mirror_step(&record).map_err(Status::from)?;
+            }
+            links.wake();
+            if let Some(mirror) = &state.mirror {
+                self.metrics.observe_mirror(&mirror.status());
+            }
         }
         publish(state, &self.progress);
+        Ok(())
     }
 
     /// Waits until the mirrors let a worker at `clock` read `rows`: the
@@ -262,7 +268,9 @@ impl ParameterServer for ShardService {
             // Logged before it is applied and acknowledged.
             if let Some(durability) = &mut state.durability {
                 durability
-                    .log(&req)
+                    .log(&pb::WalRecord {
+                        record: Some(pb::wal_record::Record::Push(req.clone())),
+                    })
                     .map_err(|e| Status::internal(format!("write-ahead log: {e}")))?;
             }
             let State { shard, mirror, .. } = &mut *state;
@@ -274,7 +282,7 @@ impl ParameterServer for ShardService {
                 mirror.as_mut().map(|m| &mut m.changes),
             );
             self.metrics.updates_applied.inc();
-            self.advance(&mut state);
+            self.advance(&mut state)?;
             let min_clock = state.shard.min_clock();
             if state.durability.as_ref().is_some_and(|d| d.due(min_clock)) {
                 state
@@ -317,7 +325,7 @@ impl ParameterServer for ShardService {
         });
         if state.stopped.is_none() {
             state.stopped = self.stopping.on_report(req.metric, req.model_change);
-            self.advance(&mut state);
+            self.advance(&mut state)?;
         }
         Ok(Response::new(pb::ReportResponse {
             stop: state.stopped.is_some(),
@@ -344,7 +352,7 @@ impl ParameterServer for ShardService {
             mirror: state
                 .mirror
                 .as_ref()
-                .map(|m| m.status(self.links.as_ref().map_or(0, |l| l.unacknowledged()))),
+                .map(crate::gaia::state::MirrorState::status),
             wan_bytes: state.wan_bytes,
             workers_left: u32::try_from(state.left.iter().filter(|&&l| l).count())
                 .unwrap_or(u32::MAX),

@@ -437,6 +437,7 @@ impl Shard {
             updates_applied: self.updates_applied,
             stopped: false,
             stop_reason: String::new(),
+            mirror: Vec::new(),
         }
     }
 

@@ -23,9 +23,20 @@ fn shard() -> Shard {
 }
 
 fn mirror(exchange: Exchange, period: u64, bound: u64) -> MirrorState {
+    mirror_named("a", &["b", "c"], exchange, period, bound)
+}
+
+/// The mirror state of datacenter `name`, with a peer timeout of 10 s.
+fn mirror_named(
+    name: &str,
+    peers: &[&str],
+    exchange: Exchange,
+    period: u64,
+    bound: u64,
+) -> MirrorState {
     let config = MirrorConfig {
-        datacenter: "a".into(),
-        peers: vec!["b".into(), "c".into()],
+        datacenter: name.into(),
+        peers: peers.iter().map(|&p| p.to_owned()).collect(),
         exchange,
         period,
         bound,
@@ -37,6 +48,7 @@ fn mirror(exchange: Exchange, period: u64, bound: u64) -> MirrorState {
             None,
             1,
         ),
+        peer_timeout: Some(Duration::from_secs(10)),
     };
     MirrorState::new(config, 8, 4)
 }
@@ -53,31 +65,71 @@ fn push(s: &mut Shard, m: &mut MirrorState, gradient: &[f32]) -> u64 {
     clock
 }
 
-fn sent(out: &Outgoing) -> (Vec<u32>, Vec<f32>) {
-    let update = out.update.as_ref().unwrap();
+/// Runs `on_clock` and carries out the record it gives (as the service does
+/// after logging it); returns the record.
+fn clock(
+    s: &mut Shard,
+    m: &mut MirrorState,
+    clock: u64,
+    stopped: bool,
+    backlog: &[Duration],
+) -> Option<MirrorLogRecord> {
+    let record = m.on_clock(s.values(), clock, stopped, backlog);
+    if let Some(record) = &record {
+        m.apply(record, s).unwrap();
+    }
+    record
+}
+
+/// Forms the next update on link `p` if the link is idle (carrying out the
+/// record) and returns the update in flight.
+fn in_flight(s: &mut Shard, m: &mut MirrorState, p: usize) -> Option<MirrorUpdate> {
+    if let Some(record) = m.form(p) {
+        m.apply(&record, s).unwrap();
+    }
+    m.in_flight(p).cloned()
+}
+
+fn contents(update: &MirrorUpdate) -> (Vec<u32>, Vec<f32>) {
     (
         unpack_indexes(&update.indexes).unwrap(),
         unpack_values(&update.deltas).unwrap(),
     )
 }
 
+fn ack(m: &mut MirrorState, p: usize, update: &MirrorUpdate) {
+    m.acknowledged(p, (update.epoch, update.seq));
+}
+
+const IDLE: [Duration; 2] = [Duration::ZERO; 2];
+
 #[test]
 fn sends_significant_updates_and_keeps_the_rest() {
     let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
+    m.start_epoch(1);
     let mut g = [0.0; 8];
     g[0] = 0.5; // 50% of 1: significant
     g[1] = 0.05; // 5%: not yet
-    let clock = push(&mut s, &mut m, &g);
-    let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-    assert_eq!(sent(&out), (vec![0], vec![-0.5]));
-    assert!(out.announce.is_none(), "nothing piles up");
+    let c = push(&mut s, &mut m, &g);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    for p in 0..2 {
+        let update = in_flight(&mut s, &mut m, p).unwrap();
+        assert_eq!(contents(&update), (vec![0], vec![-0.5]));
+        assert_eq!(
+            (update.datacenter.as_str(), update.epoch, update.seq),
+            ("a", 1, 1)
+        );
+        assert!(m.announcement(p).is_none(), "nothing piles up");
+        ack(&mut m, p, &update);
+    }
     // The 5% stays accumulated; another 6% makes it significant (11% of 0.89).
     g = [0.0; 8];
     g[1] = 0.06;
-    let clock = push(&mut s, &mut m, &g);
-    let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-    let (indexes, deltas) = sent(&out);
-    assert_eq!(indexes, [1]);
+    let c = push(&mut s, &mut m, &g);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    let update = in_flight(&mut s, &mut m, 0).unwrap();
+    let (indexes, deltas) = contents(&update);
+    assert_eq!((indexes, update.seq), (vec![1], 2));
     assert!((deltas[0] + 0.11).abs() < 1e-6);
     assert_eq!(m.changes.accumulated, [0.0; 8]);
     assert!((m.changes.generated[1] + 0.11).abs() < 1e-6);
@@ -86,25 +138,285 @@ fn sends_significant_updates_and_keeps_the_rest() {
 #[test]
 fn flushes_everything_when_stopped_and_is_then_drained() {
     let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-    let clock = push(&mut s, &mut m, &[0.01; 8]);
-    let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-    assert!(out.update.is_none());
-    assert!(!m.drained(0));
-    let out = m.on_clock(s.values(), clock, true, &[Duration::ZERO; 2]);
-    assert_eq!(sent(&out).0.len(), 8);
-    assert!(out.tick.unwrap().stopped);
-    assert!(!m.drained(1), "an update is unacknowledged");
-    assert!(m.drained(0));
+    let c = push(&mut s, &mut m, &[0.01; 8]);
+    assert!(clock(&mut s, &mut m, c, false, &IDLE).is_none());
+    assert!(!m.drained());
+    clock(&mut s, &mut m, c, true, &IDLE);
+    assert!(m.tick().stopped);
+    let updates: Vec<MirrorUpdate> = (0..2)
+        .map(|p| in_flight(&mut s, &mut m, p).unwrap())
+        .collect();
+    assert_eq!(contents(&updates[0]).0.len(), 8);
+    assert!(!m.drained(), "updates are unacknowledged");
+    ack(&mut m, 0, &updates[0]);
+    assert!(!m.drained(), "one peer has not acknowledged");
+    ack(&mut m, 1, &updates[1]);
+    assert!(m.drained());
 }
 
 #[test]
 fn announces_when_updates_pile_up() {
     let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-    let clock = push(&mut s, &mut m, &[0.5; 8]);
+    let c = push(&mut s, &mut m, &[0.5; 8]);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    let first = in_flight(&mut s, &mut m, 0).unwrap();
+    assert!(!first.announced);
+    // The link to b is stuck: what becomes significant now is announced
+    // for the update after the one in flight, and that update says so.
+    let c = push(&mut s, &mut m, &[0.5; 8]);
     let stuck = [Duration::from_secs(5), Duration::ZERO];
-    let out = m.on_clock(s.values(), clock, false, &stuck);
-    let announce = out.announce.unwrap();
-    assert_eq!(announce.indexes, out.update.unwrap().indexes);
+    clock(&mut s, &mut m, c, false, &stuck);
+    let announce = m.announcement(0).unwrap();
+    assert_eq!(announce.seq, 2);
+    assert_eq!(
+        unpack_indexes(&announce.indexes).unwrap(),
+        (0..8).collect::<Vec<_>>()
+    );
+    m.announcement_sent(0, 2, announce.encoded_len());
+    assert!(m.announcement(0).is_none());
+    ack(&mut m, 0, &first);
+    let second = in_flight(&mut s, &mut m, 0).unwrap();
+    assert!(second.announced && second.seq == 2);
+}
+
+/// `N` clocks of significant updates for a peer that never acknowledges:
+/// the link holds one update in flight and one coalesced queue, never more
+/// than the shard's elements; once the peer answers, one update carries
+/// everything, and a receiver applies every delta exactly once.
+#[test]
+fn an_unreachable_peer_costs_at_most_the_shard_not_the_updates() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
+    let (mut rs, mut receiver) = (shard(), mirror_named("b", &["a", "c"], ASP, 1, 1));
+    let mut first = None;
+    for i in 0..1000 {
+        let mut g = [0.0; 8];
+        g[i % 8] = 0.5;
+        g[(i + 3) % 8] = -0.25;
+        let at = push(&mut s, &mut m, &g);
+        clock(&mut s, &mut m, at, false, &IDLE);
+        let update = in_flight(&mut s, &mut m, 0).unwrap();
+        first.get_or_insert(update.clone());
+        assert_eq!(update.seq, 1, "one update in flight until acknowledged");
+        assert!(m.backlog_elements(0) <= 2 * 8, "{}", m.backlog_elements(0));
+    }
+    assert_eq!(
+        m.status().peers[0].queued_elements,
+        m.backlog_elements(0) as u64
+    );
+    // The partition heals: the update in flight arrives (twice: a retry),
+    // then the coalesced rest.
+    let first = first.unwrap();
+    assert!(receiver.on_update(&first, &mut rs).unwrap());
+    assert!(
+        !receiver.on_update(&first, &mut rs).unwrap(),
+        "applied twice"
+    );
+    ack(&mut m, 0, &first);
+    // Training stops: what was not yet significant joins the queue too.
+    let last = s.min_clock();
+    clock(&mut s, &mut m, last, true, &IDLE);
+    let rest = in_flight(&mut s, &mut m, 0).unwrap();
+    assert_eq!(rest.seq, 2);
+    assert!(receiver.on_update(&rest, &mut rs).unwrap());
+    ack(&mut m, 0, &rest);
+    assert!(in_flight(&mut s, &mut m, 0).is_none());
+    // b's model is a's: the initial values plus everything a generated.
+    for (i, (r, g)) in rs.values().iter().zip(&m.changes.generated).enumerate() {
+        #[allow(clippy::cast_possible_truncation)]
+        let expected = 1.0 + *g as f32;
+        assert!(
+            (r - expected).abs() < 1e-3,
+            "element {i}: {r} != {expected}"
+        );
+    }
+}
+
+/// A shard that crashes and restarts from its checkpoint and write-ahead log
+/// continues each link where it left off: the update that was in flight is
+/// sent again under its old stamp (a receiver that applied it ignores it),
+/// later ones continue the seq under the new epoch.
+#[test]
+fn a_restarted_sender_continues_its_links_and_nothing_is_applied_twice() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
+    m.start_epoch(10);
+    let (mut rs, mut receiver) = (shard(), mirror_named("b", &["a", "c"], ASP, 1, 1));
+    // Before the crash: a checkpoint after one update, then a log.
+    let c = push(&mut s, &mut m, &[0.5; 8]);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    let one = in_flight(&mut s, &mut m, 0).unwrap();
+    receiver.on_update(&one, &mut rs).unwrap();
+    ack(&mut m, 0, &one);
+    let (shard_checkpoint, mirror_checkpoint) = (s.checkpoint(), m.checkpoint());
+    let mut log = Vec::new();
+    let mut g = [0.0; 8];
+    g[2] = 0.5;
+    let c = push(&mut s, &mut m, &g);
+    let queued = m.on_clock(s.values(), c, false, &IDLE).unwrap();
+    m.apply(&queued, &mut s).unwrap();
+    log.push(queued);
+    let formed = m.form(0).unwrap();
+    m.apply(&formed, &mut s).unwrap();
+    log.push(formed);
+    let two = m.in_flight(0).cloned().unwrap();
+    // b applied update 2, but the acknowledgement was lost with the crash.
+    assert!(receiver.on_update(&two, &mut rs).unwrap());
+
+    // Restart: checkpoint, then the log replayed (the push included).
+    let (mut s2, mut m2) = (shard(), mirror(ASP, 1, 1));
+    s2.restore(&shard_checkpoint).unwrap();
+    m2.restore(&mirror_checkpoint).unwrap();
+    let rows = s2.check(0, c, None, &g).unwrap().unwrap();
+    s2.commit(0, c, &rows, &g, Some(&mut m2.changes));
+    for record in &log {
+        m2.apply(record, &mut s2).unwrap();
+    }
+    // A crash between writing a checkpoint and emptying the log replays
+    // records the checkpoint holds: they change nothing.
+    let after = m2.checkpoint();
+    let (mut s3, mut m3) = (shard(), mirror(ASP, 1, 1));
+    s3.restore(&s2.checkpoint()).unwrap();
+    m3.restore(&after).unwrap();
+    for record in &log {
+        m3.apply(record, &mut s3).unwrap();
+    }
+    assert_eq!(m3.checkpoint(), after);
+    assert_eq!(m2.start_epoch(5), 11, "an epoch above the one restored");
+    assert_eq!(m2.changes.generated, m.changes.generated);
+    assert_eq!(m2.changes.accumulated, m.changes.accumulated);
+    // The update in flight goes again, under its old stamp: b ignores it.
+    let again = m2.in_flight(0).cloned().unwrap();
+    assert_eq!(again, two);
+    assert!(!receiver.on_update(&again, &mut rs).unwrap());
+    ack(&mut m2, 0, &again);
+    // The link to c had formed nothing: both updates wait in its queue,
+    // coalesced, and go as c's first update.
+    let (mut cs, mut c_receiver) = (shard(), mirror_named("c", &["a", "b"], ASP, 1, 1));
+    let to_c = in_flight(&mut s2, &mut m2, 1).unwrap();
+    assert_eq!((to_c.epoch, to_c.seq), (11, 1));
+    assert_eq!(
+        contents(&to_c).1,
+        [-0.5, -0.5, -1.0, -0.5, -0.5, -0.5, -0.5, -0.5]
+    );
+    // The next update continues the link's numbering in the new epoch.
+    let c2 = push(&mut s2, &mut m2, &[0.5; 8]);
+    clock(&mut s2, &mut m2, c2, false, &IDLE);
+    let three = in_flight(&mut s2, &mut m2, 0).unwrap();
+    assert_eq!((three.epoch, three.seq), (11, 3));
+    assert!(receiver.on_update(&three, &mut rs).unwrap());
+    assert!(c_receiver.on_update(&to_c, &mut cs).unwrap());
+    assert_eq!(rs.values(), s2.values());
+    assert_eq!(cs.values(), [0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.5, 0.5]);
+}
+
+/// A sender that lost its state altogether (no checkpoint) starts at seq 1
+/// in a new epoch: its receivers take its updates instead of dropping them
+/// as duplicates.
+#[test]
+fn a_new_epoch_starts_the_numbering_over() {
+    let (mut rs, mut receiver) = (shard(), mirror_named("b", &["a", "c"], ASP, 1, 1));
+    let update = |epoch, seq| MirrorUpdate {
+        datacenter: "a".into(),
+        seq,
+        indexes: pack_indexes(&[0]),
+        deltas: pack_values(&[1.0]),
+        announced: false,
+        round: 0,
+        epoch,
+    };
+    assert!(receiver.on_update(&update(1, 5), &mut rs).unwrap());
+    assert!(!receiver.on_update(&update(1, 5), &mut rs).unwrap());
+    assert!(receiver.on_update(&update(2, 1), &mut rs).unwrap());
+    assert!(
+        !receiver.on_update(&update(1, 6), &mut rs).unwrap(),
+        "an older epoch"
+    );
+    assert_eq!(rs.values()[0], 3.0);
+}
+
+/// Reads blocked by an announcement of a peer that crashed are released
+/// when the peer is heard in a new epoch, or when the announcement expires.
+#[test]
+fn announcements_of_a_crashed_peer_do_not_block_reads_forever() {
+    let (s, mut m) = (shard(), mirror(ASP, 1, 1));
+    let t0 = Instant::now();
+    let announce = |dc: &str, epoch, seq| Announcement {
+        datacenter: dc.into(),
+        seq,
+        indexes: pack_indexes(&[2, 3]),
+        epoch,
+    };
+    m.refresh(t0);
+    m.on_announce(&announce("b", 1, 4), &s, t0).unwrap();
+    assert!(m.blocked(&[1]));
+    let epoch = m.epoch();
+    m.heard("b", 2, t0).unwrap();
+    assert!(
+        !m.blocked(&[1]),
+        "b restarted: its old announcement is void"
+    );
+    assert!(m.epoch() > epoch, "waiting readers are woken");
+    // An announcement of the old epoch arriving late blocks nothing.
+    m.on_announce(&announce("b", 1, 5), &s, t0).unwrap();
+    assert!(!m.blocked(&[1]));
+    // c announces, then goes silent: the announcement expires with the peer
+    // timeout (10 s here).
+    m.on_announce(&announce("c", 1, 1), &s, t0).unwrap();
+    m.refresh(t0 + Duration::from_secs(5));
+    assert!(m.blocked(&[1]));
+    m.refresh(t0 + Duration::from_secs(11));
+    assert!(!m.blocked(&[1]));
+}
+
+/// A peer silent for longer than the timeout stops holding the
+/// mirror-clock bound; heard again, it counts again, and what it sent
+/// during the silence is applied once.
+#[test]
+fn a_silent_peer_stops_holding_the_bound_until_it_speaks_again() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 10, 1));
+    let t0 = Instant::now();
+    let tick = |dc: &str, mirror_clock| ClockTick {
+        datacenter: dc.into(),
+        mirror_clock,
+        stopped: false,
+        drained: false,
+        epoch: 1,
+    };
+    m.refresh(t0);
+    for (dc, c) in [("b", 3), ("c", 1)] {
+        m.heard(dc, 1, t0).unwrap();
+        m.on_tick(&tick(dc, c), &mut s).unwrap();
+    }
+    assert_eq!(m.read_limit(), 29, "c (mirror clock 1) holds the bound");
+    assert_eq!(m.peers_reachable(), 2);
+    // b keeps ticking, c is cut off.
+    for secs in [4, 8, 12] {
+        let now = t0 + Duration::from_secs(secs);
+        m.heard("b", 1, now).unwrap();
+        m.on_tick(&tick("b", 3 + secs), &mut s).unwrap();
+        m.refresh(now);
+    }
+    assert_eq!(m.peers_reachable(), 1);
+    assert!(!m.status().peers[1].reachable);
+    assert_eq!(m.read_limit(), (15 + 1 + 1) * 10 - 1, "only b counts");
+    // c speaks again: it counts at once (and holds the others back until it
+    // catches up); the update it had in flight is applied once.
+    let update = MirrorUpdate {
+        datacenter: "c".into(),
+        seq: 1,
+        indexes: pack_indexes(&[0]),
+        deltas: pack_values(&[0.5]),
+        announced: false,
+        round: 0,
+        epoch: 1,
+    };
+    let now = t0 + Duration::from_secs(13);
+    assert_eq!(m.heard("c", 1, now).unwrap(), Some(true));
+    assert!(m.on_update(&update, &mut s).unwrap());
+    assert!(!m.on_update(&update, &mut s).unwrap());
+    m.on_tick(&tick("c", 2), &mut s).unwrap();
+    assert_eq!(m.peers_reachable(), 2);
+    assert_eq!(m.read_limit(), 39);
+    assert_eq!(s.values()[0], 1.5);
 }
 
 #[test]
@@ -115,8 +427,9 @@ fn barrier_blocks_only_announced_rows_until_their_data_arrives() {
         datacenter: "b".into(),
         seq: 7,
         indexes: pack_indexes(&[2, 3]),
+        epoch: 1,
     };
-    m.on_announce(&announce, &s).unwrap();
+    m.on_announce(&announce, &s, Instant::now()).unwrap();
     assert!(m.blocked(&[1]));
     assert!(m.blocked(&[0, 1, 2, 3]));
     assert!(!m.blocked(&[0, 2, 3]));
@@ -127,6 +440,7 @@ fn barrier_blocks_only_announced_rows_until_their_data_arrives() {
         deltas: pack_values(&[0.25, -0.25]),
         announced: true,
         round: 0,
+        epoch: 1,
     };
     let epoch = m.epoch();
     assert!(m.on_update(&update, &mut s).unwrap());
@@ -139,7 +453,7 @@ fn barrier_blocks_only_announced_rows_until_their_data_arrives() {
     // Data before its announcement: the late announcement blocks nothing.
     let early = MirrorUpdate { seq: 8, ..update };
     m.on_update(&early, &mut s).unwrap();
-    m.on_announce(&Announcement { seq: 8, ..announce }, &s)
+    m.on_announce(&Announcement { seq: 8, ..announce }, &s, Instant::now())
         .unwrap();
     assert!(!m.blocked(&[1]));
 }
@@ -155,6 +469,7 @@ fn rejects_strangers_and_malformed_updates_without_change() {
         deltas: pack_values(&[1.0]),
         announced: false,
         round: 0,
+        epoch: 1,
     };
     assert!(matches!(
         m.on_update(&update, &mut s),
@@ -178,6 +493,7 @@ fn mirror_clock_bound_limits_reads_to_ds_clocks_ahead() {
         mirror_clock,
         stopped,
         drained: false,
+        epoch: 1,
     };
     m.on_tick(&tick("b", 3, false), &mut s).unwrap();
     assert_eq!(m.read_limit(), 19, "c is still at 0");
@@ -196,10 +512,10 @@ fn federated_averaging_averages_each_round() {
     let (mut s, mut m) = (shard(), mirror(Exchange::FedAvg { round_clocks: 2 }, 1, 1));
     assert_eq!(m.read_limit(), 1);
     push(&mut s, &mut m, &[0.3; 8]);
-    let clock = push(&mut s, &mut m, &[0.3; 8]);
+    let c = push(&mut s, &mut m, &[0.3; 8]);
     // Our delta after round 1: −0.6 everywhere.
-    let out = m.on_clock(s.values(), clock, false, &[Duration::ZERO; 2]);
-    assert_eq!(out.update.as_ref().unwrap().round, 1);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    assert_eq!(in_flight(&mut s, &mut m, 0).unwrap().round, 1);
     assert_eq!(m.read_limit(), 1, "blocked until the round completes");
     for (dc, delta) in [("b", 0.0), ("c", -0.3)] {
         let update = MirrorUpdate {
@@ -209,6 +525,7 @@ fn federated_averaging_averages_each_round() {
             deltas: pack_values(&[delta; 8]),
             announced: false,
             round: 1,
+            epoch: 1,
         };
         m.on_update(&update, &mut s).unwrap();
     }

@@ -1,0 +1,100 @@
+//! What of [`MirrorState`] a checkpoint keeps: the epoch, accumulated and
+//! generated changes, and per peer the link's queue, update in flight and
+//! next seq, and the last update applied from the peer. The write-ahead log
+//! records the changes since ([`MirrorState::apply`] replays them).
+
+use std::collections::BTreeMap;
+
+use geoml_proto::rows::{pack_indexes, pack_values, unpack_indexes, unpack_values};
+
+use super::{MirrorError, MirrorState};
+use crate::pb::mirror::{MirrorCheckpoint, PeerCheckpoint};
+
+fn pack_f64(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn unpack_f64(bytes: &[u8]) -> Option<Vec<f64>> {
+    bytes.len().is_multiple_of(8).then(|| {
+        bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect()
+    })
+}
+
+impl MirrorState {
+    /// The mirror state a checkpoint keeps.
+    #[must_use]
+    pub fn checkpoint(&self) -> MirrorCheckpoint {
+        MirrorCheckpoint {
+            epoch: self.sender_epoch,
+            accumulated: pack_values(&self.changes.accumulated),
+            generated: pack_f64(&self.changes.generated),
+            count: self.changes.count,
+            mirror_clock: self.mirror_clock,
+            checked_clock: self.checked_clock,
+            queued_count: self.queued_count,
+            peers: self
+                .peers
+                .iter()
+                .map(|p| {
+                    let (indexes, deltas): (Vec<u32>, Vec<f32>) =
+                        p.outbox.queued.iter().map(|(&i, &d)| (i, d)).unzip();
+                    PeerCheckpoint {
+                        datacenter: p.name.clone(),
+                        next_seq: p.outbox.next_seq,
+                        in_flight: p.outbox.in_flight.clone(),
+                        queued_indexes: pack_indexes(&indexes),
+                        queued_deltas: pack_values(&deltas),
+                        rounds: p.outbox.rounds.iter().cloned().collect(),
+                        applied_epoch: p.applied.0,
+                        applied_seq: p.applied.1,
+                        mirror_clock: p.mirror_clock,
+                        stopped: p.stopped,
+                        drained: p.drained,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Brings the state back to `checkpoint` (of the same shard and peers).
+    pub fn restore(&mut self, checkpoint: &MirrorCheckpoint) -> Result<(), MirrorError> {
+        let misfit = |what: &str| MirrorError::Durable(what.to_owned());
+        let elements = self.changes.accumulated.len();
+        let accumulated = unpack_values(&checkpoint.accumulated)?;
+        let generated = unpack_f64(&checkpoint.generated).unwrap_or_default();
+        if accumulated.len() != elements || generated.len() != elements {
+            return Err(misfit("its changes have another shape"));
+        }
+        let mut peers = self.peers.clone();
+        for saved in &checkpoint.peers {
+            let p = self.peer(&saved.datacenter)?;
+            let peer = &mut peers[p];
+            let indexes = unpack_indexes(&saved.queued_indexes)?;
+            let deltas = unpack_values(&saved.queued_deltas)?;
+            if indexes.len() != deltas.len() || indexes.iter().any(|&i| i as usize >= elements) {
+                return Err(misfit("a queue does not fit the shard"));
+            }
+            peer.outbox.next_seq = saved.next_seq.max(1);
+            peer.outbox.in_flight.clone_from(&saved.in_flight);
+            peer.outbox.queued = indexes.into_iter().zip(deltas).collect::<BTreeMap<_, _>>();
+            peer.outbox.rounds = saved.rounds.iter().cloned().collect();
+            peer.applied = (saved.applied_epoch, saved.applied_seq);
+            peer.epoch = saved.applied_epoch;
+            peer.mirror_clock = saved.mirror_clock;
+            peer.stopped = saved.stopped;
+            peer.drained = saved.drained;
+        }
+        self.peers = peers;
+        self.sender_epoch = checkpoint.epoch;
+        self.changes.accumulated = accumulated;
+        self.changes.generated = generated;
+        self.changes.count = checkpoint.count;
+        self.mirror_clock = checkpoint.mirror_clock;
+        self.checked_clock = checkpoint.checked_clock;
+        self.queued_count = checkpoint.queued_count;
+        Ok(())
+    }
+}
