@@ -20,8 +20,8 @@ pub mod plan;
 pub mod roles;
 pub mod sync_policy;
 pub mod topology;
-pub mod validate;
 pub mod training_job;
+pub mod validate;
 pub mod yaml;
 
 pub use datacenter::{Datacenter, DatacenterSpec, DatacenterStatus};

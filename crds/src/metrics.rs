@@ -67,7 +67,7 @@ pub const MIRROR_PEERS_REACHABLE: &str = "geoml_mirror_peers_reachable";
 pub const MIRROR_PEER_REACHABLE: &str = "geoml_mirror_peer_reachable";
 /// Gauge per peer ([`PEER_LABEL`]): elements waiting for the peer, queued
 /// behind or in the update in flight (coalesced per element, so bounded by
-/// the shard's size during a partition).
+/// twice the shard's size during a partition).
 pub const MIRROR_PEER_QUEUED_ELEMENTS: &str = "geoml_mirror_peer_queued_elements";
 
 /// The series the operator reads for a job's progress: from a running

@@ -19,6 +19,8 @@ use std::time::Duration;
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
 use geoml_crds::manifest::Manifest;
 use geoml_launcher::run::LocalRun;
+use geoml_launcher::wan::control;
+use geoml_launcher::wan::{FaultOp, Scope};
 use geoml_proto as pb;
 use geoml_proto::mirror::mirror_client::MirrorClient;
 use geoml_proto::parameter_server_client::ParameterServerClient;
@@ -244,6 +246,211 @@ async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
     eprintln!("{}", restored.unwrap_or_else(|| panic!("{log}")));
 }
 
+/// How long the partition test cuts a datacenter off:
+/// `GEOML_PARTITION_SECONDS` (default 10; `docs/benchmarks.md` records a
+/// 60 s run).
+fn partition() -> Duration {
+    Duration::from_secs(
+        std::env::var("GEOML_PARTITION_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+    )
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// The mirror status of every shard (one per datacenter).
+async fn mirror_statuses(cluster: &LocalRun) -> Vec<pb::MirrorStatus> {
+    let mut statuses = Vec::new();
+    for shard in 0..cluster.parameter_server_addresses().len() {
+        statuses.push(cluster.status(shard).await.unwrap().mirror.unwrap());
+    }
+    statuses
+}
+
+/// Bytes on the links to and from datacenter `cut` (sent, delivered).
+fn cut_links_bytes(statuses: &[pb::MirrorStatus], names: &[&str], cut: usize) -> (u64, u64) {
+    let mut bytes = (0, 0);
+    for (d, status) in statuses.iter().enumerate() {
+        for peer in &status.peers {
+            if d == cut || peer.datacenter == names[cut] {
+                bytes.0 += peer.sent_bytes;
+                bytes.1 += peer.delivered_bytes;
+            }
+        }
+    }
+    bytes
+}
+
+/// The WAN emulator cuts ap-southeast off mid-run under Gaia. The other two
+/// datacenters keep training once the peer timeout passes, what waits for
+/// ap-southeast stays in one coalesced queue per link, and after the heal
+/// every update made anywhere arrives everywhere exactly once.
+#[tokio::test]
+async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let cut_for = partition();
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(5, 5, 2, 1);
+    set(
+        doc(&mut docs, "SyncPolicy"),
+        "spec.interDatacenter.peerTimeoutSeconds",
+        2.into(),
+    );
+    // Digits runs at about 100-200 clocks a second here: enough clocks to
+    // train through the cut (the assertions hold either way).
+    set(
+        doc(&mut docs, "TrainingJob"),
+        "spec.stopping",
+        geoml_crds::yaml::from_str(&format!("{{maxClocks: {}}}", 200 + 200 * cut_for.as_secs()))
+            .unwrap(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let docs = Manifest::load(&manifest).unwrap();
+    let job = docs.job().unwrap();
+    let names = ["us-east", "eu-west", "ap-southeast"];
+    let cut = 2;
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+    let control = cluster.wan_control().unwrap();
+    while cluster.status(cut).await.unwrap().min_clock < 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elements = snapshots(&cluster.parameter_server_addresses()[..1]).await[0]
+        .0
+        .len() as u64;
+
+    control::apply(
+        control,
+        &FaultOp::Cut {
+            scope: Scope::Datacenter(names[cut].to_owned()),
+        },
+    )
+    .await
+    .unwrap();
+    let cut_at = std::time::Instant::now();
+    // Past the peer timeout, the others count only each other.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let clocks = |statuses: &[pb::StatusResponse]| -> Vec<u64> {
+        statuses.iter().map(|s| s.min_clock).collect()
+    };
+    let mut before = Vec::new();
+    for shard in 0..3 {
+        before.push(cluster.status(shard).await.unwrap());
+    }
+    let memory_before: Vec<u64> = (0..3)
+        .map(|s| resident_bytes(cluster.parameter_server_pid(s).unwrap()))
+        .collect();
+    tokio::time::sleep(cut_for.saturating_sub(cut_at.elapsed() + Duration::from_secs(1))).await;
+    let mut during = Vec::new();
+    for shard in 0..3 {
+        during.push(cluster.status(shard).await.unwrap());
+    }
+    let memory_during: Vec<u64> = (0..3)
+        .map(|s| resident_bytes(cluster.parameter_server_pid(s).unwrap()))
+        .collect();
+    eprintln!(
+        "clocks {:?} -> {:?} during the cut; memory {memory_before:?} -> {memory_during:?}",
+        clocks(&before),
+        clocks(&during)
+    );
+    for d in 0..2 {
+        let (was, is) = (&before[d], &during[d]);
+        assert!(
+            is.min_clock > was.min_clock || is.stopped,
+            "{} stopped advancing while {} was cut off: {was:?} -> {is:?}",
+            names[d],
+            names[cut]
+        );
+        let mirror = is.mirror.as_ref().unwrap();
+        for peer in &mirror.peers {
+            assert_eq!(peer.reachable, peer.datacenter != names[cut], "{mirror:?}");
+        }
+        let peer = mirror
+            .peers
+            .iter()
+            .find(|p| p.datacenter == names[cut])
+            .unwrap();
+        // The update in flight and one coalesced queue behind it.
+        assert!(
+            peer.queued_elements <= 2 * elements,
+            "{} elements queued for {}; the shard has {elements}",
+            peer.queued_elements,
+            names[cut]
+        );
+    }
+    for (d, (was, is)) in memory_before.iter().zip(&memory_during).enumerate() {
+        assert!(
+            *is < was + (64 << 20),
+            "{}'s parameter server grew from {was} to {is} bytes during the cut",
+            names[d]
+        );
+    }
+
+    let heal_state = control::apply(
+        control,
+        &FaultOp::Heal {
+            scope: Scope::Datacenter(names[cut].to_owned()),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        heal_state.links.iter().all(|l| !l.fault.cut),
+        "{heal_state:?}"
+    );
+    let healed = std::time::Instant::now();
+    let (sent_at_heal, delivered_at_heal) =
+        cut_links_bytes(&mirror_statuses(&cluster).await, &names, cut);
+    // Caught up: what the cut links held at the heal is delivered and the
+    // cut datacenter counts for the bound again.
+    let (caught_up, replayed) = loop {
+        let statuses = mirror_statuses(&cluster).await;
+        let (sent, delivered) = cut_links_bytes(&statuses, &names, cut);
+        let reachable = statuses.iter().all(|m| {
+            m.peers
+                .iter()
+                .all(|p| p.reachable || p.stopped || p.drained)
+        });
+        if delivered >= sent_at_heal && reachable {
+            break (healed.elapsed(), sent - delivered_at_heal);
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(120),
+            "not caught up 120 s after the heal: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "{} cut off for {cut_for:?}: caught up {caught_up:?} after the heal, \
+         {replayed} bytes on its links meanwhile ({} outstanding at the heal)",
+        names[cut],
+        sent_at_heal - delivered_at_heal
+    );
+
+    tokio::time::timeout(Duration::from_secs(240), cluster.wait(None))
+        .await
+        .expect("the run did not finish after the heal")
+        .unwrap();
+    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let (statuses, _) = cluster.shutdown().await.unwrap();
+    for status in &statuses {
+        assert!(status.mirror.as_ref().unwrap().drained, "{status:?}");
+    }
+    assert_conserved(&job, &snapshots);
+}
+
 fn pull(keys: &[u32]) -> pb::PullRequest {
     pb::PullRequest {
         worker: 0,
@@ -421,9 +628,18 @@ async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing(
         values: Vec::new(),
         all: true,
     });
-    let elements = unpack_values(&us_ps.pull(all.clone()).await.unwrap().into_inner().rows.unwrap().values)
-        .unwrap()
-        .len();
+    let elements = unpack_values(
+        &us_ps
+            .pull(all.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .rows
+            .unwrap()
+            .values,
+    )
+    .unwrap()
+    .len();
 
     train(&mut us_ps, elements, 0, 1..=5).await;
     train(&mut eu_ps, elements, 1, 1..=5).await;
@@ -458,16 +674,29 @@ async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing(
     train(&mut us_ps, elements, 0, 31..=40).await;
     let mut drained = false;
     for _ in 0..600 {
-        let (us_status, eu_status) = (mirror_status(&mut us_ps).await, mirror_status(&mut eu_ps).await);
+        let (us_status, eu_status) = (
+            mirror_status(&mut us_ps).await,
+            mirror_status(&mut eu_ps).await,
+        );
         if us_status.drained && eu_status.drained {
-            assert_eq!(us_status.peers_reachable, 1, "eu-west is back: {us_status:?}");
+            assert_eq!(
+                us_status.peers_reachable, 0,
+                "eu-west stopped: it holds nobody back"
+            );
+            assert!(us_status.peers[0].reachable, "{us_status:?}");
             drained = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(drained, "the datacenters did not exchange everything after eu-west came back");
-    let addresses = [format!("http://127.0.0.1:{us}"), format!("http://127.0.0.1:{eu}")];
+    assert!(
+        drained,
+        "the datacenters did not exchange everything after eu-west came back"
+    );
+    let addresses = [
+        format!("http://127.0.0.1:{us}"),
+        format!("http://127.0.0.1:{eu}"),
+    ];
     let snapshots = snapshots(&addresses).await;
     let loaded = Manifest::load(&manifest).unwrap();
     assert_conserved(&loaded.job().unwrap(), &snapshots);

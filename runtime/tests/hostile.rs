@@ -1,7 +1,8 @@
 //! Hostile input cannot crash a role: random, truncated and bit-flipped
 //! bytes sent as the body of every gRPC method of a real `geoml ps` (the
-//! ParameterServer and Mirror services of a Gaia shard) and a real `geoml
-//! registry` get an answer or an error, and both processes keep serving.
+//! ParameterServer and Mirror services of a Gaia shard), a real `geoml
+//! registry` and a real `geoml site` (its ModelExchange) get an answer or an
+//! error, and every process keeps serving.
 //! A pull with an absurd clock does not get past the consistency gate.
 //!
 //! The number of cases is proptest's (256 per property unless
@@ -18,8 +19,8 @@ use bytes::{Buf, BufMut};
 use common::{doc, example, free_port, write};
 use geoml_proto as pb;
 use geoml_proto::rows::{pack_indexes, pack_keys, pack_values};
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use serde_json::json;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -67,6 +68,7 @@ impl Decoder for Raw {
 /// A role process, killed when dropped.
 struct Role {
     _process: tokio::process::Child,
+    address: String,
     channel: Channel,
 }
 
@@ -80,9 +82,14 @@ async fn spawn(args: Vec<String>, port: u16) -> Role {
         .unwrap();
     let address = format!("http://127.0.0.1:{port}");
     for _ in 0..300 {
-        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
+        if let Ok(channel) = Channel::from_shared(address.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
             return Role {
                 _process: process,
+                address,
                 channel,
             };
         }
@@ -130,6 +137,26 @@ async fn registry() -> Role {
     let port = free_port();
     spawn(
         vec!["registry".into(), format!("--listen=127.0.0.1:{port}")],
+        port,
+    )
+    .await
+}
+
+/// Site `site-a` of `cartel-fashion.yaml`, registered with `registry` and
+/// waiting for more sites than the job has: it serves its model exchange
+/// and never trains.
+async fn site(registry: &Role) -> Role {
+    let port = free_port();
+    let manifest = common::repo_root().join("manifests/examples/cartel-fashion.yaml");
+    spawn(
+        vec![
+            "site".into(),
+            format!("--manifest={}", manifest.display()),
+            "--site=site-a".into(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--registry={}", registry.address),
+            "--expect-sites=99".into(),
+        ],
         port,
     )
     .await
@@ -235,10 +262,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             .encode_to_vec(),
         ),
         ("/geoml.mirror.v1.Mirror/Snapshot", Vec::new()),
-        (
-            "/geoml.cartel.v1.Registry/Publish",
-            cartel.encode_to_vec(),
-        ),
+        ("/geoml.cartel.v1.Registry/Publish", cartel.encode_to_vec()),
         (
             "/geoml.cartel.v1.Registry/Neighbours",
             pb::cartel::NeighboursRequest {
@@ -250,6 +274,14 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             .encode_to_vec(),
         ),
         ("/geoml.cartel.v1.Registry/Sites", Vec::new()),
+        (
+            "/geoml.cartel.v1.ModelExchange/FetchPortions",
+            pb::cartel::PortionsRequest {
+                site: "site-b".into(),
+                classes: vec![0, 1, 7],
+            }
+            .encode_to_vec(),
+        ),
     ]
 }
 
@@ -299,16 +331,18 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 fn acceptable(result: &Result<Vec<u8>, Status>) -> bool {
     match result {
         Ok(_) => true,
-        Err(status) => matches!(
-            status.code(),
-            Code::InvalidArgument
-                | Code::OutOfRange
-                | Code::NotFound
-                | Code::FailedPrecondition
-                | Code::ResourceExhausted
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-        ) || (status.code() == Code::Internal && status.message().contains("decode")),
+        Err(status) => {
+            matches!(
+                status.code(),
+                Code::InvalidArgument
+                    | Code::OutOfRange
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+            ) || (status.code() == Code::Internal && status.message().contains("decode"))
+        }
     }
 }
 
@@ -316,11 +350,17 @@ fn acceptable(result: &Result<Vec<u8>, Status>) -> bool {
 fn hostile_bodies_on_every_method_get_an_answer_and_roles_keep_serving() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (shard, registry) = runtime.block_on(async { (gaia_shard(dir.path()).await, registry().await) });
+    let (shard, registry, site) = runtime.block_on(async {
+        let registry = registry().await;
+        let site = site(&registry).await;
+        (gaia_shard(dir.path()).await, registry, site)
+    });
     let seeds = seeds();
     let channel_of = |method: &str| {
-        if method.starts_with("/geoml.cartel") {
+        if method.starts_with("/geoml.cartel.v1.Registry") {
             registry.channel.clone()
+        } else if method.starts_with("/geoml.cartel.v1.ModelExchange") {
+            site.channel.clone()
         } else {
             shard.channel.clone()
         }
@@ -334,12 +374,32 @@ fn hostile_bodies_on_every_method_get_an_answer_and_roles_keep_serving() {
         let result = runtime.block_on(call(&channel_of(method), method, body.clone(), deadline));
         prop_assert!(acceptable(&result), "{method} with {body:?}: {result:?}");
     });
-    // Both still answer well-formed requests.
+    // All still answer well-formed requests.
     runtime.block_on(async {
-        let status = call(&shard.channel, "/geoml.ps.v1.ParameterServer/Status", Vec::new(), SECOND).await;
+        let status = call(
+            &shard.channel,
+            "/geoml.ps.v1.ParameterServer/Status",
+            Vec::new(),
+            SECOND,
+        )
+        .await;
         pb::StatusResponse::decode(status.unwrap().as_slice()).unwrap();
-        let sites = call(&registry.channel, "/geoml.cartel.v1.Registry/Sites", Vec::new(), SECOND).await;
+        let sites = call(
+            &registry.channel,
+            "/geoml.cartel.v1.Registry/Sites",
+            Vec::new(),
+            SECOND,
+        )
+        .await;
         pb::cartel::SitesReply::decode(sites.unwrap().as_slice()).unwrap();
+        let portions = call(
+            &site.channel,
+            "/geoml.cartel.v1.ModelExchange/FetchPortions",
+            pb::cartel::PortionsRequest::default().encode_to_vec(),
+            SECOND,
+        )
+        .await;
+        pb::cartel::PortionsReply::decode(portions.unwrap().as_slice()).unwrap();
     });
 }
 
@@ -366,15 +426,25 @@ fn a_pull_with_an_absurd_clock_waits_at_the_consistency_gate() {
                 SECOND,
             )
             .await;
+            // The deadline ends it: tonic's server answers a request whose
+            // grpc-timeout passed with Cancelled "Timeout expired".
             match result {
-                Err(status) if status.code() == Code::DeadlineExceeded => {}
+                Err(status)
+                    if status.code() == Code::DeadlineExceeded
+                        || (status.code() == Code::Cancelled
+                            && status.message() == "Timeout expired") => {}
                 other => panic!("pull at clock {clock} answered {other:?}"),
             }
         }
         // The server still serves.
-        call(&shard.channel, "/geoml.ps.v1.ParameterServer/Status", Vec::new(), SECOND)
-            .await
-            .unwrap();
+        call(
+            &shard.channel,
+            "/geoml.ps.v1.ParameterServer/Status",
+            Vec::new(),
+            SECOND,
+        )
+        .await
+        .unwrap();
     });
 }
 

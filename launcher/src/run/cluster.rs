@@ -227,6 +227,12 @@ impl LocalRun {
         endpoints
     }
 
+    /// The process id of parameter server `shard`, while it runs.
+    #[must_use]
+    pub fn parameter_server_pid(&self, shard: usize) -> Option<u32> {
+        self.shards[shard].child.id()
+    }
+
     /// The status of parameter server `shard` (an index into
     /// [`Self::parameter_server_addresses`]).
     pub async fn status(&self, shard: usize) -> Result<pb::StatusResponse, RunError> {
