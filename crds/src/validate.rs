@@ -297,7 +297,7 @@ mod tests {
     use kube::CustomResourceExt;
     use serde_json::json;
 
-    fn policy(spec: Value) -> Result<Value, Invalid> {
+    fn policy(spec: &Value) -> Result<Value, Invalid> {
         let mut policy = json!({
             "apiVersion": "geoml.io/v1alpha1",
             "kind": "SyncPolicy",
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn defaults_are_filled_in_and_numbers_become_doubles() {
-        let stored = policy(json!({"significance": {"threshold": 1}})).unwrap();
+        let stored = policy(&json!({"significance": {"threshold": 1}})).unwrap();
         assert_eq!(stored["spec"]["significance"]["threshold"], json!(1.0));
         assert_eq!(stored["spec"]["interDatacenter"]["model"], "ASP");
         let typed: SyncPolicy = serde_json::from_value(stored).unwrap();
@@ -318,19 +318,19 @@ mod tests {
 
     #[test]
     fn cel_rules_and_ranges_name_the_field() {
-        let error = policy(json!({"significance": {"threshold": 5}})).unwrap_err();
+        let error = policy(&json!({"significance": {"threshold": 5}})).unwrap_err();
         assert_eq!(
             error.to_string(),
             "spec.significance.threshold: must be in (0, 1], got 5.0"
         );
-        let error = policy(json!({"significance": {"threshold": 0.5, "floor": 0.9,
+        let error = policy(&json!({"significance": {"threshold": 0.5, "floor": 0.9,
             "schedule": "LinearToFloor", "decayClocks": 10}}))
         .unwrap_err();
         assert_eq!(
             error.to_string(),
             "spec.significance.floor: floor must be below threshold"
         );
-        let error = policy(json!({"interDatacenter": {"model": "SSP"}})).unwrap_err();
+        let error = policy(&json!({"interDatacenter": {"model": "SSP"}})).unwrap_err();
         assert!(
             error
                 .to_string()
@@ -340,17 +340,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_wrong_types_and_enums_are_refused() {
-        let error = policy(json!({"significance": {"treshold": 0.1}})).unwrap_err();
+        let error = policy(&json!({"significance": {"treshold": 0.1}})).unwrap_err();
         assert_eq!(
             error.to_string(),
             "spec.significance.treshold: unknown field"
         );
-        let error = policy(json!({"significance": {"threshold": "high"}})).unwrap_err();
+        let error = policy(&json!({"significance": {"threshold": "high"}})).unwrap_err();
         assert_eq!(
             error.to_string(),
             "spec.significance.threshold: must be of type number, got string \"high\""
         );
-        let error = policy(json!({"interDatacenter": {"model": "Gossip"}})).unwrap_err();
+        let error = policy(&json!({"interDatacenter": {"model": "Gossip"}})).unwrap_err();
         assert!(
             error
                 .to_string()

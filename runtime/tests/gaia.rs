@@ -7,7 +7,8 @@
     clippy::expect_used,
     clippy::panic,
     clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap
+    clippy::cast_possible_wrap,
+    clippy::cast_precision_loss
 )] // test code; the counts are small
 
 mod common;
@@ -220,11 +221,14 @@ async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
     );
     // The others keep sending to it meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = std::time::Instant::now();
     cluster.restart_parameter_server(1).await.unwrap();
     let restored = cluster.status(1).await.unwrap();
     eprintln!(
-        "eu-west killed at clock {clock_before}, answering again after {:?} at clock {}",
-        killed.elapsed(),
+        "eu-west killed at clock {clock_before}, restarted {:?} later, answering {:?} \
+         after its restart at clock {}",
+        restarted - killed,
+        restarted.elapsed(),
         restored.min_clock
     );
     assert!(restored.min_clock >= clock_before);
@@ -242,7 +246,8 @@ async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
     }
     assert_conserved(&job, &snapshots);
     let log = std::fs::read_to_string(dir.path().join("logs/eu-west-ps-0.log")).unwrap();
-    let restored = log.lines().find(|l| l.contains("restored"));
+    // The restarted shard's (the last) account of what it restored.
+    let restored = log.lines().rfind(|l| l.contains("restored"));
     eprintln!("{}", restored.unwrap_or_else(|| panic!("{log}")));
 }
 
@@ -292,6 +297,48 @@ fn cut_links_bytes(statuses: &[pb::MirrorStatus], names: &[&str], cut: usize) ->
     bytes
 }
 
+/// Every shard's status and its process's resident memory.
+async fn statuses_and_memory(cluster: &LocalRun) -> (Vec<pb::StatusResponse>, Vec<u64>) {
+    let mut statuses = Vec::new();
+    let mut memory = Vec::new();
+    for shard in 0..cluster.parameter_server_addresses().len() {
+        statuses.push(cluster.status(shard).await.unwrap());
+        memory.push(resident_bytes(cluster.parameter_server_pid(shard).unwrap()));
+    }
+    (statuses, memory)
+}
+
+/// Waits, after the heal of datacenter `cut`, until what its links held at
+/// the heal is delivered and every running peer is reachable again; the
+/// time that took, the bytes put on its links meanwhile and those
+/// outstanding at the heal.
+async fn catch_up(cluster: &LocalRun, names: &[&str], cut: usize) -> (Duration, u64, u64) {
+    let healed = std::time::Instant::now();
+    let (sent_at_heal, delivered_at_heal) =
+        cut_links_bytes(&mirror_statuses(cluster).await, names, cut);
+    loop {
+        let statuses = mirror_statuses(cluster).await;
+        let (sent, delivered) = cut_links_bytes(&statuses, names, cut);
+        let reachable = statuses.iter().all(|m| {
+            m.peers
+                .iter()
+                .all(|p| p.reachable || p.stopped || p.drained)
+        });
+        if delivered >= sent_at_heal && reachable {
+            return (
+                healed.elapsed(),
+                sent - delivered_at_heal,
+                sent_at_heal - delivered_at_heal,
+            );
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(120),
+            "not caught up 120 s after the heal: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The WAN emulator cuts ap-southeast off mid-run under Gaia. The other two
 /// datacenters keep training once the peer timeout passes, what waits for
 /// ap-southeast stays in one coalesced queue per link, and after the heal
@@ -320,6 +367,7 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
     let job = docs.job().unwrap();
     let names = ["us-east", "eu-west", "ap-southeast"];
     let cut = 2;
+    let scope = Scope::Datacenter(names[cut].to_owned());
     let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
         .await
         .unwrap();
@@ -331,35 +379,23 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
         .0
         .len() as u64;
 
+    let cut_at = std::time::Instant::now();
     control::apply(
         control,
         &FaultOp::Cut {
-            scope: Scope::Datacenter(names[cut].to_owned()),
+            scope: scope.clone(),
         },
     )
     .await
     .unwrap();
-    let cut_at = std::time::Instant::now();
     // Past the peer timeout, the others count only each other.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let (before, memory_before) = statuses_and_memory(&cluster).await;
+    tokio::time::sleep(cut_for.saturating_sub(cut_at.elapsed() + Duration::from_secs(1))).await;
+    let (during, memory_during) = statuses_and_memory(&cluster).await;
     let clocks = |statuses: &[pb::StatusResponse]| -> Vec<u64> {
         statuses.iter().map(|s| s.min_clock).collect()
     };
-    let mut before = Vec::new();
-    for shard in 0..3 {
-        before.push(cluster.status(shard).await.unwrap());
-    }
-    let memory_before: Vec<u64> = (0..3)
-        .map(|s| resident_bytes(cluster.parameter_server_pid(s).unwrap()))
-        .collect();
-    tokio::time::sleep(cut_for.saturating_sub(cut_at.elapsed() + Duration::from_secs(1))).await;
-    let mut during = Vec::new();
-    for shard in 0..3 {
-        during.push(cluster.status(shard).await.unwrap());
-    }
-    let memory_during: Vec<u64> = (0..3)
-        .map(|s| resident_bytes(cluster.parameter_server_pid(s).unwrap()))
-        .collect();
     eprintln!(
         "clocks {:?} -> {:?} during the cut; memory {memory_before:?} -> {memory_during:?}",
         clocks(&before),
@@ -376,19 +412,14 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
         let mirror = is.mirror.as_ref().unwrap();
         for peer in &mirror.peers {
             assert_eq!(peer.reachable, peer.datacenter != names[cut], "{mirror:?}");
+            // The update in flight and one coalesced queue behind it.
+            assert!(
+                peer.queued_elements <= 2 * elements,
+                "{} elements queued for {}; the shard has {elements}",
+                peer.queued_elements,
+                peer.datacenter
+            );
         }
-        let peer = mirror
-            .peers
-            .iter()
-            .find(|p| p.datacenter == names[cut])
-            .unwrap();
-        // The update in flight and one coalesced queue behind it.
-        assert!(
-            peer.queued_elements <= 2 * elements,
-            "{} elements queued for {}; the shard has {elements}",
-            peer.queued_elements,
-            names[cut]
-        );
     }
     for (d, (was, is)) in memory_before.iter().zip(&memory_during).enumerate() {
         assert!(
@@ -398,45 +429,15 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
         );
     }
 
-    let heal_state = control::apply(
-        control,
-        &FaultOp::Heal {
-            scope: Scope::Datacenter(names[cut].to_owned()),
-        },
-    )
-    .await
-    .unwrap();
-    assert!(
-        heal_state.links.iter().all(|l| !l.fault.cut),
-        "{heal_state:?}"
-    );
-    let healed = std::time::Instant::now();
-    let (sent_at_heal, delivered_at_heal) =
-        cut_links_bytes(&mirror_statuses(&cluster).await, &names, cut);
-    // Caught up: what the cut links held at the heal is delivered and the
-    // cut datacenter counts for the bound again.
-    let (caught_up, replayed) = loop {
-        let statuses = mirror_statuses(&cluster).await;
-        let (sent, delivered) = cut_links_bytes(&statuses, &names, cut);
-        let reachable = statuses.iter().all(|m| {
-            m.peers
-                .iter()
-                .all(|p| p.reachable || p.stopped || p.drained)
-        });
-        if delivered >= sent_at_heal && reachable {
-            break (healed.elapsed(), sent - delivered_at_heal);
-        }
-        assert!(
-            healed.elapsed() < Duration::from_secs(120),
-            "not caught up 120 s after the heal: {statuses:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let healed = control::apply(control, &FaultOp::Heal { scope })
+        .await
+        .unwrap();
+    assert!(healed.links.iter().all(|l| !l.fault.cut), "{healed:?}");
+    let (caught_up, replayed, outstanding) = catch_up(&cluster, &names, cut).await;
     eprintln!(
         "{} cut off for {cut_for:?}: caught up {caught_up:?} after the heal, \
-         {replayed} bytes on its links meanwhile ({} outstanding at the heal)",
-        names[cut],
-        sent_at_heal - delivered_at_heal
+         {replayed} bytes on its links meanwhile ({outstanding} outstanding at the heal)",
+        names[cut]
     );
 
     tokio::time::timeout(Duration::from_secs(240), cluster.wait(None))

@@ -180,22 +180,13 @@ async fn call(
         .map(tonic::Response::into_inner)
 }
 
-/// Well-formed bodies, one per method: the seeds that cases mutate.
-fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+/// Well-formed bodies, one per method of a shard: the seeds that cases
+/// mutate.
+fn shard_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let rows = |keys: &[u32], values: &[f32]| pb::Rows {
         keys: pack_keys(keys),
         values: pack_values(values),
         all: false,
-    };
-    let cartel = pb::cartel::SiteMetadata {
-        site: "us-east".into(),
-        address: "http://127.0.0.1:1".into(),
-        class_priors: vec![0.1; 10],
-        feature_histogram: vec![0.5; 8],
-        model_kind: "SoftmaxRegression".into(),
-        batches: 3,
-        classes: vec![0, 1, 2],
-        ..Default::default()
     };
     vec![
         (
@@ -262,6 +253,22 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             .encode_to_vec(),
         ),
         ("/geoml.mirror.v1.Mirror/Snapshot", Vec::new()),
+    ]
+}
+
+/// The seeds of the registry's and a site's methods.
+fn cartel_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let cartel = pb::cartel::SiteMetadata {
+        site: "us-east".into(),
+        address: "http://127.0.0.1:1".into(),
+        class_priors: vec![0.1; 10],
+        feature_histogram: vec![0.5; 8],
+        model_kind: "SoftmaxRegression".into(),
+        batches: 3,
+        classes: vec![0, 1, 2],
+        ..Default::default()
+    };
+    vec![
         ("/geoml.cartel.v1.Registry/Publish", cartel.encode_to_vec()),
         (
             "/geoml.cartel.v1.Registry/Neighbours",
@@ -355,7 +362,7 @@ fn hostile_bodies_on_every_method_get_an_answer_and_roles_keep_serving() {
         let site = site(&registry).await;
         (gaia_shard(dir.path()).await, registry, site)
     });
-    let seeds = seeds();
+    let seeds = [shard_seeds(), cartel_seeds()].concat();
     let channel_of = |method: &str| {
         if method.starts_with("/geoml.cartel.v1.Registry") {
             registry.channel.clone()
