@@ -13,15 +13,17 @@
 //! `geoml run`, by [`validate`] from the same generated schema.
 
 pub mod datacenter;
+pub mod identity;
 pub mod manifest;
 pub mod metrics;
 pub mod mode;
+pub mod pki;
 pub mod plan;
 pub mod roles;
 pub mod sync_policy;
 pub mod topology;
-pub mod validate;
 pub mod training_job;
+pub mod validate;
 pub mod yaml;
 
 pub use datacenter::{Datacenter, DatacenterSpec, DatacenterStatus};

@@ -133,7 +133,10 @@ impl Manifest {
             validate::object(crd, &mut value).map_err(|fields| ManifestError::Invalid {
                 index,
                 kind: meta.kind.clone(),
-                name: value["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                name: value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 fields,
             })?;
             match meta.kind.as_str() {

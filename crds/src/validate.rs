@@ -61,7 +61,12 @@ fn child(path: &str, key: &str) -> String {
 }
 
 /// Checks `value` at `path`; returns whether it passed.
-fn check(schema: &JSONSchemaProps, value: &mut Value, path: &str, errors: &mut Vec<String>) -> bool {
+fn check(
+    schema: &JSONSchemaProps,
+    value: &mut Value,
+    path: &str,
+    errors: &mut Vec<String>,
+) -> bool {
     let before = errors.len();
     if !has_type(schema, value) {
         let expected = schema.type_.as_deref().unwrap_or("any");
@@ -176,7 +181,10 @@ fn array(schema: &JSONSchemaProps, items: &mut [Value], path: &str, errors: &mut
         }
     }
     if schema.x_kubernetes_list_type.as_deref() == Some("map") {
-        let keys = schema.x_kubernetes_list_map_keys.as_deref().unwrap_or_default();
+        let keys = schema
+            .x_kubernetes_list_map_keys
+            .as_deref()
+            .unwrap_or_default();
         let key = |item: &Value| -> Vec<Value> {
             keys.iter()
                 .map(|k| item.get(k).cloned().unwrap_or(Value::Null))
@@ -206,7 +214,11 @@ fn object_fields(
         if fields.get(name).is_some_and(Value::is_null) && property.nullable != Some(true) {
             fields.remove(name);
         }
-        if let Some(default) = property.default.as_ref().filter(|_| !fields.contains_key(name)) {
+        if let Some(default) = property
+            .default
+            .as_ref()
+            .filter(|_| !fields.contains_key(name))
+        {
             fields.insert(name.clone(), default.0.clone());
         }
     }
@@ -268,7 +280,10 @@ fn evaluate(rule: &ValidationRule, value: &Value, path: &str) -> Option<String> 
                 scalar => refused(format!("{message}, got {scalar}")),
             }
         }
-        Ok(other) => refused(format!("rule {:?} gave {other:?}, not a boolean", rule.rule)),
+        Ok(other) => refused(format!(
+            "rule {:?} gave {other:?}, not a boolean",
+            rule.rule
+        )),
         Err(e) => refused(format!("rule {:?}: {e}", rule.rule)),
     }
 }
@@ -316,13 +331,20 @@ mod tests {
             "spec.significance.floor: floor must be below threshold"
         );
         let error = policy(json!({"interDatacenter": {"model": "SSP"}})).unwrap_err();
-        assert!(error.to_string().starts_with("spec.interDatacenter.staleness: model SSP needs"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("spec.interDatacenter.staleness: model SSP needs")
+        );
     }
 
     #[test]
     fn unknown_fields_wrong_types_and_enums_are_refused() {
         let error = policy(json!({"significance": {"treshold": 0.1}})).unwrap_err();
-        assert_eq!(error.to_string(), "spec.significance.treshold: unknown field");
+        assert_eq!(
+            error.to_string(),
+            "spec.significance.treshold: unknown field"
+        );
         let error = policy(json!({"significance": {"threshold": "high"}})).unwrap_err();
         assert_eq!(
             error.to_string(),
@@ -414,7 +436,11 @@ mod tests {
         for crd in crate::crds() {
             for version in &crd.spec.versions {
                 let schema = serde_json::to_value(&version.schema).unwrap();
-                walk(&schema["openAPIV3Schema"], &crd.spec.names.kind, &mut unknown);
+                walk(
+                    &schema["openAPIV3Schema"],
+                    &crd.spec.names.kind,
+                    &mut unknown,
+                );
             }
         }
         assert!(unknown.is_empty(), "not checked by validate: {unknown:?}");
