@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
 use geoml_crds::manifest::Manifest;
+use geoml_dataplane::tls::Transport;
 use geoml_launcher::run::LocalRun;
 use geoml_proto as pb;
 use geoml_proto::mirror::mirror_client::MirrorClient;
@@ -52,8 +53,13 @@ fn digits_gaia(latency: i64, slow_latency: i64, period: i64, bound: i64) -> Vec<
     docs
 }
 
-async fn mirror_client(address: &str) -> MirrorClient<tonic::transport::Channel> {
-    MirrorClient::connect(address.to_owned()).await.unwrap()
+/// A mirror client of the shard at `address`; roles started by hand here
+/// use plaintext, those of a `LocalRun` the run's transport.
+async fn mirror_client(
+    address: &str,
+    transport: &Transport,
+) -> MirrorClient<tonic::transport::Channel> {
+    MirrorClient::new(transport.connect(address).await.unwrap())
 }
 
 #[tokio::test]
@@ -101,7 +107,7 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     );
 
     cluster.wait(None).await.unwrap();
-    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
     assert_conserved(&job, &snapshots);
     for status in &statuses {
@@ -123,10 +129,10 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
 }
 
 /// Every shard's values and the updates its own workers generated.
-async fn snapshots(addresses: &[String]) -> Vec<(Vec<f32>, Vec<f32>)> {
+async fn snapshots(addresses: &[String], transport: &Transport) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut snapshots = Vec::new();
     for address in addresses {
-        let s = mirror_client(address)
+        let s = mirror_client(address, transport)
             .await
             .snapshot(pb::mirror::SnapshotRequest {})
             .await
@@ -232,7 +238,7 @@ async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
         .await
         .expect("the run did not finish after the restart: a read stayed blocked")
         .unwrap();
-    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
     for status in &statuses {
         assert_eq!(status.min_clock, 300, "{status:?}");
@@ -282,6 +288,7 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--topology={}", topology.display()))
         .arg(format!("--manifest={}", manifest.display()))
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -326,6 +333,7 @@ fn spawn_shard(
         .arg(format!("--topology={}", topology.display()))
         .arg(format!("--manifest={}", manifest.display()))
         .arg(format!("--checkpoint-dir={}", dir.join(dc).display()))
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -421,9 +429,18 @@ async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing(
         values: Vec::new(),
         all: true,
     });
-    let elements = unpack_values(&us_ps.pull(all.clone()).await.unwrap().into_inner().rows.unwrap().values)
-        .unwrap()
-        .len();
+    let elements = unpack_values(
+        &us_ps
+            .pull(all.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .rows
+            .unwrap()
+            .values,
+    )
+    .unwrap()
+    .len();
 
     train(&mut us_ps, elements, 0, 1..=5).await;
     train(&mut eu_ps, elements, 1, 1..=5).await;
@@ -458,17 +475,29 @@ async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing(
     train(&mut us_ps, elements, 0, 31..=40).await;
     let mut drained = false;
     for _ in 0..600 {
-        let (us_status, eu_status) = (mirror_status(&mut us_ps).await, mirror_status(&mut eu_ps).await);
+        let (us_status, eu_status) = (
+            mirror_status(&mut us_ps).await,
+            mirror_status(&mut eu_ps).await,
+        );
         if us_status.drained && eu_status.drained {
-            assert_eq!(us_status.peers_reachable, 1, "eu-west is back: {us_status:?}");
+            assert_eq!(
+                us_status.peers_reachable, 1,
+                "eu-west is back: {us_status:?}"
+            );
             drained = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(drained, "the datacenters did not exchange everything after eu-west came back");
-    let addresses = [format!("http://127.0.0.1:{us}"), format!("http://127.0.0.1:{eu}")];
-    let snapshots = snapshots(&addresses).await;
+    assert!(
+        drained,
+        "the datacenters did not exchange everything after eu-west came back"
+    );
+    let addresses = [
+        format!("http://127.0.0.1:{us}"),
+        format!("http://127.0.0.1:{eu}"),
+    ];
+    let snapshots = snapshots(&addresses, &Transport::Plaintext).await;
     let loaded = Manifest::load(&manifest).unwrap();
     assert_conserved(&loaded.job().unwrap(), &snapshots);
 }
@@ -480,7 +509,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
     let mut ps = ParameterServerClient::connect(address.clone())
         .await
         .unwrap();
-    let mut mirror = mirror_client(&address).await;
+    let mut mirror = mirror_client(&address, &Transport::Plaintext).await;
     let before = ps.pull(pull(&[3])).await.unwrap().into_inner();
     let before = unpack_values(&before.rows.unwrap().values).unwrap();
     let width = before.len() as u32;

@@ -18,8 +18,8 @@ use bytes::{Buf, BufMut};
 use common::{doc, example, free_port, write};
 use geoml_proto as pb;
 use geoml_proto::rows::{pack_indexes, pack_keys, pack_values};
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use serde_json::json;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -73,6 +73,7 @@ struct Role {
 async fn spawn(args: Vec<String>, port: u16) -> Role {
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
         .args(args)
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -80,7 +81,11 @@ async fn spawn(args: Vec<String>, port: u16) -> Role {
         .unwrap();
     let address = format!("http://127.0.0.1:{port}");
     for _ in 0..300 {
-        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
+        if let Ok(channel) = Channel::from_shared(address.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
             return Role {
                 _process: process,
                 channel,
@@ -235,10 +240,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             .encode_to_vec(),
         ),
         ("/geoml.mirror.v1.Mirror/Snapshot", Vec::new()),
-        (
-            "/geoml.cartel.v1.Registry/Publish",
-            cartel.encode_to_vec(),
-        ),
+        ("/geoml.cartel.v1.Registry/Publish", cartel.encode_to_vec()),
         (
             "/geoml.cartel.v1.Registry/Neighbours",
             pb::cartel::NeighboursRequest {
@@ -299,16 +301,18 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 fn acceptable(result: &Result<Vec<u8>, Status>) -> bool {
     match result {
         Ok(_) => true,
-        Err(status) => matches!(
-            status.code(),
-            Code::InvalidArgument
-                | Code::OutOfRange
-                | Code::NotFound
-                | Code::FailedPrecondition
-                | Code::ResourceExhausted
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-        ) || (status.code() == Code::Internal && status.message().contains("decode")),
+        Err(status) => {
+            matches!(
+                status.code(),
+                Code::InvalidArgument
+                    | Code::OutOfRange
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+            ) || (status.code() == Code::Internal && status.message().contains("decode"))
+        }
     }
 }
 
@@ -316,7 +320,8 @@ fn acceptable(result: &Result<Vec<u8>, Status>) -> bool {
 fn hostile_bodies_on_every_method_get_an_answer_and_roles_keep_serving() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (shard, registry) = runtime.block_on(async { (gaia_shard(dir.path()).await, registry().await) });
+    let (shard, registry) =
+        runtime.block_on(async { (gaia_shard(dir.path()).await, registry().await) });
     let seeds = seeds();
     let channel_of = |method: &str| {
         if method.starts_with("/geoml.cartel") {
@@ -336,9 +341,21 @@ fn hostile_bodies_on_every_method_get_an_answer_and_roles_keep_serving() {
     });
     // Both still answer well-formed requests.
     runtime.block_on(async {
-        let status = call(&shard.channel, "/geoml.ps.v1.ParameterServer/Status", Vec::new(), SECOND).await;
+        let status = call(
+            &shard.channel,
+            "/geoml.ps.v1.ParameterServer/Status",
+            Vec::new(),
+            SECOND,
+        )
+        .await;
         pb::StatusResponse::decode(status.unwrap().as_slice()).unwrap();
-        let sites = call(&registry.channel, "/geoml.cartel.v1.Registry/Sites", Vec::new(), SECOND).await;
+        let sites = call(
+            &registry.channel,
+            "/geoml.cartel.v1.Registry/Sites",
+            Vec::new(),
+            SECOND,
+        )
+        .await;
         pb::cartel::SitesReply::decode(sites.unwrap().as_slice()).unwrap();
     });
 }
@@ -372,9 +389,14 @@ fn a_pull_with_an_absurd_clock_waits_at_the_consistency_gate() {
             }
         }
         // The server still serves.
-        call(&shard.channel, "/geoml.ps.v1.ParameterServer/Status", Vec::new(), SECOND)
-            .await
-            .unwrap();
+        call(
+            &shard.channel,
+            "/geoml.ps.v1.ParameterServer/Status",
+            Vec::new(),
+            SECOND,
+        )
+        .await
+        .unwrap();
     });
 }
 

@@ -65,7 +65,9 @@ fn every_invalid_fixture_is_refused_naming_the_field_the_apiserver_names() {
         let (succeeded, stderr, started) = geoml_run(&docs);
         let name = fixture.file_name().unwrap().to_string_lossy();
         if succeeded || started {
-            wrong.push(format!("{name}: succeeded {succeeded}, started roles {started}"));
+            wrong.push(format!(
+                "{name}: succeeded {succeeded}, started roles {started}"
+            ));
         } else if !stderr.starts_with("error: ") || stderr.lines().count() != 1 {
             wrong.push(format!("{name}: not one `error:` line:\n{stderr}"));
         } else if stderr.matches(&expected).count() != 1 {

@@ -1,0 +1,383 @@
+//! mTLS between roles, with real `geoml ps` (and its mirror service),
+//! `geoml registry` and `geoml site` processes over loopback TCP, each given
+//! a TLS directory of a test CA: every service refuses a client without a
+//! certificate of the job's CA, and a parameter server cannot send mirror
+//! messages in another datacenter's name.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{doc, example, free_port, set, write};
+use geoml_crds::identity::{Identity, Role, SERVER_NAME};
+use geoml_crds::pki::{CA_FILE, CertificateAuthority};
+use geoml_dataplane::tls::Transport;
+use geoml_proto as pb;
+use geoml_proto::cartel::model_exchange_client::ModelExchangeClient;
+use geoml_proto::cartel::registry_client::RegistryClient;
+use geoml_proto::mirror::mirror_client::MirrorClient;
+use geoml_proto::parameter_server_client::ParameterServerClient;
+use serde_json::Value;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// A TLS directory for `identity` from `ca`, at `dir/name`.
+fn tls_dir(ca: &CertificateAuthority, dir: &Path, name: &str, identity: &Identity) -> PathBuf {
+    let path = dir.join("tls").join(name);
+    ca.write_dir(identity, &path).unwrap();
+    path
+}
+
+/// A role process, killed when dropped; its log in `dir/<name>.log`.
+fn spawn(dir: &Path, name: &str, args: &[String]) -> tokio::process::Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// `gaia-3dc.yaml` on Digits, written to `dir`.
+fn gaia_job(dir: &Path) -> PathBuf {
+    let mut docs = example("gaia-3dc.yaml");
+    let job = doc(&mut docs, "TrainingJob");
+    set(job, "spec.dataset.name", "Digits".into());
+    write(dir, &docs)
+}
+
+/// A Collaborative job on Digits, written to `dir/cartel`.
+fn cartel_job(dir: &Path) -> PathBuf {
+    let mut docs = example("cartel-fashion.yaml");
+    let job = doc(&mut docs, "TrainingJob");
+    set(job, "spec.dataset.name", Value::from("Digits"));
+    let dir = dir.join("cartel");
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir, &docs)
+}
+
+/// us-east's shard of the Gaia job, mirroring eu-west and ap-southeast
+/// (whose addresses lead nowhere), with `tls`; returns its address.
+fn start_parameter_server(dir: &Path, tls: &Path) -> (tokio::process::Child, String) {
+    let manifest = gaia_job(dir);
+    let port = free_port();
+    let address = format!("http://127.0.0.1:{port}");
+    let topology = dir.join("topology-us-east.yaml");
+    std::fs::write(
+        &topology,
+        format!(
+            "datacenter: us-east\nparameterServers: [{address}]\nmirrors:\n  \
+             eu-west: [http://127.0.0.1:{}]\n  ap-southeast: [http://127.0.0.1:{}]\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let child = spawn(
+        dir,
+        "us-east-ps-0",
+        &[
+            "ps".into(),
+            "--shard=0".into(),
+            "--keep-serving".into(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--topology={}", topology.display()),
+            format!("--manifest={}", manifest.display()),
+            format!("--tls-dir={}", tls.display()),
+        ],
+    );
+    (child, address)
+}
+
+/// A channel to `address` over `transport`, once the server answers.
+async fn ready(address: &str, transport: &Transport) -> Channel {
+    for _ in 0..300 {
+        if let Ok(channel) = transport.connect(address).await {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing answers at {address}");
+}
+
+/// A client without a certificate of the job's CA.
+enum Stranger {
+    /// Plaintext to a TLS port.
+    Plaintext,
+    /// TLS, trusting the job's CA (given, PEM), presenting no certificate.
+    NoCertificate(Vec<u8>),
+    /// A certificate of another CA, with a geoml identity.
+    AnotherCa(Transport),
+}
+
+impl Stranger {
+    /// A channel to `address`, if the handshake got that far.
+    async fn connect(&self, address: &str) -> Option<Channel> {
+        match self {
+            Self::Plaintext => Transport::Plaintext.connect(address).await.ok(),
+            Self::NoCertificate(ca) => {
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(SERVER_NAME);
+                let https = address.replace("http://", "https://");
+                Endpoint::from_shared(https)
+                    .unwrap()
+                    .tls_config(tls)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .ok()
+            }
+            Self::AnotherCa(transport) => transport.connect(address).await.ok(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ca = CertificateAuthority::new("job").unwrap();
+    let other = CertificateAuthority::new("someone else").unwrap();
+    let ps_tls = tls_dir(
+        &ca,
+        dir,
+        "ps",
+        &Identity::new("us-east", Role::ParameterServer),
+    );
+    let (_ps, ps) = start_parameter_server(dir, &ps_tls);
+
+    let registry_port = free_port();
+    let registry = format!("http://127.0.0.1:{registry_port}");
+    let registry_tls = tls_dir(
+        &ca,
+        dir,
+        "registry",
+        &Identity::new("site-a", Role::Registry),
+    );
+    let _registry = spawn(
+        dir,
+        "registry",
+        &[
+            "registry".into(),
+            format!("--listen=127.0.0.1:{registry_port}"),
+            format!("--tls-dir={}", registry_tls.display()),
+        ],
+    );
+    // The site waits for two more sites that never come, serving its
+    // model exchange meanwhile; it reaches the registry over mTLS.
+    let site_port = free_port();
+    let site = format!("http://127.0.0.1:{site_port}");
+    let site_tls = tls_dir(&ca, dir, "site", &Identity::new("site-a", Role::Site));
+    let _site = spawn(
+        dir,
+        "site-a",
+        &[
+            "site".into(),
+            format!("--manifest={}", cartel_job(dir).display()),
+            "--site=site-a".into(),
+            format!("--listen=127.0.0.1:{site_port}"),
+            format!("--registry={registry}"),
+            "--expect-sites=3".into(),
+            "--no-fetch".into(),
+            format!("--tls-dir={}", site_tls.display()),
+        ],
+    );
+
+    // (d) A client with a certificate of the job's CA is served by all.
+    let valid = Transport::mtls(&tls_dir(
+        &ca,
+        dir,
+        "client",
+        &Identity::new("us-east", Role::Launcher),
+    ))
+    .unwrap();
+    let status = ParameterServerClient::new(ready(&ps, &valid).await)
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!status.stopped);
+    MirrorClient::new(ready(&ps, &valid).await)
+        .snapshot(pb::mirror::SnapshotRequest {})
+        .await
+        .unwrap();
+    // The site registered itself over mTLS.
+    let mut known = 0;
+    for _ in 0..300 {
+        known = RegistryClient::new(ready(&registry, &valid).await)
+            .sites(pb::cartel::SitesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sites
+            .len();
+        if known > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(known, 1, "the site did not reach the registry over mTLS");
+    ModelExchangeClient::new(ready(&site, &valid).await)
+        .fetch_portions(pb::cartel::PortionsRequest {
+            site: "site-b".into(),
+            classes: vec![0],
+        })
+        .await
+        .unwrap();
+
+    // (a), (b) Without one, no service answers.
+    let ca_pem = std::fs::read(ps_tls.join(CA_FILE)).unwrap();
+    let other_tls = tls_dir(
+        &other,
+        dir,
+        "stranger",
+        &Identity::new("us-east", Role::ParameterServer),
+    );
+    let strangers = [
+        ("plaintext", Stranger::Plaintext),
+        ("no certificate", Stranger::NoCertificate(ca_pem)),
+        (
+            "another CA",
+            Stranger::AnotherCa(Transport::mtls(&other_tls).unwrap()),
+        ),
+    ];
+    for (who, stranger) in &strangers {
+        let call = async |address: &str| stranger.connect(address).await;
+        let refused = |what: &str, result: Result<(), tonic::Status>| {
+            assert!(result.is_err(), "{what} served a client with {who}");
+        };
+        if let Some(c) = call(&ps).await {
+            refused(
+                "the parameter server",
+                ParameterServerClient::new(c.clone())
+                    .status(pb::StatusRequest {})
+                    .await
+                    .map(drop),
+            );
+            refused(
+                "the mirror service",
+                MirrorClient::new(c)
+                    .snapshot(pb::mirror::SnapshotRequest {})
+                    .await
+                    .map(drop),
+            );
+        }
+        if let Some(c) = call(&registry).await {
+            refused(
+                "the registry",
+                RegistryClient::new(c)
+                    .sites(pb::cartel::SitesRequest {})
+                    .await
+                    .map(drop),
+            );
+        }
+        if let Some(c) = call(&site).await {
+            refused(
+                "the site's model exchange",
+                ModelExchangeClient::new(c)
+                    .fetch_portions(pb::cartel::PortionsRequest {
+                        site: "site-b".into(),
+                        classes: vec![0],
+                    })
+                    .await
+                    .map(drop),
+            );
+        }
+    }
+    let ps_log = std::fs::read_to_string(dir.join("us-east-ps-0.log")).unwrap();
+    assert!(ps_log.contains("TLS connection refused"), "{ps_log}");
+}
+
+#[tokio::test]
+async fn a_peer_cannot_send_mirror_messages_in_another_datacenters_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ca = CertificateAuthority::new("job").unwrap();
+    let ps_tls = tls_dir(
+        &ca,
+        dir,
+        "ps",
+        &Identity::new("us-east", Role::ParameterServer),
+    );
+    let (_ps, ps) = start_parameter_server(dir, &ps_tls);
+    let eu_west = Transport::mtls(&tls_dir(
+        &ca,
+        dir,
+        "eu-west",
+        &Identity::new("eu-west", Role::ParameterServer),
+    ))
+    .unwrap();
+    let mut mirror = MirrorClient::new(ready(&ps, &eu_west).await);
+    let tick = |datacenter: &str| pb::mirror::ClockTick {
+        datacenter: datacenter.into(),
+        mirror_clock: 1,
+        epoch: 1,
+        ..pb::mirror::ClockTick::default()
+    };
+
+    // eu-west's certificate, ap-southeast's name: refused, naming both.
+    for refused in [
+        mirror.tick(tick("ap-southeast")).await.map(drop),
+        mirror
+            .update(pb::mirror::MirrorUpdate {
+                datacenter: "ap-southeast".into(),
+                seq: 1,
+                epoch: 1,
+                ..pb::mirror::MirrorUpdate::default()
+            })
+            .await
+            .map(drop),
+        mirror
+            .announce(pb::mirror::Announcement {
+                datacenter: "ap-southeast".into(),
+                seq: 1,
+                epoch: 1,
+                ..pb::mirror::Announcement::default()
+            })
+            .await
+            .map(drop),
+    ] {
+        let status = refused.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(
+            status.message().contains("eu-west") && status.message().contains("ap-southeast"),
+            "{status:?}"
+        );
+    }
+    let status = ParameterServerClient::new(ready(&ps, &eu_west).await)
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let peers = &status.mirror.unwrap().peers;
+    let ap = peers
+        .iter()
+        .find(|p| p.datacenter == "ap-southeast")
+        .unwrap();
+    assert!(ap.mirror_clock == 0, "a refused tick counted: {ap:?}");
+
+    // In its own name it is heard.
+    let echoed = mirror.tick(tick("eu-west")).await.unwrap().into_inner();
+    assert_eq!(echoed.datacenter, "eu-west");
+
+    // A worker of eu-west is no mirror, even in its own datacenter's name.
+    let worker = Transport::mtls(&tls_dir(
+        &ca,
+        dir,
+        "eu-west-worker",
+        &Identity::new("eu-west", Role::Worker),
+    ))
+    .unwrap();
+    let status = MirrorClient::new(ready(&ps, &worker).await)
+        .tick(tick("eu-west"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+}
