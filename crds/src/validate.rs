@@ -297,6 +297,7 @@ mod tests {
     use kube::CustomResourceExt;
     use serde_json::json;
 
+    #[allow(clippy::needless_pass_by_value)] // every caller passes a json! literal
     fn policy(spec: Value) -> Result<Value, Invalid> {
         let mut policy = json!({
             "apiVersion": "geoml.io/v1alpha1",

@@ -114,16 +114,14 @@ impl Transport {
     /// The transport a role's `--tls-dir` / `--insecure-plaintext` ask
     /// for; plaintext is logged as a warning, as it must be chosen.
     pub fn from_args(args: &TlsArgs) -> Result<Self, TlsError> {
-        match args.dir() {
-            Some(dir) => Self::mtls(&dir),
-            None => {
-                warn!(
-                    "TLS IS OFF (--insecure-plaintext): this role serves anyone who reaches its \
-                     ports and believes every peer's declared name"
-                );
-                Ok(Self::Plaintext)
-            }
+        if let Some(dir) = args.dir() {
+            return Self::mtls(&dir);
         }
+        warn!(
+            "TLS IS OFF (--insecure-plaintext): this role serves anyone who reaches its ports \
+             and believes every peer's declared name"
+        );
+        Ok(Self::Plaintext)
     }
 
     /// Mutual TLS with the material in the TLS directory `dir`.

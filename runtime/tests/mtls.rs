@@ -139,29 +139,82 @@ impl Stranger {
     }
 }
 
-#[tokio::test]
-async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    let ca = CertificateAuthority::new("job").unwrap();
-    let other = CertificateAuthority::new("someone else").unwrap();
+/// The addresses of one running `geoml ps` (with its mirror service),
+/// `geoml registry` and `geoml site`.
+struct Services {
+    ps: String,
+    registry: String,
+    site: String,
+}
+
+impl Services {
+    /// One call to each service through the channels `connect` makes; a
+    /// connection that fails counts as refused.
+    async fn call_each(
+        &self,
+        connect: impl AsyncFn(&str) -> Option<Channel>,
+    ) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+        let no_connection = || Err(tonic::Status::unavailable("no connection"));
+        let ps = connect(&self.ps).await;
+        let status = match ps.clone() {
+            Some(c) => ParameterServerClient::new(c)
+                .status(pb::StatusRequest {})
+                .await
+                .map(drop),
+            None => no_connection(),
+        };
+        let snapshot = match ps {
+            Some(c) => MirrorClient::new(c)
+                .snapshot(pb::mirror::SnapshotRequest {})
+                .await
+                .map(drop),
+            None => no_connection(),
+        };
+        let sites = match connect(&self.registry).await {
+            Some(c) => RegistryClient::new(c)
+                .sites(pb::cartel::SitesRequest {})
+                .await
+                .map(drop),
+            None => no_connection(),
+        };
+        let portions = match connect(&self.site).await {
+            Some(c) => ModelExchangeClient::new(c)
+                .fetch_portions(pb::cartel::PortionsRequest {
+                    site: "site-b".into(),
+                    classes: vec![0],
+                })
+                .await
+                .map(drop),
+            None => no_connection(),
+        };
+        vec![
+            ("the parameter server", status),
+            ("the mirror service", snapshot),
+            ("the registry", sites),
+            ("the site's model exchange", portions),
+        ]
+    }
+}
+
+/// Starts us-east's shard, a registry and site-a (which waits for two more
+/// sites that never come, serving its model exchange meanwhile, and
+/// reaches the registry over mTLS), each with a certificate of `ca`.
+fn start_services(dir: &Path, ca: &CertificateAuthority) -> (Vec<tokio::process::Child>, Services) {
     let ps_tls = tls_dir(
-        &ca,
+        ca,
         dir,
         "ps",
         &Identity::new("us-east", Role::ParameterServer),
     );
-    let (_ps, ps) = start_parameter_server(dir, &ps_tls);
-
+    let (ps_child, ps) = start_parameter_server(dir, &ps_tls);
     let registry_port = free_port();
-    let registry = format!("http://127.0.0.1:{registry_port}");
     let registry_tls = tls_dir(
-        &ca,
+        ca,
         dir,
         "registry",
         &Identity::new("site-a", Role::Registry),
     );
-    let _registry = spawn(
+    let registry_child = spawn(
         dir,
         "registry",
         &[
@@ -170,12 +223,9 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
             format!("--tls-dir={}", registry_tls.display()),
         ],
     );
-    // The site waits for two more sites that never come, serving its
-    // model exchange meanwhile; it reaches the registry over mTLS.
     let site_port = free_port();
-    let site = format!("http://127.0.0.1:{site_port}");
-    let site_tls = tls_dir(&ca, dir, "site", &Identity::new("site-a", Role::Site));
-    let _site = spawn(
+    let site_tls = tls_dir(ca, dir, "site", &Identity::new("site-a", Role::Site));
+    let site_child = spawn(
         dir,
         "site-a",
         &[
@@ -183,14 +233,29 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
             format!("--manifest={}", cartel_job(dir).display()),
             "--site=site-a".into(),
             format!("--listen=127.0.0.1:{site_port}"),
-            format!("--registry={registry}"),
+            format!("--registry=http://127.0.0.1:{registry_port}"),
             "--expect-sites=3".into(),
             "--no-fetch".into(),
             format!("--tls-dir={}", site_tls.display()),
         ],
     );
+    let services = Services {
+        ps,
+        registry: format!("http://127.0.0.1:{registry_port}"),
+        site: format!("http://127.0.0.1:{site_port}"),
+    };
+    (vec![ps_child, registry_child, site_child], services)
+}
 
-    // (d) A client with a certificate of the job's CA is served by all.
+#[tokio::test]
+async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ca = CertificateAuthority::new("job").unwrap();
+    let (_children, services) = start_services(dir, &ca);
+
+    // (d) A client with a certificate of the job's CA is served by all,
+    // once each answers; the site registered itself over mTLS.
     let valid = Transport::mtls(&tls_dir(
         &ca,
         dir,
@@ -198,42 +263,29 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
         &Identity::new("us-east", Role::Launcher),
     ))
     .unwrap();
-    let status = ParameterServerClient::new(ready(&ps, &valid).await)
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!status.stopped);
-    MirrorClient::new(ready(&ps, &valid).await)
-        .snapshot(pb::mirror::SnapshotRequest {})
-        .await
-        .unwrap();
-    // The site registered itself over mTLS.
-    let mut known = 0;
+    let mut registry = RegistryClient::new(ready(&services.registry, &valid).await);
     for _ in 0..300 {
-        known = RegistryClient::new(ready(&registry, &valid).await)
-            .sites(pb::cartel::SitesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .sites
-            .len();
-        if known > 0 {
+        let sites = registry.sites(pb::cartel::SitesRequest {}).await.unwrap();
+        if !sites.into_inner().sites.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(known, 1, "the site did not reach the registry over mTLS");
-    ModelExchangeClient::new(ready(&site, &valid).await)
-        .fetch_portions(pb::cartel::PortionsRequest {
-            site: "site-b".into(),
-            classes: vec![0],
-        })
+    ready(&services.ps, &valid).await;
+    ready(&services.site, &valid).await;
+    for (service, result) in services
+        .call_each(async |a| valid.connect(a).await.ok())
         .await
-        .unwrap();
+    {
+        assert!(
+            result.is_ok(),
+            "{service} refused a valid client: {result:?}"
+        );
+    }
 
     // (a), (b) Without one, no service answers.
-    let ca_pem = std::fs::read(ps_tls.join(CA_FILE)).unwrap();
+    let ca_pem = std::fs::read(dir.join("tls/ps").join(CA_FILE)).unwrap();
+    let other = CertificateAuthority::new("someone else").unwrap();
     let other_tls = tls_dir(
         &other,
         dir,
@@ -244,51 +296,16 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
         ("plaintext", Stranger::Plaintext),
         ("no certificate", Stranger::NoCertificate(ca_pem)),
         (
-            "another CA",
+            "another CA's certificate",
             Stranger::AnotherCa(Transport::mtls(&other_tls).unwrap()),
         ),
     ];
     for (who, stranger) in &strangers {
-        let call = async |address: &str| stranger.connect(address).await;
-        let refused = |what: &str, result: Result<(), tonic::Status>| {
-            assert!(result.is_err(), "{what} served a client with {who}");
-        };
-        if let Some(c) = call(&ps).await {
-            refused(
-                "the parameter server",
-                ParameterServerClient::new(c.clone())
-                    .status(pb::StatusRequest {})
-                    .await
-                    .map(drop),
-            );
-            refused(
-                "the mirror service",
-                MirrorClient::new(c)
-                    .snapshot(pb::mirror::SnapshotRequest {})
-                    .await
-                    .map(drop),
-            );
-        }
-        if let Some(c) = call(&registry).await {
-            refused(
-                "the registry",
-                RegistryClient::new(c)
-                    .sites(pb::cartel::SitesRequest {})
-                    .await
-                    .map(drop),
-            );
-        }
-        if let Some(c) = call(&site).await {
-            refused(
-                "the site's model exchange",
-                ModelExchangeClient::new(c)
-                    .fetch_portions(pb::cartel::PortionsRequest {
-                        site: "site-b".into(),
-                        classes: vec![0],
-                    })
-                    .await
-                    .map(drop),
-            );
+        for (service, result) in services
+            .call_each(async |a| stranger.connect(a).await)
+            .await
+        {
+            assert!(result.is_err(), "{service} served a client with {who}");
         }
     }
     let ps_log = std::fs::read_to_string(dir.join("us-east-ps-0.log")).unwrap();
