@@ -294,6 +294,7 @@ async fn a_registry_told_the_job_size_exits_zero_after_its_grace_once_every_site
         .args(["registry", &format!("--listen=127.0.0.1:{port}")])
         .arg(format!("--state-dir={}", dir.path().display()))
         .args(["--exit-when-finished=2", "--exit-grace=2"])
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
