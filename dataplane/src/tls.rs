@@ -293,8 +293,9 @@ impl ReloadingCert {
     }
 }
 
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl ReloadingCert {
+    /// The certificate to serve now, re-read if its files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
         let mut loaded = self
             .loaded
             .lock()
@@ -309,7 +310,13 @@ impl ResolvesServerCert for ReloadingCert {
                 Err(e) => warn!("keeping the current certificate: {e}"),
             }
         }
-        Some(loaded.1.clone())
+        loaded.1.clone()
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
     }
 }
 
@@ -411,5 +418,52 @@ impl AsyncWrite for Conn {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use geoml_crds::identity::Role;
+    use geoml_crds::pki::CertificateAuthority;
+
+    use super::*;
+
+    fn tls_dir(ca: &CertificateAuthority, identity: &Identity) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        ca.write_dir(identity, dir.path()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_identity_is_read_from_the_certificate() {
+        let ca = CertificateAuthority::new("test").unwrap();
+        let identity = Identity::new("eu-west", Role::Site);
+        let dir = tls_dir(&ca, &identity);
+        let cert = &certificates(&dir.path().join(CERT_FILE)).unwrap()[0];
+        assert_eq!(super::identity(cert), Ok(identity));
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_served_and_a_broken_one_is_not() {
+        let ca = CertificateAuthority::new("test").unwrap();
+        let identity = Identity::new("us-east", Role::ParameterServer);
+        let dir = tls_dir(&ca, &identity);
+        let (cert, key) = (dir.path().join(CERT_FILE), dir.path().join(KEY_FILE));
+        let served = ReloadingCert::new(cert.clone(), key.clone()).unwrap();
+        let first = served.current().cert[0].clone();
+        assert_eq!(served.current().cert[0], first, "nothing changed");
+
+        // The operator rotates the Secret: a new key and certificate.
+        std::thread::sleep(Duration::from_millis(20));
+        ca.write_dir(&identity, dir.path()).unwrap();
+        let renewed = served.current().cert[0].clone();
+        assert_ne!(renewed, first, "the renewed certificate is not served");
+
+        // Half a rotation (a new certificate, the old key) keeps the last
+        // good pair.
+        std::thread::sleep(Duration::from_millis(20));
+        let other = tls_dir(&ca, &identity);
+        std::fs::copy(other.path().join(CERT_FILE), &cert).unwrap();
+        assert_eq!(served.current().cert[0], renewed);
     }
 }
