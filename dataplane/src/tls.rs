@@ -348,6 +348,26 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&Identity> {
         .and_then(|p| p.identity.as_ref())
 }
 
+/// Refuses a message that claims to come from `claimed` unless the
+/// caller's certificate says it is: `PermissionDenied`, naming both. Over
+/// plaintext there is no certificate, and the claim is believed.
+pub fn check_claim<T>(
+    request: &tonic::Request<T>,
+    claimed: &Identity,
+) -> Result<(), tonic::Status> {
+    match peer_identity(request) {
+        Some(identity) if identity != claimed => {
+            let message = format!(
+                "the caller's certificate is the {identity}, but the message claims to come \
+                 from the {claimed}"
+            );
+            warn!("message refused: {message}");
+            Err(tonic::Status::permission_denied(message))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Connected for Conn {
     type ConnectInfo = Peer;
 

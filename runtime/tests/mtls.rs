@@ -398,3 +398,56 @@ async fn a_peer_cannot_send_mirror_messages_in_another_datacenters_name() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
 }
+
+#[tokio::test]
+async fn a_site_cannot_publish_in_another_sites_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ca = CertificateAuthority::new("job").unwrap();
+    let port = free_port();
+    let registry_tls = tls_dir(
+        &ca,
+        dir,
+        "registry",
+        &Identity::new("site-a", Role::Registry),
+    );
+    let _registry = spawn(
+        dir,
+        "registry",
+        &[
+            "registry".into(),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--tls-dir={}", registry_tls.display()),
+        ],
+    );
+    let site_a = Transport::mtls(&tls_dir(
+        &ca,
+        dir,
+        "site-a",
+        &Identity::new("site-a", Role::Site),
+    ))
+    .unwrap();
+    let mut registry =
+        RegistryClient::new(ready(&format!("http://127.0.0.1:{port}"), &site_a).await);
+    let metadata = |site: &str, forwarded: bool| pb::cartel::SiteMetadata {
+        site: site.into(),
+        address: "http://127.0.0.1:1".into(),
+        forwarded,
+        ..pb::cartel::SiteMetadata::default()
+    };
+    for (claim, forwarded) in [("site-b", false), ("site-b", true), ("site-a", true)] {
+        let status = registry
+            .publish(metadata(claim, forwarded))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    }
+    registry.publish(metadata("site-a", false)).await.unwrap();
+    let sites = registry
+        .sites(pb::cartel::SitesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sites;
+    assert_eq!(sites.len(), 1, "{sites:?}");
+}

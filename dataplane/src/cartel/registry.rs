@@ -24,7 +24,8 @@ use super::pb::{
     Neighbour, NeighboursReply, NeighboursRequest, PublishReply, SiteMetadata, SitesReply,
     SitesRequest,
 };
-use crate::tls::Transport;
+use crate::tls::{Transport, check_claim, peer_identity};
+use geoml_crds::identity::{Identity, Role};
 
 /// File name of the persisted state inside the state directory.
 pub const STATE_FILE: &str = "registry.pb";
@@ -192,6 +193,19 @@ impl Registry for RegistryService {
         &self,
         request: Request<SiteMetadata>,
     ) -> Result<Response<PublishReply>, Status> {
+        // A site publishes for itself; only a registry forwards.
+        if request.get_ref().forwarded {
+            if let Some(caller) = peer_identity(&request)
+                && caller.role != Role::Registry
+            {
+                return Err(Status::permission_denied(format!(
+                    "the caller's certificate is the {caller}, which forwards nothing"
+                )));
+            }
+        } else {
+            let site = &request.get_ref().site;
+            check_claim(&request, &Identity::new(site.clone(), Role::Site))?;
+        }
         let metadata = request.into_inner();
         if metadata.site.is_empty() {
             return Err(Status::invalid_argument("site must not be empty"));

@@ -26,8 +26,8 @@ use crate::pb::mirror::{
 };
 use crate::retry;
 use crate::state::{Progress, State, lock, publish};
-use crate::tls::{Transport, peer_identity};
-use geoml_crds::identity::Role;
+use crate::tls::{Transport, check_claim};
+use geoml_crds::identity::{Identity, Role};
 use geoml_proto::rows::pack_values;
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
@@ -64,25 +64,10 @@ impl From<MirrorError> for Status {
     }
 }
 
-/// Checks that a mirror message claiming to come from the parameter server
-/// of datacenter `declared` does: over mTLS the caller's certificate must
-/// name that datacenter and role `ps`, or the message is refused
-/// (`PermissionDenied`, naming both). Over plaintext there is no
-/// certificate, and the claim is believed.
+/// Refuses a mirror message whose sender datacenter is not the one in the
+/// caller's certificate, or whose caller is not a parameter server.
 fn check_sender<T>(request: &Request<T>, declared: &str) -> Result<(), Status> {
-    match peer_identity(request) {
-        Some(identity)
-            if identity.role != Role::ParameterServer || identity.datacenter != declared =>
-        {
-            let message = format!(
-                "the caller's certificate is the {identity}, but the message claims to come \
-                 from the ps of {declared}"
-            );
-            warn!("mirror message refused: {message}");
-            Err(Status::permission_denied(message))
-        }
-        _ => Ok(()),
-    }
+    check_claim(request, &Identity::new(declared, Role::ParameterServer))
 }
 
 /// The `Mirror` service of one shard: applies what peers send.
