@@ -13,9 +13,11 @@
 //! `geoml run`, by [`validate`] from the same generated schema.
 
 pub mod datacenter;
+pub mod identity;
 pub mod manifest;
 pub mod metrics;
 pub mod mode;
+pub mod pki;
 pub mod plan;
 pub mod roles;
 pub mod sync_policy;

@@ -93,6 +93,69 @@ impl DataDirArgs {
     }
 }
 
+/// Where a Kubernetes `kubernetes.io/tls` Secret is mounted in a role's pod,
+/// and so where a role looks for its TLS material unless told otherwise.
+pub const DEFAULT_TLS_DIR: &str = "/etc/geoml/tls";
+
+/// How a role's gRPC services and clients are secured: mutual TLS with the
+/// job's CA (the default), or plaintext when explicitly asked for.
+#[derive(Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsArgs {
+    /// A directory holding the job's CA (`ca.crt`) and this role's
+    /// certificate and key (`tls.crt`, `tls.key`), as a `kubernetes.io/tls`
+    /// Secret is mounted: servers require client certificates of that CA,
+    /// clients present theirs [default: /etc/geoml/tls].
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure_plaintext")]
+    pub tls_dir: Option<PathBuf>,
+    /// Serve and call without TLS: anyone who reaches a port is trusted,
+    /// and peers are who they say they are. Logged loudly.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl TlsArgs {
+    /// Mutual TLS with the material in `dir`.
+    #[must_use]
+    pub fn mtls(dir: PathBuf) -> Self {
+        Self {
+            tls_dir: Some(dir),
+            insecure_plaintext: false,
+        }
+    }
+
+    /// Plaintext: the explicit opt-out of TLS.
+    #[must_use]
+    pub fn insecure_plaintext() -> Self {
+        Self {
+            tls_dir: None,
+            insecure_plaintext: true,
+        }
+    }
+
+    /// The TLS directory, or `None` for plaintext.
+    #[must_use]
+    pub fn dir(&self) -> Option<PathBuf> {
+        (!self.insecure_plaintext).then(|| {
+            self.tls_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TLS_DIR))
+        })
+    }
+
+    /// The arguments, as [`Self`] parses them.
+    #[must_use]
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        optional(
+            &mut out,
+            "tls-dir",
+            self.tls_dir.as_ref().map(|p| p.display()),
+        );
+        switch(&mut out, "insecure-plaintext", self.insecure_plaintext);
+        out
+    }
+}
+
 /// What every role of a job with parameter servers takes: the job, its
 /// datacenter's topology, the seed, metrics and data.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
@@ -116,6 +179,9 @@ pub struct JobRoleArgs {
     /// directory with `geoml data fetch`; see docs/data.md).
     #[arg(long)]
     pub no_fetch: bool,
+    /// mTLS material, or the plaintext opt-out.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl JobRoleArgs {
@@ -129,6 +195,7 @@ impl JobRoleArgs {
             metrics_listen: None,
             data: DataDirArgs::default(),
             no_fetch: false,
+            tls: TlsArgs::default(),
         }
     }
 
@@ -142,6 +209,7 @@ impl JobRoleArgs {
         optional(&mut out, "metrics-listen", self.metrics_listen);
         out.extend(self.data.to_args());
         switch(&mut out, "no-fetch", self.no_fetch);
+        out.extend(self.tls.to_args());
         out
     }
 }
@@ -280,6 +348,9 @@ pub struct RegistryArgs {
     /// finished, so that each reads that all are done.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_EXIT_GRACE.as_secs_f64())]
     pub exit_grace: f64,
+    /// mTLS material, or the plaintext opt-out.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl RegistryArgs {
@@ -295,6 +366,7 @@ impl RegistryArgs {
             replicas: Vec::new(),
             exit_when_finished: None,
             exit_grace: DEFAULT_EXIT_GRACE.as_secs_f64(),
+            tls: TlsArgs::default(),
         }
     }
 
@@ -313,6 +385,7 @@ impl RegistryArgs {
         }
         optional(&mut out, "exit-when-finished", self.exit_when_finished);
         flag(&mut out, "exit-grace", self.exit_grace);
+        out.extend(self.tls.to_args());
         out
     }
 
@@ -378,6 +451,9 @@ pub struct SiteArgs {
     /// before failing.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_FINISH_TIMEOUT.as_secs_f64())]
     pub finish_timeout: f64,
+    /// mTLS material, or the plaintext opt-out.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl SiteArgs {
@@ -404,6 +480,7 @@ impl SiteArgs {
             finish_poll: DEFAULT_FINISH_POLL.as_secs_f64(),
             registry_grace: DEFAULT_REGISTRY_GRACE.as_secs_f64(),
             finish_timeout: DEFAULT_FINISH_TIMEOUT.as_secs_f64(),
+            tls: TlsArgs::default(),
         }
     }
 
@@ -434,6 +511,7 @@ impl SiteArgs {
         flag(&mut out, "finish-poll", self.finish_poll);
         flag(&mut out, "registry-grace", self.registry_grace);
         flag(&mut out, "finish-timeout", self.finish_timeout);
+        out.extend(self.tls.to_args());
         out
     }
 
@@ -515,7 +593,24 @@ mod tests {
                 data_dir: Some("/data".into()),
             },
             no_fetch: true,
+            tls: TlsArgs::mtls("/tls".into()),
         }
+    }
+
+    #[test]
+    fn tls_round_trips_and_defaults_to_mtls() {
+        for tls in [
+            TlsArgs::default(),
+            TlsArgs::mtls("/secret".into()),
+            TlsArgs::insecure_plaintext(),
+        ] {
+            assert_eq!(parse::<TlsArgs>(tls.to_args()), tls);
+        }
+        assert_eq!(
+            TlsArgs::default().dir(),
+            Some(PathBuf::from(DEFAULT_TLS_DIR))
+        );
+        assert_eq!(TlsArgs::insecure_plaintext().dir(), None);
     }
 
     #[test]
@@ -562,6 +657,7 @@ mod tests {
             replicas: vec!["http://a:1".into(), "http://b:2".into()],
             exit_when_finished: Some(3),
             exit_grace: 0.25,
+            tls: TlsArgs::insecure_plaintext(),
         };
         assert_eq!(parse::<RegistryArgs>(all.to_args()), all);
     }
@@ -588,6 +684,7 @@ mod tests {
             finish_poll: 0.2,
             registry_grace: 1.5,
             finish_timeout: 60.0,
+            tls: TlsArgs::mtls("/tls".into()),
         };
         assert_eq!(parse::<SiteArgs>(all.to_args()), all);
     }

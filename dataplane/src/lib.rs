@@ -14,6 +14,7 @@ pub mod placement;
 pub mod ps;
 mod retry;
 pub mod state;
+pub mod tls;
 pub mod worker;
 
 pub use geoml_crds::manifest;

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::data::{DataSet, Examples};
@@ -21,6 +21,7 @@ use crate::model::{Layout, Model, WorkingSet};
 use crate::pb;
 use crate::pb::parameter_server_client::ParameterServerClient;
 use crate::retry;
+use crate::tls::Transport;
 use geoml_proto::rows::{pack_keys, rows, unpack_values};
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
@@ -41,6 +42,8 @@ pub struct WorkerConfig {
     pub eval_every: u64,
     /// How long to keep retrying an unreachable parameter server.
     pub retry_for: Duration,
+    /// How to reach the parameter servers: mTLS or plaintext.
+    pub transport: Transport,
 }
 
 /// How a worker's training ended.
@@ -88,11 +91,15 @@ pub enum WorkerError {
 
 /// Connects to every shard (lazily: the first request dials, and a
 /// restarted server is dialled again).
-pub fn connect(addresses: &[String]) -> Result<Vec<ParameterServerClient<Channel>>, WorkerError> {
+pub fn connect(
+    addresses: &[String],
+    transport: &Transport,
+) -> Result<Vec<ParameterServerClient<Channel>>, WorkerError> {
     addresses
         .iter()
         .map(|address| {
-            let channel = Endpoint::from_shared(address.clone())
+            let channel = transport
+                .endpoint(address)
                 .map_err(|source| WorkerError::Address {
                     address: address.clone(),
                     source,
@@ -315,7 +322,7 @@ pub async fn run(
     }
     let mut session = Session {
         model,
-        clients: connect(&config.parameter_servers)?,
+        clients: connect(&config.parameter_servers, &config.transport)?,
         config,
         params: vec![0.0; model.layout().len()],
     };

@@ -13,6 +13,7 @@ use geoml_dataplane::model::{Layout, Model, TensorShape, Update, WorkingSet};
 use geoml_dataplane::ps::shard::Consistency;
 use geoml_dataplane::ps::stopping::StoppingRule;
 use geoml_dataplane::ps::{self, PsConfig};
+use geoml_dataplane::tls::Transport;
 use geoml_dataplane::worker::connect;
 use geoml_proto as pb;
 
@@ -162,6 +163,8 @@ pub async fn run(
         exit_when_done: false,
         drain_timeout: std::time::Duration::ZERO,
         manifest: None,
+        // Measures gRPC itself against raw TCP: no TLS on either side.
+        transport: Transport::Plaintext,
     };
     let server = tokio::spawn(async move {
         ps::serve(config, &model, listener, &Registry::new(), async {
@@ -169,7 +172,7 @@ pub async fn run(
         })
         .await
     });
-    let mut client = connect(&[address])?.remove(0);
+    let mut client = connect(&[address], &Transport::Plaintext)?.remove(0);
 
     let dense_values = geoml_proto::rows::pack_values(&vec![0.001; rows * width]);
     let sparse_keys: Vec<u32> = (0..u32::try_from(rows)?).step_by(10).collect();

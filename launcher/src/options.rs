@@ -31,4 +31,7 @@ pub struct RunOptions {
     /// Faults the launcher applies to the WAN during the run (`geoml run
     /// --fault`); refused when the run has no WAN between datacenters.
     pub faults: Vec<ScheduledFault>,
+    /// Run the roles without TLS (`--insecure-plaintext`); by default a
+    /// throwaway CA gives every role a certificate and they use mTLS.
+    pub insecure_plaintext: bool,
 }

@@ -1,15 +1,22 @@
 //! Supervision of the `geoml` role processes a local run starts: one place
 //! that spawns them (logs in `work_dir/logs/<name>.log`, appended, so a
-//! restarted role keeps its history), watches them, stops them with SIGTERM
-//! and reports a failure with the end of its log. `geoml run` and the
-//! Cartel harness both use it.
+//! restarted role keeps its history), gives them their TLS material (a
+//! throwaway CA per supervisor, one certificate per role in
+//! `work_dir/tls/<name>/`), watches them, stops them with SIGTERM and
+//! reports a failure with the end of its log. `geoml run` and the Cartel
+//! harness both use it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use geoml_crds::roles::LAUNCHER_PID_ENV;
+use std::sync::Arc;
+
+use geoml_crds::identity::{Identity, Role};
+use geoml_crds::pki::{CertificateAuthority, PkiError};
+use geoml_crds::roles::{LAUNCHER_PID_ENV, TlsArgs};
+use geoml_dataplane::tls::{TlsError, Transport};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -41,6 +48,12 @@ pub enum ProcessError {
         /// The end of its log.
         log: String,
     },
+    /// The run's CA could not issue a role's certificate.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// The launcher's own certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A process did not exit within [`STOP_TIMEOUT`] of SIGTERM.
     #[error("stopping {role}: did not stop within {} s of SIGTERM", STOP_TIMEOUT.as_secs())]
     StopTimeout {
@@ -87,11 +100,16 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-/// Starts `geoml` role processes with their logs in one directory.
+/// Starts `geoml` role processes with their logs in one directory, and
+/// issues their certificates.
 #[derive(Clone, Debug)]
 pub struct Supervisor {
     geoml: PathBuf,
     logs: PathBuf,
+    /// The CA and where role certificates go; `None` for plaintext.
+    ca: Option<Arc<(CertificateAuthority, PathBuf)>>,
+    /// How the launcher itself calls the roles.
+    transport: Transport,
 }
 
 /// A started role process.
@@ -108,14 +126,50 @@ pub struct Process {
 
 impl Supervisor {
     /// Roles are `geoml` (this binary path) and log to `work_dir/logs`,
-    /// which is created.
-    pub fn new(geoml: &Path, work_dir: &Path) -> Result<Self, ProcessError> {
+    /// which is created. Unless `insecure_plaintext`, a new CA issues each
+    /// role a certificate under `work_dir/tls`, and one for the launcher.
+    pub fn new(
+        geoml: &Path,
+        work_dir: &Path,
+        insecure_plaintext: bool,
+    ) -> Result<Self, ProcessError> {
         let logs = work_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io("creating the log directory"))?;
+        let (ca, transport) = if insecure_plaintext {
+            tracing::warn!("--insecure-plaintext: the roles of this run talk without TLS");
+            (None, Transport::Plaintext)
+        } else {
+            let ca = CertificateAuthority::new(&format!("geoml run {}", std::process::id()))?;
+            let tls = work_dir.join("tls");
+            let own = tls.join("launcher");
+            ca.write_dir(&Identity::new("local", Role::Launcher), &own)?;
+            (Some(Arc::new((ca, tls))), Transport::mtls(&own)?)
+        };
         Ok(Self {
             geoml: geoml.to_owned(),
             logs,
+            ca,
+            transport,
         })
+    }
+
+    /// The TLS arguments of role process `name`, which is `identity`: its
+    /// own certificate in `work_dir/tls/<name>/`, or the plaintext opt-out.
+    pub fn tls(&self, name: &str, identity: &Identity) -> Result<TlsArgs, ProcessError> {
+        let Some(ca) = &self.ca else {
+            return Ok(TlsArgs::insecure_plaintext());
+        };
+        let (ca, tls) = ca.as_ref();
+        let dir = tls.join(name);
+        ca.write_dir(identity, &dir)?;
+        Ok(TlsArgs::mtls(dir))
+    }
+
+    /// How the launcher calls the roles it started (with a certificate of
+    /// the run's CA, or in plaintext).
+    #[must_use]
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// Starts `geoml ARGS` as role `name`, killed if its handle is dropped.

@@ -18,6 +18,7 @@ use geoml_dataplane::metrics::{self, WorkerMetrics};
 use geoml_dataplane::placement::RolePlace;
 use geoml_dataplane::ps::stopping::StoppingRule;
 use geoml_dataplane::ps::{self, PsConfig};
+use geoml_dataplane::tls::Transport;
 use geoml_dataplane::worker::{self, WorkerConfig};
 use geoml_dataplane::{data, model};
 use geoml_launcher::run::{RunOptions, run};
@@ -123,6 +124,11 @@ struct RunArgs {
     eval_every: u64,
     #[command(flatten)]
     data: DataDirArgs,
+    /// Run the roles without TLS (logged loudly by every role); by default
+    /// a throwaway CA in the work directory gives every role a certificate
+    /// and they use mTLS.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 #[derive(Args)]
@@ -246,6 +252,7 @@ async fn serve_ps(args: ParameterServerArgs) -> anyhow::Result<()> {
         exit_when_done: !args.keep_serving,
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
         manifest: Some((args.role.manifest.clone(), text.clone())),
+        transport: Transport::from_args(&args.role.tls)?,
     };
     let registry = Registry::new();
     serve_metrics(args.role.metrics_listen, &registry);
@@ -301,6 +308,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         seed: args.role.seed,
         eval_every: args.eval_every,
         retry_for: std::time::Duration::from_secs(120),
+        transport: Transport::from_args(&args.role.tls)?,
     };
     tokio::select! {
         summary = worker::run(&config, model.as_ref(), &data, partition, &metrics) => {
@@ -328,6 +336,7 @@ impl RunArgs {
             target: None,
             wan_control: None,
             faults: Vec::new(),
+            insecure_plaintext: self.insecure_plaintext,
         })
     }
 }

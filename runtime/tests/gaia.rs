@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
 use geoml_crds::manifest::Manifest;
+use geoml_dataplane::tls::Transport;
 use geoml_launcher::run::LocalRun;
 use geoml_launcher::wan::control;
 use geoml_launcher::wan::{FaultOp, Scope};
@@ -55,8 +56,13 @@ fn digits_gaia(latency: i64, slow_latency: i64, period: i64, bound: i64) -> Vec<
     docs
 }
 
-async fn mirror_client(address: &str) -> MirrorClient<tonic::transport::Channel> {
-    MirrorClient::connect(address.to_owned()).await.unwrap()
+/// A mirror client of the shard at `address`; roles started by hand here
+/// use plaintext, those of a `LocalRun` the run's transport.
+async fn mirror_client(
+    address: &str,
+    transport: &Transport,
+) -> MirrorClient<tonic::transport::Channel> {
+    MirrorClient::new(transport.connect(address).await.unwrap())
 }
 
 #[tokio::test]
@@ -104,7 +110,7 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     );
 
     cluster.wait(None).await.unwrap();
-    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
     assert_conserved(&job, &snapshots);
     for status in &statuses {
@@ -126,10 +132,10 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
 }
 
 /// Every shard's values and the updates its own workers generated.
-async fn snapshots(addresses: &[String]) -> Vec<(Vec<f32>, Vec<f32>)> {
+async fn snapshots(addresses: &[String], transport: &Transport) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut snapshots = Vec::new();
     for address in addresses {
-        let s = mirror_client(address)
+        let s = mirror_client(address, transport)
             .await
             .snapshot(pb::mirror::SnapshotRequest {})
             .await
@@ -238,7 +244,7 @@ async fn a_parameter_server_killed_mid_run_loses_and_duplicates_no_update() {
         .await
         .expect("the run did not finish after the restart: a read stayed blocked")
         .unwrap();
-    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
     for status in &statuses {
         assert_eq!(status.min_clock, 300, "{status:?}");
@@ -375,7 +381,11 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
     while cluster.status(cut).await.unwrap().min_clock < 20 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let elements = snapshots(&cluster.parameter_server_addresses()[..1]).await[0]
+    let elements = snapshots(
+        &cluster.parameter_server_addresses()[..1],
+        cluster.transport(),
+    )
+    .await[0]
         .0
         .len() as u64;
 
@@ -444,7 +454,7 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
         .await
         .expect("the run did not finish after the heal")
         .unwrap();
-    let snapshots = snapshots(cluster.parameter_server_addresses()).await;
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
     let (statuses, _) = cluster.shutdown().await.unwrap();
     for status in &statuses {
         assert!(status.mirror.as_ref().unwrap().drained, "{status:?}");
@@ -490,6 +500,7 @@ async fn lone_shard(dir: &Path) -> (tokio::process::Child, String) {
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--topology={}", topology.display()))
         .arg(format!("--manifest={}", manifest.display()))
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -534,6 +545,7 @@ fn spawn_shard(
         .arg(format!("--topology={}", topology.display()))
         .arg(format!("--manifest={}", manifest.display()))
         .arg(format!("--checkpoint-dir={}", dir.join(dc).display()))
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -698,7 +710,7 @@ async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing(
         format!("http://127.0.0.1:{us}"),
         format!("http://127.0.0.1:{eu}"),
     ];
-    let snapshots = snapshots(&addresses).await;
+    let snapshots = snapshots(&addresses, &Transport::Plaintext).await;
     let loaded = Manifest::load(&manifest).unwrap();
     assert_conserved(&loaded.job().unwrap(), &snapshots);
 }
@@ -710,7 +722,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
     let mut ps = ParameterServerClient::connect(address.clone())
         .await
         .unwrap();
-    let mut mirror = mirror_client(&address).await;
+    let mut mirror = mirror_client(&address, &Transport::Plaintext).await;
     let before = ps.pull(pull(&[3])).await.unwrap().into_inner();
     let before = unpack_values(&before.rows.unwrap().values).unwrap();
     let width = before.len() as u32;

@@ -75,6 +75,7 @@ struct Role {
 async fn spawn(args: Vec<String>, port: u16) -> Role {
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
         .args(args)
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

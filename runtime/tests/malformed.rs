@@ -65,6 +65,7 @@ async fn start(dir: &std::path::Path) -> Server {
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
         .arg(format!("--manifest={}", manifest.display()))
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()

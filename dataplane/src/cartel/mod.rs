@@ -52,6 +52,9 @@ pub enum CartelError {
     /// A gRPC peer failed or sent something unusable.
     #[error("{0}")]
     Protocol(String),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl CartelError {

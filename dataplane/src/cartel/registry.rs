@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::{Mutex, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use super::CartelError;
@@ -25,6 +24,8 @@ use super::pb::{
     Neighbour, NeighboursReply, NeighboursRequest, PublishReply, SiteMetadata, SitesReply,
     SitesRequest,
 };
+use crate::tls::{Transport, check_claim, peer_identity};
+use geoml_crds::identity::{Identity, Role};
 
 /// File name of the persisted state inside the state directory.
 pub const STATE_FILE: &str = "registry.pb";
@@ -148,18 +149,22 @@ impl RegistryState {
 pub struct RegistryService {
     state: Arc<Mutex<RegistryState>>,
     replicas: Vec<String>,
+    /// How to reach the replicas.
+    transport: Transport,
     /// How many sites have finished, updated on every publish.
     finished: watch::Sender<usize>,
 }
 
 impl RegistryService {
-    /// A service over `state` forwarding updates to `replicas` (gRPC URLs).
+    /// A service over `state` forwarding updates to `replicas` (gRPC URLs)
+    /// over `transport`.
     #[must_use]
-    pub fn new(state: RegistryState, replicas: Vec<String>) -> Self {
+    pub fn new(state: RegistryState, replicas: Vec<String>, transport: Transport) -> Self {
         let (finished, _) = watch::channel(state.finished());
         Self {
             state: Arc::new(Mutex::new(state)),
             replicas,
+            transport,
             finished,
         }
     }
@@ -188,6 +193,19 @@ impl Registry for RegistryService {
         &self,
         request: Request<SiteMetadata>,
     ) -> Result<Response<PublishReply>, Status> {
+        // A site publishes for itself; only a registry forwards.
+        if request.get_ref().forwarded {
+            if let Some(caller) = peer_identity(&request)
+                && caller.role != Role::Registry
+            {
+                return Err(Status::permission_denied(format!(
+                    "the caller's certificate is the {caller}, which forwards nothing"
+                )));
+            }
+        } else {
+            let site = &request.get_ref().site;
+            check_claim(&request, &Identity::new(site.clone(), Role::Site))?;
+        }
         let metadata = request.into_inner();
         if metadata.site.is_empty() {
             return Err(Status::invalid_argument("site must not be empty"));
@@ -209,8 +227,9 @@ impl Registry for RegistryService {
             for replica in &self.replicas {
                 // Best effort: a replica that is down catches up on the
                 // site's next refresh.
-                match RegistryClient::connect(replica.clone()).await {
-                    Ok(mut client) => {
+                match self.transport.connect(replica).await {
+                    Ok(channel) => {
+                        let mut client = RegistryClient::new(channel);
                         if let Err(e) = client.publish(copy.clone()).await {
                             tracing::warn!(%replica, "forwarding to replica: {e}");
                         }
@@ -262,6 +281,7 @@ pub async fn serve(
     state_dir: Option<&Path>,
     replicas: Vec<String>,
     exit: Option<ExitWhenFinished>,
+    transport: Transport,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), CartelError> {
     let state = RegistryState::open(state_dir)?;
@@ -270,7 +290,8 @@ pub async fn serve(
         finished = state.finished(),
         "registry serving"
     );
-    let service = RegistryService::new(state, replicas);
+    let incoming = transport.incoming(listener);
+    let service = RegistryService::new(state, replicas, transport);
     let mut finished = service.finished();
     let all_finished = async move {
         let Some(exit) = exit else {
@@ -294,7 +315,7 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .add_service(RegistryServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await
         .map_err(|e| CartelError::Protocol(format!("serving the registry: {e}")))
 }

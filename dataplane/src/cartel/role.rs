@@ -7,6 +7,7 @@ use geoml_crds::topology::Topology;
 use super::scenario::Scenario;
 use super::site::{FinishWait, Links, run_site};
 use super::{CartelError, CollaborativeMode, SiteConfig, registry};
+use crate::tls::Transport;
 
 /// Serves the registry until `shutdown` completes or, with
 /// `--exit-when-finished`, until every site finished.
@@ -39,6 +40,7 @@ pub async fn registry(
         args.state_dir.as_deref(),
         replicas,
         exit,
+        Transport::from_args(&args.tls)?,
         shutdown,
     )
     .await
@@ -96,6 +98,7 @@ pub async fn site(
         .ok_or_else(|| {
             CartelError::Unsupported(format!("{site:?} is not a datacenter of the job"))
         })?;
+    let transport = Transport::from_args(&args.tls)?;
     let links = Links {
         registry: args
             .registry
@@ -111,6 +114,7 @@ pub async fn site(
             registry_grace: seconds("--registry-grace", args.registry_grace)?,
             timeout: seconds("--finish-timeout", args.finish_timeout)?,
         },
+        transport,
     };
     if args.mode == CollaborativeMode::Cartel && links.registry.is_none() {
         return Err(CartelError::Unsupported(

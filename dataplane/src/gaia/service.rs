@@ -13,7 +13,7 @@ use backon::Retryable;
 use prost::Message;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
@@ -26,6 +26,8 @@ use crate::pb::mirror::{
 };
 use crate::retry;
 use crate::state::{Progress, State, lock, publish};
+use crate::tls::{Transport, check_claim};
+use geoml_crds::identity::{Identity, Role};
 use geoml_proto::rows::pack_values;
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
@@ -60,6 +62,12 @@ impl From<MirrorError> for Status {
             MirrorError::Log(_) => Status::internal(e.to_string()),
         }
     }
+}
+
+/// Refuses a mirror message whose sender datacenter is not the one in the
+/// caller's certificate, or whose caller is not a parameter server.
+fn check_sender<T>(request: &Request<T>, declared: &str) -> Result<(), Status> {
+    check_claim(request, &Identity::new(declared, Role::ParameterServer))
 }
 
 /// The `Mirror` service of one shard: applies what peers send.
@@ -107,6 +115,7 @@ impl MirrorService {
 #[tonic::async_trait]
 impl Mirror for MirrorService {
     async fn announce(&self, request: Request<Announcement>) -> Result<Response<Ack>, Status> {
+        check_sender(&request, &request.get_ref().datacenter)?;
         let announce = request.into_inner();
         self.with_mirror(Some((&announce.datacenter, announce.epoch)), |state| {
             let State { shard, mirror, .. } = state;
@@ -118,6 +127,7 @@ impl Mirror for MirrorService {
     }
 
     async fn update(&self, request: Request<MirrorUpdate>) -> Result<Response<Ack>, Status> {
+        check_sender(&request, &request.get_ref().datacenter)?;
         let update = request.into_inner();
         self.with_mirror(Some((&update.datacenter, update.epoch)), |state| {
             // Logged before it is applied and acknowledged.
@@ -133,6 +143,7 @@ impl Mirror for MirrorService {
     }
 
     async fn tick(&self, request: Request<ClockTick>) -> Result<Response<ClockTick>, Status> {
+        check_sender(&request, &request.get_ref().datacenter)?;
         let tick = request.into_inner();
         let from = tick.datacenter.clone();
         self.with_mirror(Some((&from, tick.epoch)), |state| {
@@ -165,8 +176,12 @@ impl Mirror for MirrorService {
 
 /// A gRPC client of a peer's `Mirror` service on its own connection, with a
 /// deadline on every call and HTTP/2 keepalive.
-fn client(address: &str) -> Result<MirrorClient<Channel>, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(address.to_owned())?
+fn client(
+    address: &str,
+    transport: &Transport,
+) -> Result<MirrorClient<Channel>, tonic::transport::Error> {
+    let channel = transport
+        .endpoint(address)?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -223,13 +238,14 @@ impl Links {
     pub fn connect(
         addresses: &[String],
         heartbeat: Duration,
+        transport: &Transport,
     ) -> Result<Self, tonic::transport::Error> {
         let peers = addresses
             .iter()
             .map(|a| {
                 Ok(PeerLink {
-                    control: client(a)?,
-                    data: client(a)?,
+                    control: client(a, transport)?,
+                    data: client(a, transport)?,
                     data_wake: Notify::new(),
                     control_wake: Notify::new(),
                     in_flight_since: Mutex::new(None),

@@ -18,8 +18,6 @@ use geoml_crds::training_job::Optimizer;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
@@ -34,6 +32,7 @@ use crate::model::Model;
 use crate::pb::mirror::mirror_server::MirrorServer;
 use crate::pb::parameter_server_server::ParameterServerServer;
 use crate::state::{Progress, State, lock};
+use crate::tls::Transport;
 use geoml_proto::rows::{unpack_keys, unpack_values};
 
 pub use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
@@ -77,6 +76,8 @@ pub struct PsConfig {
     /// The manifest file and the text the job was started from: re-read
     /// every [`policy::RELOAD_INTERVAL`] to apply SyncPolicy changes live.
     pub manifest: Option<(PathBuf, String)>,
+    /// How the shard serves and reaches its mirrors: mTLS or plaintext.
+    pub transport: Transport,
 }
 
 /// What can stop a parameter server.
@@ -333,7 +334,7 @@ fn open(config: &PsConfig, model: &dyn Model) -> Result<(State, Option<Arc<Links
         Some((mirror, addresses)) => {
             let heartbeat = crate::gaia::service::heartbeat(mirror.peer_timeout);
             let mirror = MirrorState::new(mirror.clone(), shard.values().len(), shard.num_rows());
-            let links = Links::connect(addresses, heartbeat)?;
+            let links = Links::connect(addresses, heartbeat, &config.transport)?;
             (Some(mirror), Some(Arc::new(links)))
         }
     };
@@ -403,13 +404,8 @@ pub async fn serve(
         .exit_when_done
         .then(|| training_done(state.clone(), links, config.drain_timeout));
     let shutdown = first_of(shutdown, done);
-    // Small messages (acks, pull requests) must not wait for Nagle, and
-    // megabyte pushes must not wait for 64 KiB flow-control windows.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
+    // Megabyte pushes must not wait for 64 KiB flow-control windows.
+    let incoming = config.transport.incoming(listener);
     tonic::transport::Server::builder()
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES)

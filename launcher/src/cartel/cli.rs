@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Where data sets are cached.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Run the roles without TLS (logged loudly); by default a throwaway
+    /// CA gives every role a certificate and they use mTLS.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 /// Runs the benchmark and returns its table.
@@ -61,6 +65,7 @@ pub async fn bench(args: BenchArgs) -> Result<String, RunError> {
                 target: None,
                 wan_control: None,
                 faults: Vec::new(),
+                insecure_plaintext: args.insecure_plaintext,
             };
             let (_, summary, _) = super::run_detailed(&options, mode).await?;
             summaries.push(summary);

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use geoml_crds::identity::{Identity, Role};
 use geoml_crds::manifest::Manifest;
 use geoml_crds::mode::CollaborativeMode;
 use geoml_crds::roles::{RegistryArgs, SiteArgs};
@@ -325,7 +326,11 @@ async fn run_processes(
 ) -> Result<Vec<SiteReport>, RunError> {
     let dir = options.work_dir.join(format!("cartel-{}", mode.name()));
     std::fs::create_dir_all(&dir).map_err(io("creating the work directory"))?;
-    let supervisor = Supervisor::new(&options.geoml, &options.work_dir)?;
+    let supervisor = Supervisor::new(
+        &options.geoml,
+        &options.work_dir,
+        options.insecure_plaintext,
+    )?;
     let mut roles = Vec::new();
     let mut registry_url = None;
     if mode == CollaborativeMode::Cartel {
@@ -340,18 +345,20 @@ async fn run_processes(
             }
             _ => {}
         }
-        roles.push(
-            supervisor.spawn(
-                &format!("{}-registry", mode.name()),
-                RegistryArgs {
-                    state_dir: Some(state),
-                    exit_when_finished: Some(sites.len()),
-                    exit_grace: EXIT_GRACE_SECONDS,
-                    ..RegistryArgs::new(SocketAddr::from(([127, 0, 0, 1], port)))
-                }
-                .command_line(),
-            )?,
+        let name = format!("{}-registry", mode.name());
+        // The registry serves every site; it is placed with the first.
+        let identity = Identity::new(
+            sites.first().map_or("local", String::as_str),
+            Role::Registry,
         );
+        let args = RegistryArgs {
+            state_dir: Some(state),
+            exit_when_finished: Some(sites.len()),
+            exit_grace: EXIT_GRACE_SECONDS,
+            tls: supervisor.tls(&name, &identity)?,
+            ..RegistryArgs::new(SocketAddr::from(([127, 0, 0, 1], port)))
+        };
+        roles.push(supervisor.spawn(&name, args.command_line())?);
     }
     let mut report_paths = Vec::new();
     for site in sites {
@@ -371,7 +378,9 @@ async fn run_processes(
             args.expect_sites = sites.len();
             args.finish_poll = FINISH_POLL_SECONDS;
         }
-        roles.push(supervisor.spawn(&format!("{}-site-{site}", mode.name()), args.command_line())?);
+        let name = format!("{}-site-{site}", mode.name());
+        args.tls = supervisor.tls(&name, &Identity::new(site.clone(), Role::Site))?;
+        roles.push(supervisor.spawn(&name, args.command_line())?);
         report_paths.push(report);
     }
     let deadline = Instant::now() + FINISH_TIMEOUT;

@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use geoml_crds::identity::{Identity, Role};
 use geoml_crds::manifest::ResolvedJob;
 use geoml_crds::roles::{ParameterServerArgs, WorkerArgs};
 use geoml_crds::sync_policy::InterDatacenterModel;
+use geoml_dataplane::tls::Transport;
 use geoml_dataplane::worker::connect;
 use geoml_proto as pb;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -133,13 +135,16 @@ impl LocalRun {
         cluster.started = unix_now();
         for (d, dc) in job.plan.datacenters.iter().enumerate() {
             for index in 0..dc.workers {
+                let name = format!("{}-worker-{index}", dc.name);
+                let identity = Identity::new(dc.name.clone(), Role::Worker);
                 let args = WorkerArgs {
                     index: u32::try_from(index).unwrap_or(u32::MAX),
                     eval_every: cluster.processes.options.eval_every,
-                    role: cluster.processes.job_role(&topologies[d]),
+                    role: cluster
+                        .processes
+                        .job_role(&topologies[d], &name, &identity)?,
                 }
                 .command_line();
-                let name = format!("{}-worker-{index}", dc.name);
                 cluster.workers.push(cluster.processes.spawn(&name, args)?);
             }
         }
@@ -156,12 +161,14 @@ impl LocalRun {
         port: u16,
         topology: &Path,
     ) -> Result<usize, RunError> {
-        let name = format!("{}-ps-{shard}", job.job.spec.datacenters[dc].name);
+        let datacenter = &job.job.spec.datacenters[dc].name;
+        let name = format!("{datacenter}-ps-{shard}");
+        let identity = Identity::new(datacenter.clone(), Role::ParameterServer);
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut args = ParameterServerArgs::new(
             u32::try_from(shard).unwrap_or(u32::MAX),
             SocketAddr::from(([127, 0, 0, 1], port)),
-            self.processes.job_role(topology),
+            self.processes.job_role(topology, &name, &identity)?,
         );
         args.role.metrics_listen = Some(metrics);
         // Statuses and snapshots are read after training; `shutdown`
@@ -211,6 +218,14 @@ impl LocalRun {
         &self.ps_addresses
     }
 
+    /// How the launcher calls the roles of this run: with its own
+    /// certificate of the run's CA, or in plaintext (see
+    /// [`RunOptions::insecure_plaintext`]).
+    #[must_use]
+    pub fn transport(&self) -> &Transport {
+        self.processes.supervisor.transport()
+    }
+
     /// The WAN proxy's fault API (`http://ADDR/faults`), if the run has a
     /// WAN; see [`crate::wan::control`].
     #[must_use]
@@ -237,7 +252,7 @@ impl LocalRun {
     /// [`Self::parameter_server_addresses`]).
     pub async fn status(&self, shard: usize) -> Result<pb::StatusResponse, RunError> {
         let unreachable = |message: String| RunError::Unreachable { shard, message };
-        let mut client = connect(&self.ps_addresses[shard..=shard])
+        let mut client = connect(&self.ps_addresses[shard..=shard], self.transport())
             .map_err(|e| unreachable(e.to_string()))?
             .remove(0);
         let request = tonic::Request::new(pb::StatusRequest {});

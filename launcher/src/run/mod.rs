@@ -17,6 +17,7 @@ mod wan_proxy;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use geoml_crds::identity::Identity;
 use geoml_crds::manifest::Manifest;
 use geoml_crds::mode::{CollaborativeMode, Mode};
 use geoml_crds::roles::JobRoleArgs;
@@ -62,18 +63,29 @@ struct Processes {
 
 impl Processes {
     fn new(options: RunOptions) -> Result<Self, RunError> {
-        let supervisor = Supervisor::new(&options.geoml, &options.work_dir)?;
+        let supervisor = Supervisor::new(
+            &options.geoml,
+            &options.work_dir,
+            options.insecure_plaintext,
+        )?;
         Ok(Self {
             options,
             supervisor,
         })
     }
 
-    /// The arguments every job role of this run takes, with `topology`.
-    fn job_role(&self, topology: &Path) -> JobRoleArgs {
+    /// The arguments of job role process `name`, which is `identity`,
+    /// with `topology`.
+    fn job_role(
+        &self,
+        topology: &Path,
+        name: &str,
+        identity: &Identity,
+    ) -> Result<JobRoleArgs, RunError> {
         let mut role = JobRoleArgs::new(self.options.manifest.clone(), topology.to_owned());
         role.data.data_dir = Some(self.options.data_dir.clone());
-        role
+        role.tls = self.supervisor.tls(name, identity)?;
+        Ok(role)
     }
 
     /// Starts `geoml ARGS` as role `name`.
@@ -247,7 +259,7 @@ fn datacenter_reports(
 /// Every value parameter server `shard` holds, as packed bytes.
 async fn pull_all(cluster: &LocalRun, shard: usize) -> Result<Vec<u8>, RunError> {
     let unreachable = |message: String| RunError::Unreachable { shard, message };
-    let mut client = connect(&cluster.ps_addresses[shard..=shard])
+    let mut client = connect(&cluster.ps_addresses[shard..=shard], cluster.transport())
         .map_err(|e| unreachable(e.to_string()))?
         .remove(0);
     // Training has stopped, so any clock may read.

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use backon::Retryable;
 use geoml_crds::roles;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -20,6 +19,7 @@ use crate::cartel::pb::{NeighboursRequest, PortionsReply, PortionsRequest, SiteM
 use crate::cartel::scenario::Scenario;
 use crate::cartel::{CartelError, CollaborativeMode, SiteConfig};
 use crate::retry;
+use crate::tls::Transport;
 
 /// The model exchange a site serves: portions of its model, never examples.
 pub struct Exchange {
@@ -62,6 +62,9 @@ pub struct Links {
     pub expect_sites: usize,
     /// How the site waits for the others once its stream has ended.
     pub finish: FinishWait,
+    /// How the site serves its exchange and reaches the registry and its
+    /// neighbours: mTLS or plaintext.
+    pub transport: Transport,
 }
 
 /// How a site whose stream has ended waits, still serving its model
@@ -195,12 +198,16 @@ async fn wait_for_sites(
 
 /// Connects to the registry, retrying with backoff for up to a minute while
 /// it starts.
-async fn connect_registry(url: &str) -> Result<RegistryClient<Channel>, CartelError> {
+async fn connect_registry(
+    url: &str,
+    transport: &Transport,
+) -> Result<RegistryClient<Channel>, CartelError> {
     let backoff =
         retry::backoff(Duration::from_secs(1)).with_total_delay(Some(Duration::from_secs(60)));
-    (|| RegistryClient::connect(url.to_owned()))
+    (|| transport.connect(url))
         .retry(backoff)
         .await
+        .map(RegistryClient::new)
         .map_err(|e| CartelError::Protocol(format!("registry {url}: {e}")))
 }
 
@@ -226,6 +233,7 @@ async fn publish(
 async fn borrow(
     engine: &mut SiteEngine<'_>,
     registry: &mut RegistryClient<Channel>,
+    transport: &Transport,
     batch: usize,
 ) -> Result<(), CartelError> {
     let (summary, classes) = engine.drift_summary();
@@ -261,8 +269,12 @@ async fn borrow(
             classes: wanted,
         };
         let request_bytes = wire_bytes(&request);
-        let portions = match ModelExchangeClient::connect(neighbour.address.clone()).await {
-            Ok(mut client) => client.fetch_portions(request).await,
+        let portions = match transport.connect(&neighbour.address).await {
+            Ok(channel) => {
+                ModelExchangeClient::new(channel)
+                    .fetch_portions(request)
+                    .await
+            }
             Err(e) => {
                 tracing::warn!(neighbour = %neighbour.site, "connecting: {e}");
                 continue;
@@ -334,12 +346,14 @@ pub async fn run_site(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ModelExchangeServer::new(exchange))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(links.transport.incoming(listener), async move {
                 let _ = server_stopped.wait_for(|s| *s).await;
             }),
     );
     let mut registry = match (&links.registry, mode) {
-        (Some(url), CollaborativeMode::Cartel) => Some(connect_registry(url).await?),
+        (Some(url), CollaborativeMode::Cartel) => {
+            Some(connect_registry(url, &links.transport).await?)
+        }
         _ => None,
     };
     if let Some(registry) = registry.as_mut() {
@@ -351,7 +365,7 @@ pub async fn run_site(
         let observed = engine.observe(b);
         if let Some(registry) = registry.as_mut() {
             if observed.drift
-                && let Err(e) = borrow(&mut engine, registry, b).await
+                && let Err(e) = borrow(&mut engine, registry, &links.transport, b).await
             {
                 tracing::warn!("borrowing on drift: {e}");
             }

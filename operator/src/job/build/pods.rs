@@ -8,7 +8,7 @@ use std::path::Path;
 use geoml_crds::mode::CollaborativeMode;
 use geoml_crds::roles::{
     DEFAULT_EVAL_EVERY, DataDirArgs, JobRoleArgs, ParameterServerArgs, RegistryArgs, SiteArgs,
-    WorkerArgs,
+    TlsArgs, WorkerArgs,
 };
 use geoml_crds::training_job::DatasetName;
 use k8s_openapi::api::core::v1::{
@@ -73,10 +73,14 @@ impl JobView {
             data_dir: data.then(|| DATA_DIR.into()),
         };
         let config = |file: &str| Path::new(CONFIG_DIR).join(file);
+        // The operator issues no certificates yet (docs/gaia.md, "mTLS"):
+        // its pods opt out of TLS explicitly, and say so in their logs.
+        let tls = TlsArgs::insecure_plaintext();
         let mut job_role = JobRoleArgs::new(config("manifest.yaml"), config("topology.yaml"));
         job_role.metrics_listen = Some(any_address(METRICS_PORT));
         job_role.data = data_dir.clone();
         job_role.no_fetch = data;
+        job_role.tls = tls.clone();
         let index_u32 = u32::try_from(index).unwrap_or_default();
         let sites = self.placements.len();
         let args = match role {
@@ -111,6 +115,7 @@ impl JobView {
                 args.expect_sites = sites;
                 args.data = data_dir;
                 args.no_fetch = data;
+                args.tls = tls;
                 args.command_line()
             }
             Role::Registry => {
@@ -124,6 +129,7 @@ impl JobView {
                 let mut args = RegistryArgs::new(any_address(REGISTRY_PORT));
                 args.state_dir = Some(REGISTRY_STATE_DIR.into());
                 args.exit_when_finished = Some(sites);
+                args.tls = tls;
                 args.command_line()
             }
         };

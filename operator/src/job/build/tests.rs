@@ -64,7 +64,7 @@ fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
         "ps --shard=0 --listen=0.0.0.0:7070 --drain-timeout=300 \
          --termination-log=/dev/termination-log --manifest=/etc/geoml/manifest.yaml \
          --topology=/etc/geoml/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
-         --data-dir=/var/lib/geoml/data --no-fetch"
+         --data-dir=/var/lib/geoml/data --no-fetch --insecure-plaintext"
     );
     assert_eq!(ps.subdomain.as_deref(), Some("fashion-mnist-gaia-eu-west"));
     assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
@@ -73,7 +73,7 @@ fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
         worker.args.as_deref().unwrap().join(" "),
         "worker --index=1 --eval-every=20 --manifest=/etc/geoml/manifest.yaml \
          --topology=/etc/geoml/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
-         --data-dir=/var/lib/geoml/data --no-fetch"
+         --data-dir=/var/lib/geoml/data --no-fetch --insecure-plaintext"
     );
     let env: BTreeMap<_, _> = worker
         .env
@@ -149,12 +149,12 @@ fn cartel_runs_a_site_per_datacenter_and_the_registry_in_the_first() {
         "site --manifest=/etc/geoml/manifest.yaml --data-dir=/var/lib/geoml/data --no-fetch \
          --topology=/etc/geoml/topology.yaml --listen=0.0.0.0:7072 \
          --advertise=http://192.0.2.1:30072 --mode=cartel --expect-sites=3 --finish-poll=1 \
-         --registry-grace=5 --finish-timeout=3600"
+         --registry-grace=5 --finish-timeout=3600 --insecure-plaintext"
     );
     assert_eq!(
         args(&first[1]),
         "registry --listen=0.0.0.0:7071 --state-dir=/var/lib/geoml/registry \
-         --exit-when-finished=3 --exit-grace=5"
+         --exit-when-finished=3 --exit-grace=5 --insecure-plaintext"
     );
     let other = view.pods(&view.placements[1], "http://192.0.2.2:30072");
     assert_eq!(other.len(), 1);

@@ -1,0 +1,489 @@
+//! Transport security of every gRPC server and client of a role: mutual TLS
+//! with the job's CA (the default), or plaintext when the role was told so.
+//!
+//! A role's TLS directory holds `ca.crt`, `tls.crt` and `tls.key`, as a
+//! `kubernetes.io/tls` Secret is mounted ([`geoml_crds::pki`] writes one).
+//! Servers require a client certificate of that CA and refuse a handshake
+//! without one, or whose certificate carries no geoml identity
+//! ([`geoml_crds::identity`]); the identity of an accepted connection is in
+//! every request's extensions ([`Peer`], read with [`peer_identity`]).
+//! A server re-reads its certificate and key when the files change, so a
+//! rotated certificate needs no restart; the CA and the certificate a
+//! client presents are read once, at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use geoml_crds::identity::{Identity, SERVER_NAME};
+use geoml_crds::pki::{CA_FILE, CERT_FILE, KEY_FILE};
+use geoml_crds::roles::TlsArgs;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tracing::{debug, info, warn};
+
+/// Longest a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What can go wrong setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file of the TLS directory could not be read or parsed.
+    #[error("{path}: {reason}")]
+    Material {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the material.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn material(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::Material {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// How a role's gRPC servers and clients talk: mutual TLS or plaintext.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Mutual TLS with the job's CA.
+    Mtls(Arc<Mtls>),
+    /// No TLS: anyone who reaches a port is served, and peers are who
+    /// their messages say.
+    Plaintext,
+}
+
+/// A role's TLS material, loaded.
+#[derive(Debug)]
+pub struct Mtls {
+    client: ClientTlsConfig,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| material(path, e))
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(&read(path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| material(path, e))?;
+    if certs.is_empty() {
+        return Err(material(path, "no certificate"));
+    }
+    Ok(certs)
+}
+
+/// The certificate and key at `cert` and `key`, checked to belong together.
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = certificates(cert)?;
+    let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| material(key, e))?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| material(key, e))?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified.keys_match().map_err(|e| material(key, e))?;
+    Ok(Arc::new(certified))
+}
+
+impl Transport {
+    /// The transport a role's `--tls-dir` / `--insecure-plaintext` ask
+    /// for; plaintext is logged as a warning, as it must be chosen.
+    pub fn from_args(args: &TlsArgs) -> Result<Self, TlsError> {
+        if let Some(dir) = args.dir() {
+            return Self::mtls(&dir);
+        }
+        warn!(
+            "TLS IS OFF (--insecure-plaintext): this role serves anyone who reaches its ports \
+             and believes every peer's declared name"
+        );
+        Ok(Self::Plaintext)
+    }
+
+    /// Mutual TLS with the material in the TLS directory `dir`.
+    pub fn mtls(dir: &Path) -> Result<Self, TlsError> {
+        let ca_path = dir.join(CA_FILE);
+        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+        let ca = read(&ca_path)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certificates(&ca_path)? {
+            roots.add(cert).map_err(|e| material(&ca_path, e))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(ReloadingCert::new(
+                cert_path.clone(),
+                key_path.clone(),
+            )?));
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let client = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(
+                read(&cert_path)?,
+                read(&key_path)?,
+            ))
+            .domain_name(SERVER_NAME);
+        Ok(Self::Mtls(Arc::new(Mtls {
+            client,
+            server: Arc::new(server),
+        })))
+    }
+
+    /// An endpoint for `address` (`http://host:port`; the scheme is set
+    /// here, by the transport: `https` for TLS, which verifies the server
+    /// against the CA and [`SERVER_NAME`] and presents this role's
+    /// certificate).
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let authority = address
+            .strip_prefix("http://")
+            .or_else(|| address.strip_prefix("https://"))
+            .unwrap_or(address);
+        match self {
+            Self::Mtls(tls) => Endpoint::from_shared(format!("https://{authority}"))?
+                .tls_config(tls.client.clone()),
+            Self::Plaintext => Endpoint::from_shared(format!("http://{authority}")),
+        }
+    }
+
+    /// A connection to `address` (see [`Self::endpoint`]), dialled now.
+    pub async fn connect(&self, address: &str) -> Result<Channel, tonic::transport::Error> {
+        self.endpoint(address)?.connect().await
+    }
+
+    /// The connections `listener` accepts, for tonic's
+    /// `serve_with_incoming*`: TLS handshakes run beside the accept loop,
+    /// and a failed one (no certificate, another CA, no identity) is logged
+    /// and dropped, never handed to the server. Every connection has
+    /// `TCP_NODELAY`: small messages must not wait for Nagle.
+    #[must_use]
+    pub fn incoming(&self, listener: TcpListener) -> ReceiverStream<std::io::Result<Conn>> {
+        let (tx, rx) = mpsc::channel(64);
+        let transport = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, addr) = tokio::select! {
+                    () = tx.closed() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            warn!("accepting a connection: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(%addr, "TCP_NODELAY: {e}");
+                }
+                match &transport {
+                    Transport::Plaintext => {
+                        if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Transport::Mtls(tls) => {
+                        let acceptor = TlsAcceptor::from(tls.server.clone());
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            match handshake(&acceptor, stream).await {
+                                Ok(conn) => {
+                                    let _ = tx.send(Ok(conn)).await;
+                                }
+                                Err(e) => warn!(%addr, "TLS connection refused: {e}"),
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Completes the server side of a TLS handshake on `stream` and reads the
+/// client's identity from its certificate.
+async fn handshake(acceptor: &TlsAcceptor, stream: TcpStream) -> Result<Conn, String> {
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .ok_or("no client certificate")?;
+    let identity = identity(cert)?;
+    debug!(%identity, "TLS connection accepted");
+    Ok(Conn::Tls(Box::new(tls), identity))
+}
+
+/// The geoml identity in a certificate's URI subject alternative names.
+pub fn identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let names = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("client certificate: {e}"))?
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    names
+        .iter()
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Identity::from_uri(uri),
+            _ => None,
+        })
+        .ok_or_else(|| "the client certificate names no geoml identity (geoml://DC/ROLE)".into())
+}
+
+/// The server's certificate: re-read from its files whenever they change
+/// (a rotated Secret), checked on every handshake. A pair that does not
+/// load (a half-written rotation) is logged, and the last good one served.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    loaded: Mutex<(Option<SystemTime>, Arc<CertifiedKey>)>,
+}
+
+impl ReloadingCert {
+    fn new(cert: PathBuf, key: PathBuf) -> Result<Self, TlsError> {
+        let stamp = Self::stamp(&cert, &key);
+        let loaded = certified_key(&cert, &key)?;
+        Ok(Self {
+            cert,
+            key,
+            loaded: Mutex::new((stamp, loaded)),
+        })
+    }
+
+    /// The later modification time of the two files.
+    fn stamp(cert: &Path, key: &Path) -> Option<SystemTime> {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        modified(cert).max(modified(key))
+    }
+}
+
+impl ReloadingCert {
+    /// The certificate to serve now, re-read if its files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stamp = Self::stamp(&self.cert, &self.key);
+        if stamp != loaded.0 {
+            match certified_key(&self.cert, &self.key) {
+                Ok(key) => {
+                    info!(cert = %self.cert.display(), "serving the renewed certificate");
+                    *loaded = (stamp, key);
+                }
+                Err(e) => warn!("keeping the current certificate: {e}"),
+            }
+        }
+        loaded.1.clone()
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// An accepted connection.
+#[derive(Debug)]
+pub enum Conn {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// Mutual TLS, with the client's identity from its certificate.
+    Tls(Box<TlsStream<TcpStream>>, Identity),
+}
+
+/// Who is on the other end of a request's connection: in every request's
+/// extensions on a server fed by [`Transport::incoming`].
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The remote address.
+    pub addr: Option<SocketAddr>,
+    /// The identity its certificate states; `None` over plaintext.
+    pub identity: Option<Identity>,
+}
+
+/// The identity the caller's certificate states; `None` over plaintext.
+#[must_use]
+pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<&Identity> {
+    request
+        .extensions()
+        .get::<Peer>()
+        .and_then(|p| p.identity.as_ref())
+}
+
+/// Refuses a message that claims to come from `claimed` unless the
+/// caller's certificate says it is: `PermissionDenied`, naming both. Over
+/// plaintext there is no certificate, and the claim is believed.
+pub fn check_claim<T>(
+    request: &tonic::Request<T>,
+    claimed: &Identity,
+) -> Result<(), tonic::Status> {
+    match peer_identity(request) {
+        Some(identity) if identity != claimed => {
+            let message = format!(
+                "the caller's certificate is the {identity}, but the message claims to come \
+                 from the {claimed}"
+            );
+            warn!("message refused: {message}");
+            Err(tonic::Status::permission_denied(message))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        let (tcp, identity) = match self {
+            Self::Plain(tcp) => (tcp, None),
+            Self::Tls(tls, identity) => (tls.get_ref().0, Some(identity.clone())),
+        };
+        Peer {
+            addr: tcp.connect_info().remote_addr(),
+            identity,
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use geoml_crds::identity::Role;
+    use geoml_crds::pki::CertificateAuthority;
+
+    use super::*;
+
+    fn tls_dir(ca: &CertificateAuthority, identity: &Identity) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        ca.write_dir(identity, dir.path()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_identity_is_read_from_the_certificate() {
+        let ca = CertificateAuthority::new("test").unwrap();
+        let identity = Identity::new("eu-west", Role::Site);
+        let dir = tls_dir(&ca, &identity);
+        let cert = &certificates(&dir.path().join(CERT_FILE)).unwrap()[0];
+        assert_eq!(super::identity(cert), Ok(identity));
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_served_and_a_broken_one_is_not() {
+        let ca = CertificateAuthority::new("test").unwrap();
+        let identity = Identity::new("us-east", Role::ParameterServer);
+        let dir = tls_dir(&ca, &identity);
+        let (cert, key) = (dir.path().join(CERT_FILE), dir.path().join(KEY_FILE));
+        let served = ReloadingCert::new(cert.clone(), key.clone()).unwrap();
+        let first = served.current().cert[0].clone();
+        assert_eq!(served.current().cert[0], first, "nothing changed");
+
+        // The operator rotates the Secret: a new key and certificate.
+        std::thread::sleep(Duration::from_millis(20));
+        ca.write_dir(&identity, dir.path()).unwrap();
+        let renewed = served.current().cert[0].clone();
+        assert_ne!(renewed, first, "the renewed certificate is not served");
+
+        // Half a rotation (a new certificate, the old key) keeps the last
+        // good pair.
+        std::thread::sleep(Duration::from_millis(20));
+        let other = tls_dir(&ca, &identity);
+        std::fs::copy(other.path().join(CERT_FILE), &cert).unwrap();
+        assert_eq!(served.current().cert[0], renewed);
+    }
+}
