@@ -345,15 +345,8 @@ async fn catch_up(cluster: &LocalRun, names: &[&str], cut: usize) -> (Duration, 
     }
 }
 
-/// The WAN emulator cuts ap-southeast off mid-run under Gaia. The other two
-/// datacenters keep training once the peer timeout passes, what waits for
-/// ap-southeast stays in one coalesced queue per link, and after the heal
-/// every update made anywhere arrives everywhere exactly once.
-#[tokio::test]
-async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
-    let _one = ONE_RUN_AT_A_TIME.lock().await;
-    let cut_for = partition();
-    let dir = tempfile::tempdir().unwrap();
+/// Three datacenters under Gaia on Digits, with a peer timeout of 2 s.
+fn partition_job(cut_for: Duration) -> Vec<Value> {
     let mut docs = digits_gaia(5, 5, 2, 1);
     set(
         doc(&mut docs, "SyncPolicy"),
@@ -368,7 +361,19 @@ async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
         geoml_crds::yaml::from_str(&format!("{{maxClocks: {}}}", 200 + 200 * cut_for.as_secs()))
             .unwrap(),
     );
-    let manifest = write(dir.path(), &docs);
+    docs
+}
+
+/// The WAN emulator cuts ap-southeast off mid-run under Gaia. The other two
+/// datacenters keep training once the peer timeout passes, what waits for
+/// ap-southeast stays in one coalesced queue per link, and after the heal
+/// every update made anywhere arrives everywhere exactly once.
+#[tokio::test]
+async fn a_datacenter_cut_off_by_the_wan_holds_nobody_back_and_loses_nothing() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let cut_for = partition();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write(dir.path(), &partition_job(cut_for));
     let docs = Manifest::load(&manifest).unwrap();
     let job = docs.job().unwrap();
     let names = ["us-east", "eu-west", "ap-southeast"];
