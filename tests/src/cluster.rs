@@ -171,8 +171,49 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Prints what a failed test needs to see: every pod with its restarts,
+    /// the TrainingJobs' status and the end of every pod's log.
+    fn report(&self) {
+        let show = |args: &[&str]| {
+            let mut kubectl = self.kubectl();
+            kubectl.arg("--request-timeout=10s").args(args);
+            match run(&mut kubectl, None) {
+                Ok(out) => eprintln!("--- {}: kubectl {}\n{out}", self.name, args.join(" ")),
+                Err(e) => eprintln!("--- {}: kubectl {}: {e}", self.name, args.join(" ")),
+            }
+        };
+        show(&["get", "pods", "-A", "-o", "wide"]);
+        show(&["get", "trainingjobs", "-A", "-o", "yaml"]);
+        let mut list = self.kubectl();
+        list.args([
+            "--request-timeout=10s",
+            "get",
+            "pods",
+            "-A",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.namespace} {.metadata.name}{\"\\n\"}{end}",
+        ]);
+        for pod in run(&mut list, None).unwrap_or_default().lines() {
+            if let Some((namespace, name)) = pod.split_once(' ') {
+                show(&[
+                    "logs",
+                    "-n",
+                    namespace,
+                    name,
+                    "--all-containers",
+                    "--tail=40",
+                ]);
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.report();
+        }
         self.provisioner.abort();
     }
 }

@@ -898,6 +898,17 @@ impl MirrorState {
         self.peers.iter().all(|p| p.drained)
     }
 
+    /// Whether a peer that has not said it is drained was heard within
+    /// `limit` before `now` (one never heard was not).
+    #[must_use]
+    pub fn undrained_heard_within(&self, now: Instant, limit: Duration) -> bool {
+        self.peers.iter().any(|p| {
+            !p.drained
+                && p.last_heard
+                    .is_some_and(|t| now.saturating_duration_since(t) <= limit)
+        })
+    }
+
     /// Peers, in `MirrorConfig::peers` order.
     #[must_use]
     pub fn peer_names(&self) -> Vec<String> {

@@ -205,7 +205,10 @@ const FINISH_POLL: Duration = Duration::from_millis(100);
 /// everything generated here reached the mirrors, this shard told its peers
 /// so and heard the same from each of them (so none is left with an update
 /// it cannot deliver). Waiting for workers and own deliveries gives up after
-/// `drain_timeout`; waiting for peers does not (a peer may train longer).
+/// `drain_timeout` (and still tells the peers, which would otherwise wait for
+/// it forever); waiting for peers gives up only once every peer not yet
+/// drained has been silent for `drain_timeout` (a live peer may train
+/// longer; a gone one never answers).
 async fn training_done(
     state: Arc<Mutex<State>>,
     links: Option<Arc<Links>>,
@@ -231,7 +234,8 @@ async fn training_done(
                 undelivered,
                 "training stopped {drain_timeout:?} ago, yet not every worker left or not every update reached the mirrors; exiting anyway"
             );
-            return;
+            // It sends nothing more: the peers need not wait for it.
+            break guard.mirror.as_mut().map(MirrorState::drained_tick);
         }
         // A shard restored stopped sees no push that would flush what it
         // holds: flush once the workers are gone (a no-op when nothing is left).
@@ -264,12 +268,21 @@ async fn training_done(
     {
         warn!("a mirror did not take the drained tick within {drain_timeout:?}");
     }
+    let waiting = Instant::now();
     loop {
-        if lock(&state)
-            .mirror
-            .as_ref()
-            .is_none_or(MirrorState::peers_drained)
-        {
+        if let Some(m) = lock(&state).mirror.as_ref() {
+            if m.peers_drained() {
+                return;
+            }
+            if waiting.elapsed() > drain_timeout
+                && !m.undrained_heard_within(Instant::now(), drain_timeout)
+            {
+                warn!(
+                    "the peers not yet drained have been silent for {drain_timeout:?}; exiting without them"
+                );
+                return;
+            }
+        } else {
             return;
         }
         tokio::time::sleep(FINISH_POLL).await;

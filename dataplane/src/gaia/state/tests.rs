@@ -419,6 +419,34 @@ fn a_silent_peer_stops_holding_the_bound_until_it_speaks_again() {
     assert_eq!(s.values()[0], 1.5);
 }
 
+/// A shard done training waits for the peers that have not said they are
+/// drained only while one of them is heard: a gone peer never says it.
+#[test]
+fn only_a_peer_heard_lately_keeps_a_drained_shard_waiting() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 10, 1));
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(5);
+    assert!(!m.undrained_heard_within(t0, limit), "never heard");
+    m.heard("b", 1, t0).unwrap();
+    assert!(m.undrained_heard_within(t0 + limit, limit));
+    assert!(
+        !m.undrained_heard_within(t0 + limit * 2, limit),
+        "b went silent"
+    );
+    let drained = ClockTick {
+        datacenter: "b".into(),
+        mirror_clock: 3,
+        stopped: true,
+        drained: true,
+        epoch: 1,
+    };
+    m.on_tick(&drained, &mut s).unwrap();
+    assert!(
+        !m.undrained_heard_within(t0, limit),
+        "b is drained, c never heard"
+    );
+}
+
 #[test]
 fn barrier_blocks_only_announced_rows_until_their_data_arrives() {
     let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
