@@ -17,7 +17,7 @@ use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 
 use super::build::{self, JobView, names, secret_text};
-use super::objects::apply_object;
+use super::objects::{apply_object, ensure_namespace};
 use crate::Error;
 use crate::clusters::{Cluster, Unavailable};
 
@@ -33,6 +33,9 @@ pub(super) async fn step(
     let mut next = now + CERTIFICATE_LIFETIME;
     for (p, cluster) in view.placements.iter().zip(clusters) {
         let Ok(cluster) = cluster else { continue };
+        if !p.owned {
+            ensure_namespace(&cluster.client, &p.namespace).await?;
+        }
         let api = Api::<Secret>::namespaced(cluster.client.clone(), &p.namespace);
         for role in view.roles(p) {
             let name = names::tls(&view.job.name_any(), p.name(), role);
