@@ -1,13 +1,15 @@
 //! A job's certificate authority and the certificates it issues to roles,
 //! written in the layout of a Kubernetes `kubernetes.io/tls` Secret mount
 //! (`ca.crt`, `tls.crt`, `tls.key`): `geoml run` makes a throwaway one per
-//! run, and the operator can issue the same per job.
+//! run, and the operator one per job, kept in a Secret
+//! ([`CertificateAuthority::from_pem`]).
 
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::identity::{Identity, SERVER_NAME};
@@ -18,6 +20,24 @@ pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "tls.crt";
 /// The role's private key (PEM) in a TLS directory.
 pub const KEY_FILE: &str = "tls.key";
+/// The CA's private key (PEM), in the Secret the operator keeps a job's CA in.
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// How long a role certificate is valid; the operator renews it after two
+/// thirds of that ([`renew_after`]).
+pub const CERTIFICATE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long a CA is valid: longer than any job.
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Clocks of the machines a certificate is checked on may be this far
+/// behind the issuer's.
+const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// When a certificate issued at `issued` for `lifetime` is renewed: once two
+/// thirds of its life are over, long before it expires.
+#[must_use]
+pub fn renew_after(issued: SystemTime, lifetime: Duration) -> SystemTime {
+    issued + lifetime * 2 / 3
+}
 
 /// What can go wrong issuing certificates.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +45,9 @@ pub enum PkiError {
     /// rcgen refused the parameters or could not sign.
     #[error("issuing a certificate: {0}")]
     Issue(#[from] rcgen::Error),
+    /// A stored CA is incomplete.
+    #[error("{0}")]
+    Stored(String),
     /// A file could not be written.
     #[error("writing {path}: {source}")]
     Write {
@@ -46,7 +69,8 @@ pub struct IssuedCertificate {
 
 /// A certificate authority: a self-signed CA certificate and its key.
 pub struct CertificateAuthority {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -63,21 +87,56 @@ impl CertificateAuthority {
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        Ok(Self { issuer })
+        validity(&mut params, SystemTime::now(), CA_LIFETIME);
+        let certified = CertifiedIssuer::self_signed(params.clone(), KeyPair::generate()?)?;
+        let cert_pem = certified.pem();
+        // The issuer again, owning its key (a `CertifiedIssuer` lends it).
+        let key = KeyPair::from_pem(&certified.key().serialize_pem())?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+        })
+    }
+
+    /// The CA whose certificate and key [`Self::pem`] and [`Self::key_pem`]
+    /// gave.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, KeyPair::from_pem(key_pem)?)?;
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
     }
 
     /// The CA certificate, PEM (a TLS directory's `ca.crt`).
     #[must_use]
     pub fn pem(&self) -> String {
-        self.issuer.pem()
+        self.cert_pem.clone()
     }
 
-    /// A certificate for `identity`, good for serving and for calling:
-    /// its subject alternative names are the identity's URI and
-    /// [`SERVER_NAME`].
+    /// The CA's private key, PEM: for the operator's Secret only.
+    #[must_use]
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// A certificate for `identity`, valid from `now` for
+    /// [`CERTIFICATE_LIFETIME`] and good for serving and for calling: its
+    /// subject alternative names are the identity's URI and [`SERVER_NAME`].
     pub fn issue(&self, identity: &Identity) -> Result<IssuedCertificate, PkiError> {
+        self.issue_at(identity, SystemTime::now(), CERTIFICATE_LIFETIME)
+    }
+
+    /// A certificate for `identity` valid from `now` for `lifetime` (see
+    /// [`Self::issue`]).
+    pub fn issue_at(
+        &self,
+        identity: &Identity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<IssuedCertificate, PkiError> {
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
+        validity(&mut params, now, lifetime);
         params
             .subject_alt_names
             .push(SanType::URI(identity.uri().try_into()?));
@@ -124,6 +183,12 @@ impl CertificateAuthority {
     }
 }
 
+/// Valid from a little before `now` (clocks differ) for `lifetime`.
+fn validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration) {
+    params.not_before = (now - CLOCK_SKEW).into();
+    params.not_after = (now + lifetime).into();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +204,22 @@ mod tests {
             let text = std::fs::read_to_string(dir.path().join(file)).unwrap();
             assert!(text.starts_with("-----BEGIN "), "{file}: {text}");
         }
+    }
+
+    #[test]
+    fn a_stored_ca_issues_certificates_named_after_it() {
+        use x509_parser::pem::parse_x509_pem;
+        let stored = CertificateAuthority::new("job").unwrap();
+        let ca = CertificateAuthority::from_pem(&stored.pem(), &stored.key_pem()).unwrap();
+        assert_eq!(ca.pem(), stored.pem());
+        let issued = ca.issue(&Identity::new("eu-west", Role::Worker)).unwrap();
+        let (_, ca_pem) = parse_x509_pem(stored.pem().as_bytes()).unwrap();
+        let (_, leaf_pem) = parse_x509_pem(issued.cert_pem.as_bytes()).unwrap();
+        let (ca_cert, leaf) = (ca_pem.parse_x509().unwrap(), leaf_pem.parse_x509().unwrap());
+        assert_eq!(leaf.issuer(), ca_cert.subject());
+        let validity = leaf.validity();
+        let life = validity.not_after.timestamp() - validity.not_before.timestamp();
+        let expected = (CERTIFICATE_LIFETIME + CLOCK_SKEW).as_secs();
+        assert_eq!(u64::try_from(life).unwrap(), expected);
     }
 }

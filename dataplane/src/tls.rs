@@ -7,10 +7,11 @@
 //! without one, or whose certificate carries no geoml identity
 //! ([`geoml_crds::identity`]); the identity of an accepted connection is in
 //! every request's extensions ([`Peer`], read with [`peer_identity`]).
-//! A server re-reads its certificate and key when the files change, so a
-//! rotated certificate needs no restart; the CA and the certificate a
-//! client presents are read once, at start.
+//! A role re-reads its certificate and key when the files change, for the
+//! connections it accepts and those it makes, so a rotated certificate
+//! needs no restart; the CA is read once, at start.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -21,19 +22,23 @@ use std::time::{Duration, SystemTime};
 use geoml_crds::identity::{Identity, SERVER_NAME};
 use geoml_crds::pki::{CA_FILE, CERT_FILE, KEY_FILE};
 use geoml_crds::roles::TlsArgs;
+use hyper_util::rt::TokioIo;
+use rustls::SignatureScheme;
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http::Uri;
 use tonic::transport::server::Connected;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 /// Longest a TLS handshake may take before the connection is dropped.
@@ -75,8 +80,47 @@ pub enum Transport {
 /// A role's TLS material, loaded.
 #[derive(Debug)]
 pub struct Mtls {
-    client: ClientTlsConfig,
+    client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
+}
+
+impl Mtls {
+    fn connector(&self) -> Connector {
+        Connector(TlsConnector::from(self.client.clone()))
+    }
+}
+
+/// Dials TCP (with `TCP_NODELAY`) and runs the client side of a TLS
+/// handshake over it: the connector of a channel with TLS.
+#[derive(Clone)]
+struct Connector(TlsConnector);
+
+type Connecting<T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send>>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Connecting<Self::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connector = self.0.clone();
+        Box::pin(async move {
+            let invalid = |what: String| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+            };
+            let host = uri.host().ok_or_else(|| invalid("no host".into()))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().ok_or_else(|| invalid("no port".into()))?;
+            let tcp = TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(SERVER_NAME).map_err(|e| invalid(e.to_string()))?;
+            Ok(TokioIo::new(connector.connect(name, tcp).await?))
+        })
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -127,56 +171,66 @@ impl Transport {
     /// Mutual TLS with the material in the TLS directory `dir`.
     pub fn mtls(dir: &Path) -> Result<Self, TlsError> {
         let ca_path = dir.join(CA_FILE);
-        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-        let ca = read(&ca_path)?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in certificates(&ca_path)? {
             roots.add(cert).map_err(|e| material(&ca_path, e))?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        let roots = Arc::new(roots);
+        let own = Arc::new(ReloadingCert::new(dir.join(CERT_FILE), dir.join(KEY_FILE))?);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(ReloadingCert::new(
-                cert_path.clone(),
-                key_path.clone(),
-            )?));
+            .with_cert_resolver(own.clone());
         server.alpn_protocols = vec![b"h2".to_vec()];
-        let client = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(tonic::transport::Identity::from_pem(
-                read(&cert_path)?,
-                read(&key_path)?,
-            ))
-            .domain_name(SERVER_NAME);
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(own);
+        client.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self::Mtls(Arc::new(Mtls {
-            client,
+            client: Arc::new(client),
             server: Arc::new(server),
         })))
     }
 
-    /// An endpoint for `address` (`http://host:port`; the scheme is set
-    /// here, by the transport: `https` for TLS, which verifies the server
-    /// against the CA and [`SERVER_NAME`] and presents this role's
-    /// certificate).
+    /// An endpoint for `address` (`http://host:port`), to be configured and
+    /// then dialled with [`Self::lazy`] or [`Self::dial`], which add TLS.
     pub fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
         let authority = address
             .strip_prefix("http://")
             .or_else(|| address.strip_prefix("https://"))
             .unwrap_or(address);
+        Endpoint::from_shared(format!("http://{authority}"))
+    }
+
+    /// A channel to `endpoint` that dials at its first call (and again
+    /// after a failure). With TLS, every connection verifies the server
+    /// against the CA and [`SERVER_NAME`] and presents this role's current
+    /// certificate.
+    #[must_use]
+    pub fn lazy(&self, endpoint: &Endpoint) -> Channel {
         match self {
-            Self::Mtls(tls) => Endpoint::from_shared(format!("https://{authority}"))?
-                .tls_config(tls.client.clone()),
-            Self::Plaintext => Endpoint::from_shared(format!("http://{authority}")),
+            Self::Mtls(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+            Self::Plaintext => endpoint.connect_lazy(),
         }
     }
 
-    /// A connection to `address` (see [`Self::endpoint`]), dialled now.
+    /// A channel to `endpoint`, dialled now (see [`Self::lazy`]).
+    pub async fn dial(&self, endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
+        match self {
+            Self::Mtls(tls) => endpoint.connect_with_connector(tls.connector()).await,
+            Self::Plaintext => endpoint.connect().await,
+        }
+    }
+
+    /// A connection to `address`, dialled now (see [`Self::lazy`]).
     pub async fn connect(&self, address: &str) -> Result<Channel, tonic::transport::Error> {
-        self.endpoint(address)?.connect().await
+        self.dial(&self.endpoint(address)?).await
     }
 
     /// The connections `listener` accepts, for tonic's
@@ -265,9 +319,10 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
         .ok_or_else(|| "the client certificate names no geoml identity (geoml://DC/ROLE)".into())
 }
 
-/// The server's certificate: re-read from its files whenever they change
-/// (a rotated Secret), checked on every handshake. A pair that does not
-/// load (a half-written rotation) is logged, and the last good one served.
+/// A role's own certificate, served to clients and presented to servers:
+/// re-read from its files whenever they change (a rotated Secret), checked
+/// on every handshake. A pair that does not load (a half-written rotation)
+/// is logged, and the last good one used.
 #[derive(Debug)]
 struct ReloadingCert {
     cert: PathBuf,
@@ -304,7 +359,7 @@ impl ReloadingCert {
         if stamp != loaded.0 {
             match certified_key(&self.cert, &self.key) {
                 Ok(key) => {
-                    info!(cert = %self.cert.display(), "serving the renewed certificate");
+                    info!(cert = %self.cert.display(), "using the renewed certificate");
                     *loaded = (stamp, key);
                 }
                 Err(e) => warn!("keeping the current certificate: {e}"),
@@ -317,6 +372,16 @@ impl ReloadingCert {
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current())
+    }
+}
+
+impl ResolvesClientCert for ReloadingCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -485,5 +550,43 @@ mod tests {
         let other = tls_dir(&ca, &identity);
         std::fs::copy(other.path().join(CERT_FILE), &cert).unwrap();
         assert_eq!(served.current().cert[0], renewed);
+    }
+
+    /// A client presents its renewed certificate on its next connection,
+    /// without a restart: the server reads the new identity from it.
+    #[tokio::test]
+    async fn a_renewed_client_certificate_is_presented_on_the_next_connection() {
+        use tokio_stream::StreamExt as _;
+        use tower::Service as _;
+        let ca = CertificateAuthority::new("test").unwrap();
+        let (ps, worker) = (
+            Identity::new("eu-west", Role::ParameterServer),
+            Identity::new("eu-west", Role::Worker),
+        );
+        let server_dir = tls_dir(&ca, &Identity::new("us-east", Role::ParameterServer));
+        let client_dir = tls_dir(&ca, &ps);
+        let server = Transport::mtls(server_dir.path()).unwrap();
+        let Transport::Mtls(client) = Transport::mtls(client_dir.path()).unwrap() else {
+            unreachable!("mtls() makes mutual TLS");
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let mut incoming = server.incoming(listener);
+        let mut connector = client.connector();
+        for expected in [&ps, &worker] {
+            if expected == &worker {
+                // The Secret is rotated (here: to another identity, to tell
+                // the certificates apart).
+                std::thread::sleep(Duration::from_millis(20));
+                ca.write_dir(&worker, client_dir.path()).unwrap();
+            }
+            let _client = connector.call(uri.clone()).await.unwrap();
+            match incoming.next().await {
+                Some(Ok(Conn::Tls(_, identity))) => assert_eq!(&identity, expected),
+                other => panic!("no TLS connection: {other:?}"),
+            }
+        }
     }
 }

@@ -98,7 +98,7 @@ pub fn connect(
     addresses
         .iter()
         .map(|address| {
-            let channel = transport
+            let endpoint = transport
                 .endpoint(address)
                 .map_err(|source| WorkerError::Address {
                     address: address.clone(),
@@ -107,8 +107,8 @@ pub fn connect(
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .initial_stream_window_size(WINDOW_BYTES)
-                .initial_connection_window_size(2 * WINDOW_BYTES)
-                .connect_lazy();
+                .initial_connection_window_size(2 * WINDOW_BYTES);
+            let channel = transport.lazy(&endpoint);
             Ok(ParameterServerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES))

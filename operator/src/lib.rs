@@ -48,6 +48,9 @@ pub enum Error {
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// The job's CA or a role certificate could not be made or read.
+    #[error("certificates: {0}")]
+    Pki(#[from] geoml_crds::pki::PkiError),
     /// A datacenter whose objects must be deleted cannot be reached.
     #[error("cannot clean up in datacenter {datacenter}: {reason}")]
     CleanupBlocked {
@@ -65,6 +68,7 @@ impl Error {
         match self {
             Self::Kube { .. } => "kube",
             Self::Yaml(_) => "yaml",
+            Self::Pki(_) => "pki",
             Self::Finalizer(_) => "finalizer",
             Self::CleanupBlocked { .. } => "cleanup_blocked",
         }

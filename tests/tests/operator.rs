@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use geoml_crds::roles::ParameterServerArgs;
 use geoml_crds::{Datacenter, Topology, TrainingJob, yaml};
+use geoml_operator::job::build::{RENEW_AFTER_ANNOTATION, secret_text};
 use geoml_operator::{Operator, Settings};
 use geoml_tests::{ControlPlane, eventually};
 use k8s_openapi::ByteString;
@@ -45,6 +46,23 @@ async fn create_namespace(client: &Client, name: &str) {
         .create(&PostParams::default(), &ns)
         .await
         .unwrap();
+}
+
+/// The URI subject alternative name of the PEM certificate `pem`.
+fn uri_name(pem: &str) -> String {
+    use x509_parser::extensions::GeneralName;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let names = cert.subject_alternative_name().unwrap().unwrap();
+    names
+        .value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .unwrap()
 }
 
 /// A Secret in the hub's `geoml-system` holding a member's kubeconfig.
@@ -355,6 +373,12 @@ spec:
         ("eu-west", "203.0.113.2"),
         ("ap-southeast", "203.0.113.3"),
     ]);
+    let ca_secret = Api::<Secret>::namespaced(hub.clone(), NS)
+        .get(&format!("{JOB}-ca"))
+        .await
+        .unwrap();
+    let ca = secret_text(&ca_secret, "ca.crt");
+    assert!(ca.is_some() && secret_text(&ca_secret, "ca.key").is_some());
     for (client, dc) in [(&hub, "us-east"), (&eu, "eu-west"), (&ap, "ap-southeast")] {
         let pods = wait_pod_count(client, 3, dc).await;
         let mut names: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
@@ -378,8 +402,15 @@ spec:
         assert_eq!(args[0], ParameterServerArgs::SUBCOMMAND, "{args:?}");
         let parsed = PsCommand::try_parse_from(args).unwrap().args;
         assert_eq!(parsed.shard, 0);
-        assert_eq!(parsed.role.manifest, Path::new("/etc/geoml/manifest.yaml"));
-        assert_eq!(parsed.role.topology, Path::new("/etc/geoml/topology.yaml"));
+        assert!(!parsed.role.tls.insecure_plaintext, "{args:?}");
+        assert_eq!(
+            parsed.role.manifest,
+            Path::new("/etc/geoml/job/manifest.yaml")
+        );
+        assert_eq!(
+            parsed.role.topology,
+            Path::new("/etc/geoml/job/topology.yaml")
+        );
         let env = container.env.as_ref().unwrap();
         assert!(
             env.iter()
@@ -419,6 +450,19 @@ spec:
         );
         let parsed = geoml_crds::manifest::Manifest::from_yaml(&manifest).unwrap();
         assert_eq!(parsed.job().unwrap().datacenters.len(), 3);
+        // mTLS: each role's certificate, from the job's CA, names its
+        // datacenter and role.
+        for role in ["ps", "worker"] {
+            let secret = Api::<Secret>::namespaced(client.clone(), NS)
+                .get(&format!("{JOB}-{dc}-{role}-tls"))
+                .await
+                .unwrap();
+            assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+            assert_eq!(secret_text(&secret, "ca.crt"), ca);
+            let cert = secret_text(&secret, "tls.crt").unwrap();
+            assert_eq!(uri_name(&cert), format!("geoml://{dc}/{role}"));
+            assert!(secret.annotations().contains_key(RENEW_AFTER_ANNOTATION));
+        }
     }
     let status = job(&hub, JOB).await.status.unwrap();
     assert_eq!(status.per_datacenter.len(), 3);
@@ -591,6 +635,14 @@ spec:
         );
         assert!(
             Api::<ConfigMap>::namespaced(client.clone(), NS)
+                .list(&lp)
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        assert!(
+            Api::<Secret>::namespaced(client.clone(), NS)
                 .list(&lp)
                 .await
                 .unwrap()

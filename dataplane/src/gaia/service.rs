@@ -180,7 +180,7 @@ fn client(
     address: &str,
     transport: &Transport,
 ) -> Result<MirrorClient<Channel>, tonic::transport::Error> {
-    let channel = transport
+    let endpoint = transport
         .endpoint(address)?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
@@ -189,8 +189,8 @@ fn client(
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .initial_stream_window_size(WINDOW_BYTES)
-        .initial_connection_window_size(2 * WINDOW_BYTES)
-        .connect_lazy();
+        .initial_connection_window_size(2 * WINDOW_BYTES);
+    let channel = transport.lazy(&endpoint);
     Ok(MirrorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -2,13 +2,13 @@
 //! datacenter's cluster before the job goes.
 
 use geoml_crds::{Datacenter, TrainingJob};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
 use super::build::{self, Placement};
-use super::objects::{delete_labelled, publish};
+use super::objects::{delete_ignoring_missing, delete_labelled, publish};
 use crate::clusters::Cluster;
 use crate::{Context, Error};
 
@@ -66,7 +66,15 @@ pub(super) async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action, 
         delete_labelled::<Service>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<ConfigMap>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<PersistentVolumeClaim>(&cluster.client, &p.namespace, &selector).await?;
+        // Secrets by name: the operator may not list them.
+        let secrets = Api::<Secret>::namespaced(cluster.client.clone(), &p.namespace);
+        for role in build::Role::ALL {
+            let name = build::names::tls(&job.name_any(), &spec.name, role);
+            delete_ignoring_missing(&secrets, &name).await?;
+        }
     }
+    let ca = Api::<Secret>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    delete_ignoring_missing(&ca, &build::names::ca(&job.name_any())).await?;
     publish(
         ctx,
         job,

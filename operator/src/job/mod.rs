@@ -2,12 +2,14 @@
 //! module per step:
 //! [`resolve`] (SyncPolicy, Datacenters, their clusters; validation) →
 //! [`finish`] (did it end: failed pods, success, deadline; winding down) →
+//! [`certificates`] (the job's CA and its roles' TLS Secrets) →
 //! [`place`] ([`build`]'s pure objects, server-side applied in every
 //! datacenter) → [`observe`] (pods and progress) → status.
 //! A finalizer ([`cleanup`]) deletes the job's objects in every cluster
 //! before the job goes.
 
 pub mod build;
+mod certificates;
 mod cleanup;
 mod finish;
 mod links;
@@ -238,10 +240,11 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
     if out.finished() {
         return finish::wind_down(&view, &clusters, ctx, &mut out).await;
     }
+    let renewal = certificates::step(&view, &clusters, &ctx.client).await?;
     let placing = place::step(&view, &clusters, ctx, &mut out).await?;
     let reading = observe::step(&view, &clusters, ctx, &mut out).await;
     finish_status(job, ctx, &mut out).await?;
-    let requeue = sooner(sooner(ending, placing), reading);
+    let requeue = sooner(sooner(sooner(ending, placing), reading), Some(renewal));
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 

@@ -25,8 +25,10 @@ mod pods;
 mod services;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use services::{Endpoints, local_url, peer_url};
+pub use tls::{RENEW_AFTER_ANNOTATION, renew_after, secret_text};
 
 /// Port of a parameter server's gRPC service (workers and mirrors).
 pub const PS_PORT: i32 = 7070;
@@ -36,8 +38,10 @@ pub const METRICS_PORT: i32 = 9090;
 pub const REGISTRY_PORT: i32 = 7071;
 /// Port of a Cartel site's model exchange.
 pub const SITE_PORT: i32 = 7072;
-/// Where the topology ConfigMap is mounted.
-const CONFIG_DIR: &str = "/etc/geoml";
+/// Where the topology ConfigMap is mounted (not a parent of the TLS
+/// directory, `/etc/geoml/tls`: a volume cannot be mounted inside a
+/// ConfigMap's read-only one).
+const CONFIG_DIR: &str = "/etc/geoml/job";
 /// Where parameter servers write checkpoints.
 const CHECKPOINT_DIR: &str = "/var/lib/geoml/checkpoints";
 /// Where a parameter server leaves its final progress for the operator
@@ -100,6 +104,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
+    pub const ALL: [Self; 4] = [
+        Self::ParameterServer,
+        Self::Worker,
+        Self::Site,
+        Self::Registry,
+    ];
+
     /// The `geoml` subcommand and label value.
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -216,6 +228,16 @@ pub mod names {
     #[must_use]
     pub fn site_service(job: &str, dc: &str) -> String {
         format!("{job}-{dc}-site")
+    }
+    /// The Secret holding the job's CA, next to the job.
+    #[must_use]
+    pub fn ca(job: &str) -> String {
+        format!("{job}-ca")
+    }
+    /// The TLS Secret of `role`'s pods in datacenter `dc`.
+    #[must_use]
+    pub fn tls(job: &str, dc: &str, role: super::Role) -> String {
+        format!("{job}-{dc}-{}-tls", role.as_str())
     }
     /// The claim the operator creates for a datacenter's checkpoints.
     #[must_use]

@@ -7,16 +7,16 @@ use std::path::Path;
 
 use geoml_crds::mode::CollaborativeMode;
 use geoml_crds::roles::{
-    DEFAULT_EVAL_EVERY, DataDirArgs, JobRoleArgs, ParameterServerArgs, RegistryArgs, SiteArgs,
-    TlsArgs, WorkerArgs,
+    DEFAULT_EVAL_EVERY, DEFAULT_TLS_DIR, DataDirArgs, JobRoleArgs, ParameterServerArgs,
+    RegistryArgs, SiteArgs, TlsArgs, WorkerArgs,
 };
 use geoml_crds::training_job::DatasetName;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, TCPSocketAction, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, TCPSocketAction,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -73,9 +73,22 @@ impl JobView {
             data_dir: data.then(|| DATA_DIR.into()),
         };
         let config = |file: &str| Path::new(CONFIG_DIR).join(file);
-        // The operator issues no certificates yet (docs/gaia.md, "mTLS"):
-        // its pods opt out of TLS explicitly, and say so in their logs.
-        let tls = TlsArgs::insecure_plaintext();
+        // The role's certificate and the job's CA, where roles look by default.
+        mounts.push(VolumeMount {
+            read_only: Some(true),
+            ..mount("tls", DEFAULT_TLS_DIR, None)
+        });
+        volumes.push(Volume {
+            name: "tls".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names::tls(&job, p.name(), role)),
+                // Readable by the pod's group (fsGroup) only.
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        let tls = TlsArgs::default();
         let mut job_role = JobRoleArgs::new(config("manifest.yaml"), config("topology.yaml"));
         job_role.metrics_listen = Some(any_address(METRICS_PORT));
         job_role.data = data_dir.clone();

@@ -62,18 +62,18 @@ fn gaia_pods_run_their_role_with_arguments_from_the_spec() {
     assert_eq!(
         container.args.as_deref().unwrap().join(" "),
         "ps --shard=0 --listen=0.0.0.0:7070 --drain-timeout=300 \
-         --termination-log=/dev/termination-log --manifest=/etc/geoml/manifest.yaml \
-         --topology=/etc/geoml/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
-         --data-dir=/var/lib/geoml/data --no-fetch --insecure-plaintext"
+         --termination-log=/dev/termination-log --manifest=/etc/geoml/job/manifest.yaml \
+         --topology=/etc/geoml/job/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
+         --data-dir=/var/lib/geoml/data --no-fetch"
     );
     assert_eq!(ps.subdomain.as_deref(), Some("fashion-mnist-gaia-eu-west"));
     assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
     let worker = &pods[2].spec.as_ref().unwrap().containers[0];
     assert_eq!(
         worker.args.as_deref().unwrap().join(" "),
-        "worker --index=1 --eval-every=20 --manifest=/etc/geoml/manifest.yaml \
-         --topology=/etc/geoml/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
-         --data-dir=/var/lib/geoml/data --no-fetch --insecure-plaintext"
+        "worker --index=1 --eval-every=20 --manifest=/etc/geoml/job/manifest.yaml \
+         --topology=/etc/geoml/job/topology.yaml --seed=42 --metrics-listen=0.0.0.0:9090 \
+         --data-dir=/var/lib/geoml/data --no-fetch"
     );
     let env: BTreeMap<_, _> = worker
         .env
@@ -146,15 +146,15 @@ fn cartel_runs_a_site_per_datacenter_and_the_registry_in_the_first() {
     );
     assert_eq!(
         args(&first[0]),
-        "site --manifest=/etc/geoml/manifest.yaml --data-dir=/var/lib/geoml/data --no-fetch \
-         --topology=/etc/geoml/topology.yaml --listen=0.0.0.0:7072 \
+        "site --manifest=/etc/geoml/job/manifest.yaml --data-dir=/var/lib/geoml/data --no-fetch \
+         --topology=/etc/geoml/job/topology.yaml --listen=0.0.0.0:7072 \
          --advertise=http://192.0.2.1:30072 --mode=cartel --expect-sites=3 --finish-poll=1 \
-         --registry-grace=5 --finish-timeout=3600 --insecure-plaintext"
+         --registry-grace=5 --finish-timeout=3600"
     );
     assert_eq!(
         args(&first[1]),
         "registry --listen=0.0.0.0:7071 --state-dir=/var/lib/geoml/registry \
-         --exit-when-finished=3 --exit-grace=5 --insecure-plaintext"
+         --exit-when-finished=3 --exit-grace=5"
     );
     let other = view.pods(&view.placements[1], "http://192.0.2.2:30072");
     assert_eq!(other.len(), 1);
@@ -304,4 +304,61 @@ fn peer_access_applies_only_when_the_job_spans_clusters() {
     // One datacenter has no peers.
     let lan = view("fashion-mnist-lan.yaml");
     assert!(!lan.peers_use_peer_access(&lan.placements[0]));
+}
+
+/// Every pod mounts its role's TLS Secret where roles read it by default,
+/// and that Secret holds the CA and a certificate naming the datacenter and
+/// the role.
+#[test]
+fn every_pod_mounts_the_tls_secret_of_its_datacenter_and_role() {
+    use geoml_crds::pki::{CA_FILE, CERT_FILE, CertificateAuthority, KEY_FILE};
+    use geoml_crds::roles::DEFAULT_TLS_DIR;
+    for (example, roles) in [
+        ("gaia-3dc.yaml", vec![Role::ParameterServer, Role::Worker]),
+        ("cartel-flights.yaml", vec![Role::Site, Role::Registry]),
+    ] {
+        let view = view(example);
+        let first = &view.placements[0];
+        assert_eq!(view.roles(first), roles, "{example}");
+        for pod in view.pods(first, "") {
+            let spec = pod.spec.as_ref().unwrap();
+            let role = pod.labels()[ROLE_LABEL].clone();
+            let mount = spec.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == DEFAULT_TLS_DIR)
+                .unwrap_or_else(|| panic!("{}: no TLS mount", pod.name_any()));
+            assert_eq!(mount.read_only, Some(true));
+            let volume = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .unwrap();
+            let secret = volume.secret.as_ref().unwrap();
+            let dc = first.name();
+            assert_eq!(
+                secret.secret_name.as_deref(),
+                Some(format!("{}-{dc}-{role}-tls", view.job.name_any()).as_str())
+            );
+            assert_eq!(secret.default_mode, Some(0o440));
+            let args = spec.containers[0].args.as_deref().unwrap().join(" ");
+            assert!(!args.contains("plaintext"), "{args}");
+        }
+    }
+    let view = view("gaia-3dc.yaml");
+    let eu = &view.placements[1];
+    let ca = CertificateAuthority::new("test").unwrap();
+    let identity = JobView::identity(eu, Role::Worker);
+    assert_eq!(identity.uri(), "geoml://eu-west/worker");
+    let issued = ca.issue(&identity).unwrap();
+    let renew = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000);
+    let secret = view.tls_secret(eu, Role::Worker, &ca.pem(), &issued, renew);
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(secret.name_any(), "fashion-mnist-gaia-eu-west-worker-tls");
+    assert_eq!(secret_text(&secret, CA_FILE), Some(ca.pem()));
+    assert_eq!(secret_text(&secret, CERT_FILE), Some(issued.cert_pem));
+    assert_eq!(secret_text(&secret, KEY_FILE), Some(issued.key_pem));
+    assert_eq!(renew_after(&secret), Some(renew));
 }
