@@ -48,6 +48,21 @@ async fn create_namespace(client: &Client, name: &str) {
         .unwrap();
 }
 
+/// The objects of kind `K` in namespace `NS` that `lp` selects.
+async fn labelled<K>(client: &Client, lp: &ListParams) -> Vec<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), NS)
+        .list(lp)
+        .await
+        .unwrap()
+        .items
+}
+
 /// The URI subject alternative name of the PEM certificate `pem`.
 fn uri_name(pem: &str) -> String {
     use x509_parser::extensions::GeneralName;
@@ -625,30 +640,9 @@ spec:
         let selector = format!("geoml.io/job={JOB}");
         let lp = ListParams::default().labels(&selector);
         assert!(job_pods(client).await.is_empty());
-        assert!(
-            Api::<Service>::namespaced(client.clone(), NS)
-                .list(&lp)
-                .await
-                .unwrap()
-                .items
-                .is_empty()
-        );
-        assert!(
-            Api::<ConfigMap>::namespaced(client.clone(), NS)
-                .list(&lp)
-                .await
-                .unwrap()
-                .items
-                .is_empty()
-        );
-        assert!(
-            Api::<Secret>::namespaced(client.clone(), NS)
-                .list(&lp)
-                .await
-                .unwrap()
-                .items
-                .is_empty()
-        );
+        assert!(labelled::<Service>(client, &lp).await.is_empty());
+        assert!(labelled::<ConfigMap>(client, &lp).await.is_empty());
+        assert!(labelled::<Secret>(client, &lp).await.is_empty());
     }
 
     // activeDeadlineSeconds fails a job; ttlSecondsAfterFinished then deletes it.
