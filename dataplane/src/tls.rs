@@ -7,6 +7,9 @@
 //! without one, or whose certificate carries no geoml identity
 //! ([`geoml_crds::identity`]); the identity of an accepted connection is in
 //! every request's extensions ([`Peer`], read with [`peer_identity`]).
+//! Clients check the server's identity the same way: every dial names the
+//! role (and, where it is known, the datacenter) it means to reach
+//! ([`Expect`]), and a server whose certificate states another is refused.
 //! A role re-reads its certificate and key when the files change, for the
 //! connections it accepts and those it makes, so a rotated certificate
 //! needs no restart; the CA is read once, at start.
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use geoml_crds::identity::{Identity, SERVER_NAME};
+use geoml_crds::identity::{Identity, Role, SERVER_NAME};
 use geoml_crds::pki::{CA_FILE, CERT_FILE, KEY_FILE};
 use geoml_crds::roles::TlsArgs;
 use hyper_util::rt::TokioIo;
@@ -85,15 +88,75 @@ pub struct Mtls {
 }
 
 impl Mtls {
-    fn connector(&self) -> Connector {
-        Connector(TlsConnector::from(self.client.clone()))
+    fn connector(&self, server: &Expect) -> Connector {
+        Connector {
+            tls: TlsConnector::from(self.client.clone()),
+            server: server.clone(),
+        }
+    }
+}
+
+/// The server a client means to reach. Its certificate must state this
+/// role, and this datacenter when one is named: a certificate of the job's
+/// CA alone proves nothing more than membership of the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expect {
+    role: Role,
+    datacenter: Option<String>,
+}
+
+impl Expect {
+    /// A server of `role` in any datacenter of the job.
+    #[must_use]
+    pub fn role(role: Role) -> Self {
+        Self {
+            role,
+            datacenter: None,
+        }
+    }
+
+    /// The server `identity` and no other.
+    #[must_use]
+    pub fn identity(identity: Identity) -> Self {
+        Self {
+            role: identity.role,
+            datacenter: Some(identity.datacenter),
+        }
+    }
+
+    /// Refuses a server whose certificate states another identity.
+    fn check(&self, server: &Identity) -> Result<(), String> {
+        let datacenter_matches = self
+            .datacenter
+            .as_ref()
+            .is_none_or(|dc| *dc == server.datacenter);
+        if server.role == self.role && datacenter_matches {
+            Ok(())
+        } else {
+            Err(format!(
+                "the server's certificate is the {server}, but this client dials {self}"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.datacenter {
+            Some(dc) => write!(f, "the {} of {dc}", self.role.name()),
+            None => write!(f, "a {}", self.role.name()),
+        }
     }
 }
 
 /// Dials TCP (with `TCP_NODELAY`) and runs the client side of a TLS
-/// handshake over it: the connector of a channel with TLS.
+/// handshake over it, then checks that the server is the one expected: the
+/// connector of a channel with TLS.
 #[derive(Clone)]
-struct Connector(TlsConnector);
+struct Connector {
+    tls: TlsConnector,
+    server: Expect,
+}
 
 type Connecting<T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send>>;
 
@@ -107,18 +170,28 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connector = self.0.clone();
+        let Self { tls, server } = self.clone();
         Box::pin(async move {
-            let invalid = |what: String| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
-            };
+            let error = |kind, what: String| std::io::Error::new(kind, format!("{uri}: {what}"));
+            let invalid = |what| error(std::io::ErrorKind::InvalidInput, what);
             let host = uri.host().ok_or_else(|| invalid("no host".into()))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let port = uri.port_u16().ok_or_else(|| invalid("no port".into()))?;
             let tcp = TcpStream::connect((host, port)).await?;
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(SERVER_NAME).map_err(|e| invalid(e.to_string()))?;
-            Ok(TokioIo::new(connector.connect(name, tcp).await?))
+            let stream = tls.connect(name, tcp).await?;
+            let refused = |what| error(std::io::ErrorKind::PermissionDenied, what);
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(<[_]>::first)
+                .ok_or_else(|| refused("no server certificate".into()))?;
+            server
+                .check(&identity(cert).map_err(refused)?)
+                .map_err(refused)?;
+            Ok(TokioIo::new(stream))
         })
     }
 }
@@ -208,29 +281,37 @@ impl Transport {
         Endpoint::from_shared(format!("http://{authority}"))
     }
 
-    /// A channel to `endpoint` that dials at its first call (and again
-    /// after a failure). With TLS, every connection verifies the server
-    /// against the CA and [`SERVER_NAME`] and presents this role's current
-    /// certificate.
+    /// A channel to `endpoint`, the server `server`, that dials at its
+    /// first call (and again after a failure). With TLS, every connection
+    /// verifies the server against the CA, [`SERVER_NAME`] and `server`, and
+    /// presents this role's current certificate.
     #[must_use]
-    pub fn lazy(&self, endpoint: &Endpoint) -> Channel {
+    pub fn lazy(&self, endpoint: &Endpoint, server: &Expect) -> Channel {
         match self {
-            Self::Mtls(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+            Self::Mtls(tls) => endpoint.connect_with_connector_lazy(tls.connector(server)),
             Self::Plaintext => endpoint.connect_lazy(),
         }
     }
 
     /// A channel to `endpoint`, dialled now (see [`Self::lazy`]).
-    pub async fn dial(&self, endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
+    pub async fn dial(
+        &self,
+        endpoint: &Endpoint,
+        server: &Expect,
+    ) -> Result<Channel, tonic::transport::Error> {
         match self {
-            Self::Mtls(tls) => endpoint.connect_with_connector(tls.connector()).await,
+            Self::Mtls(tls) => endpoint.connect_with_connector(tls.connector(server)).await,
             Self::Plaintext => endpoint.connect().await,
         }
     }
 
     /// A connection to `address`, dialled now (see [`Self::lazy`]).
-    pub async fn connect(&self, address: &str) -> Result<Channel, tonic::transport::Error> {
-        self.dial(&self.endpoint(address)?).await
+    pub async fn connect(
+        &self,
+        address: &str,
+        server: &Expect,
+    ) -> Result<Channel, tonic::transport::Error> {
+        self.dial(&self.endpoint(address)?, server).await
     }
 
     /// The connections `listener` accepts, for tonic's
@@ -304,10 +385,10 @@ async fn handshake(acceptor: &TlsAcceptor, stream: TcpStream) -> Result<Conn, St
 /// The geoml identity in a certificate's URI subject alternative names.
 pub fn identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
     let names = parsed
         .subject_alternative_name()
-        .map_err(|e| format!("client certificate: {e}"))?
+        .map_err(|e| format!("certificate: {e}"))?
         .map(|ext| ext.value.general_names.clone())
         .unwrap_or_default();
     names
@@ -316,7 +397,7 @@ pub fn identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
             x509_parser::extensions::GeneralName::URI(uri) => Identity::from_uri(uri),
             _ => None,
         })
-        .ok_or_else(|| "the client certificate names no geoml identity (geoml://DC/ROLE)".into())
+        .ok_or_else(|| "the certificate names no geoml identity (geoml://DC/ROLE)".into())
 }
 
 /// A role's own certificate, served to clients and presented to servers:
@@ -529,6 +610,29 @@ mod tests {
     }
 
     #[test]
+    fn a_client_accepts_only_the_server_it_expects() {
+        let ps = Identity::new("us-east", Role::ParameterServer);
+        assert_eq!(Expect::identity(ps.clone()).check(&ps), Ok(()));
+        assert_eq!(Expect::role(Role::ParameterServer).check(&ps), Ok(()));
+        let other_datacenter = Expect::identity(Identity::new("eu-west", Role::ParameterServer));
+        assert_eq!(
+            other_datacenter.check(&ps),
+            Err(
+                "the server's certificate is the ps of us-east, but this client dials \
+                 the ps of eu-west"
+                    .into()
+            )
+        );
+        let other_role = Expect::role(Role::Registry);
+        assert!(
+            other_role
+                .check(&ps)
+                .unwrap_err()
+                .ends_with("dials a registry")
+        );
+    }
+
+    #[test]
     fn a_renewed_certificate_is_served_and_a_broken_one_is_not() {
         let ca = CertificateAuthority::new("test").unwrap();
         let identity = Identity::new("us-east", Role::ParameterServer);
@@ -574,7 +678,7 @@ mod tests {
             .parse()
             .unwrap();
         let mut incoming = server.incoming(listener);
-        let mut connector = client.connector();
+        let mut connector = client.connector(&Expect::role(Role::ParameterServer));
         for expected in [&ps, &worker] {
             if expected == &worker {
                 // The Secret is rotated (here: to another identity, to tell

@@ -21,7 +21,8 @@ use crate::model::{Layout, Model, WorkingSet};
 use crate::pb;
 use crate::pb::parameter_server_client::ParameterServerClient;
 use crate::retry;
-use crate::tls::Transport;
+use crate::tls::{Expect, Transport};
+use geoml_crds::identity::Role;
 use geoml_proto::rows::{pack_keys, rows, unpack_values};
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
@@ -108,7 +109,7 @@ pub fn connect(
                 .tcp_nodelay(true)
                 .initial_stream_window_size(WINDOW_BYTES)
                 .initial_connection_window_size(2 * WINDOW_BYTES);
-            let channel = transport.lazy(&endpoint);
+            let channel = transport.lazy(&endpoint, &Expect::role(Role::ParameterServer));
             Ok(ParameterServerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES))

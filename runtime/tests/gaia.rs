@@ -18,8 +18,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
+use geoml_crds::identity::Role;
 use geoml_crds::manifest::Manifest;
-use geoml_dataplane::tls::Transport;
+use geoml_dataplane::tls::{Expect, Transport};
 use geoml_launcher::run::LocalRun;
 use geoml_launcher::wan::control;
 use geoml_launcher::wan::{FaultOp, Scope};
@@ -62,7 +63,8 @@ async fn mirror_client(
     address: &str,
     transport: &Transport,
 ) -> MirrorClient<tonic::transport::Channel> {
-    MirrorClient::new(transport.connect(address).await.unwrap())
+    let shard = Expect::role(Role::ParameterServer);
+    MirrorClient::new(transport.connect(address, &shard).await.unwrap())
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{doc, example, free_port, set, write};
 use geoml_crds::identity::{Identity, Role, SERVER_NAME};
 use geoml_crds::pki::{CA_FILE, CertificateAuthority};
-use geoml_dataplane::tls::Transport;
+use geoml_dataplane::tls::{Expect, Transport};
 use geoml_proto as pb;
 use geoml_proto::cartel::model_exchange_client::ModelExchangeClient;
 use geoml_proto::cartel::registry_client::RegistryClient;
@@ -95,10 +95,11 @@ fn start_parameter_server(dir: &Path, tls: &Path) -> (tokio::process::Child, Str
     (child, address)
 }
 
-/// A channel to `address` over `transport`, once the server answers.
-async fn ready(address: &str, transport: &Transport) -> Channel {
+/// A channel to `address`, the server `server`, over `transport`, once the
+/// server answers.
+async fn ready(address: &str, server: &Expect, transport: &Transport) -> Channel {
     for _ in 0..300 {
-        if let Ok(channel) = transport.connect(address).await {
+        if let Ok(channel) = transport.connect(address, server).await {
             return channel;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -117,10 +118,11 @@ enum Stranger {
 }
 
 impl Stranger {
-    /// A channel to `address`, if the handshake got that far.
-    async fn connect(&self, address: &str) -> Option<Channel> {
+    /// A channel to `address`, the server `server`, if the handshake got
+    /// that far.
+    async fn connect(&self, address: &str, server: &Expect) -> Option<Channel> {
         match self {
-            Self::Plaintext => Transport::Plaintext.connect(address).await.ok(),
+            Self::Plaintext => Transport::Plaintext.connect(address, server).await.ok(),
             Self::NoCertificate(ca) => {
                 let tls = ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(ca))
@@ -134,7 +136,7 @@ impl Stranger {
                     .await
                     .ok()
             }
-            Self::AnotherCa(transport) => transport.connect(address).await.ok(),
+            Self::AnotherCa(transport) => transport.connect(address, server).await.ok(),
         }
     }
 }
@@ -148,14 +150,26 @@ struct Services {
 }
 
 impl Services {
-    /// One call to each service through the channels `connect` makes; a
-    /// connection that fails counts as refused.
+    /// The server each service's certificate names.
+    fn ps_server() -> Expect {
+        Expect::identity(Identity::new("us-east", Role::ParameterServer))
+    }
+    fn registry_server() -> Expect {
+        Expect::role(Role::Registry)
+    }
+    fn site_server() -> Expect {
+        Expect::identity(Identity::new("site-a", Role::Site))
+    }
+
+    /// One call to each service through the channels `connect` makes to an
+    /// address and the server expected there; a connection that fails
+    /// counts as refused.
     async fn call_each(
         &self,
-        connect: impl AsyncFn(&str) -> Option<Channel>,
+        connect: impl AsyncFn(&str, &Expect) -> Option<Channel>,
     ) -> Vec<(&'static str, Result<(), tonic::Status>)> {
         let no_connection = || Err(tonic::Status::unavailable("no connection"));
-        let ps = connect(&self.ps).await;
+        let ps = connect(&self.ps, &Self::ps_server()).await;
         let status = match ps.clone() {
             Some(c) => ParameterServerClient::new(c)
                 .status(pb::StatusRequest {})
@@ -170,14 +184,14 @@ impl Services {
                 .map(drop),
             None => no_connection(),
         };
-        let sites = match connect(&self.registry).await {
+        let sites = match connect(&self.registry, &Self::registry_server()).await {
             Some(c) => RegistryClient::new(c)
                 .sites(pb::cartel::SitesRequest {})
                 .await
                 .map(drop),
             None => no_connection(),
         };
-        let portions = match connect(&self.site).await {
+        let portions = match connect(&self.site, &Self::site_server()).await {
             Some(c) => ModelExchangeClient::new(c)
                 .fetch_portions(pb::cartel::PortionsRequest {
                     site: "site-b".into(),
@@ -263,7 +277,8 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
         &Identity::new("us-east", Role::Launcher),
     ))
     .unwrap();
-    let mut registry = RegistryClient::new(ready(&services.registry, &valid).await);
+    let mut registry =
+        RegistryClient::new(ready(&services.registry, &Services::registry_server(), &valid).await);
     for _ in 0..300 {
         let sites = registry.sites(pb::cartel::SitesRequest {}).await.unwrap();
         if !sites.into_inner().sites.is_empty() {
@@ -271,10 +286,10 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    ready(&services.ps, &valid).await;
-    ready(&services.site, &valid).await;
+    ready(&services.ps, &Services::ps_server(), &valid).await;
+    ready(&services.site, &Services::site_server(), &valid).await;
     for (service, result) in services
-        .call_each(async |a| valid.connect(a).await.ok())
+        .call_each(async |a, server| valid.connect(a, server).await.ok())
         .await
     {
         assert!(
@@ -302,7 +317,7 @@ async fn every_service_refuses_a_client_without_a_certificate_of_the_jobs_ca() {
     ];
     for (who, stranger) in &strangers {
         for (service, result) in services
-            .call_each(async |a| stranger.connect(a).await)
+            .call_each(async |a, server| stranger.connect(a, server).await)
             .await
         {
             assert!(result.is_err(), "{service} served a client with {who}");
@@ -331,7 +346,7 @@ async fn a_peer_cannot_send_mirror_messages_in_another_datacenters_name() {
         &Identity::new("eu-west", Role::ParameterServer),
     ))
     .unwrap();
-    let mut mirror = MirrorClient::new(ready(&ps, &eu_west).await);
+    let mut mirror = MirrorClient::new(ready(&ps, &Services::ps_server(), &eu_west).await);
     let tick = |datacenter: &str| pb::mirror::ClockTick {
         datacenter: datacenter.into(),
         mirror_clock: 1,
@@ -368,7 +383,7 @@ async fn a_peer_cannot_send_mirror_messages_in_another_datacenters_name() {
             "{status:?}"
         );
     }
-    let status = ParameterServerClient::new(ready(&ps, &eu_west).await)
+    let status = ParameterServerClient::new(ready(&ps, &Services::ps_server(), &eu_west).await)
         .status(pb::StatusRequest {})
         .await
         .unwrap()
@@ -392,11 +407,29 @@ async fn a_peer_cannot_send_mirror_messages_in_another_datacenters_name() {
         &Identity::new("eu-west", Role::Worker),
     ))
     .unwrap();
-    let status = MirrorClient::new(ready(&ps, &worker).await)
+    let status = MirrorClient::new(ready(&ps, &Services::ps_server(), &worker).await)
         .tick(tick("eu-west"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // Nor does a client take the server for another: us-east's shard is
+    // not ap-southeast's, nor a registry.
+    for other in [
+        Expect::identity(Identity::new("ap-southeast", Role::ParameterServer)),
+        Expect::role(Role::Registry),
+    ] {
+        let refused = eu_west.connect(&ps, &other).await.unwrap_err();
+        let message =
+            std::iter::successors(Some(&refused as &dyn std::error::Error), |e| e.source())
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
+        assert!(
+            message.contains("the ps of us-east") && message.contains(&other.to_string()),
+            "{message}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -427,8 +460,14 @@ async fn a_site_cannot_publish_in_another_sites_name() {
         &Identity::new("site-a", Role::Site),
     ))
     .unwrap();
-    let mut registry =
-        RegistryClient::new(ready(&format!("http://127.0.0.1:{port}"), &site_a).await);
+    let mut registry = RegistryClient::new(
+        ready(
+            &format!("http://127.0.0.1:{port}"),
+            &Services::registry_server(),
+            &site_a,
+        )
+        .await,
+    );
     let metadata = |site: &str, forwarded: bool| pb::cartel::SiteMetadata {
         site: site.into(),
         address: "http://127.0.0.1:1".into(),

@@ -24,7 +24,7 @@ use super::pb::{
     Neighbour, NeighboursReply, NeighboursRequest, PublishReply, SiteMetadata, SitesReply,
     SitesRequest,
 };
-use crate::tls::{Transport, check_claim, peer_identity};
+use crate::tls::{Expect, Transport, check_claim, peer_identity};
 use geoml_crds::identity::{Identity, Role};
 
 /// File name of the persisted state inside the state directory.
@@ -227,7 +227,11 @@ impl Registry for RegistryService {
             for replica in &self.replicas {
                 // Best effort: a replica that is down catches up on the
                 // site's next refresh.
-                match self.transport.connect(replica).await {
+                match self
+                    .transport
+                    .connect(replica, &Expect::role(Role::Registry))
+                    .await
+                {
                     Ok(channel) => {
                         let mut client = RegistryClient::new(channel);
                         if let Err(e) = client.publish(copy.clone()).await {

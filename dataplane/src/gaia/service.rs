@@ -26,7 +26,7 @@ use crate::pb::mirror::{
 };
 use crate::retry;
 use crate::state::{Progress, State, lock, publish};
-use crate::tls::{Transport, check_claim};
+use crate::tls::{Expect, Transport, check_claim};
 use geoml_crds::identity::{Identity, Role};
 use geoml_proto::rows::pack_values;
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
@@ -178,6 +178,7 @@ impl Mirror for MirrorService {
 /// deadline on every call and HTTP/2 keepalive.
 fn client(
     address: &str,
+    peer: &str,
     transport: &Transport,
 ) -> Result<MirrorClient<Channel>, tonic::transport::Error> {
     let endpoint = transport
@@ -190,7 +191,8 @@ fn client(
         .tcp_nodelay(true)
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES);
-    let channel = transport.lazy(&endpoint);
+    let server = Expect::identity(Identity::new(peer, Role::ParameterServer));
+    let channel = transport.lazy(&endpoint, &server);
     Ok(MirrorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -232,20 +234,22 @@ where
 }
 
 impl Links {
-    /// Lazily connects to each peer shard at `addresses` (`http://host:port`),
-    /// twice: control messages never queue behind data. Idle links tick
-    /// every `heartbeat`.
+    /// Lazily connects to the shard of each datacenter of `peers` at its
+    /// address in `addresses` (`http://host:port`), twice: control messages
+    /// never queue behind data. Idle links tick every `heartbeat`.
     pub fn connect(
+        peers: &[String],
         addresses: &[String],
         heartbeat: Duration,
         transport: &Transport,
     ) -> Result<Self, tonic::transport::Error> {
-        let peers = addresses
+        let peers = peers
             .iter()
-            .map(|a| {
+            .zip(addresses)
+            .map(|(peer, a)| {
                 Ok(PeerLink {
-                    control: client(a, transport)?,
-                    data: client(a, transport)?,
+                    control: client(a, peer, transport)?,
+                    data: client(a, peer, transport)?,
                     data_wake: Notify::new(),
                     control_wake: Notify::new(),
                     in_flight_since: Mutex::new(None),

@@ -346,8 +346,8 @@ fn open(config: &PsConfig, model: &dyn Model) -> Result<(State, Option<Arc<Links
         None => (None, None),
         Some((mirror, addresses)) => {
             let heartbeat = crate::gaia::service::heartbeat(mirror.peer_timeout);
+            let links = Links::connect(&mirror.peers, addresses, heartbeat, &config.transport)?;
             let mirror = MirrorState::new(mirror.clone(), shard.values().len(), shard.num_rows());
-            let links = Links::connect(addresses, heartbeat, &config.transport)?;
             (Some(mirror), Some(Arc::new(links)))
         }
     };

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
+use geoml_crds::identity::{Identity, Role};
 use geoml_crds::roles;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -19,7 +20,7 @@ use crate::cartel::pb::{NeighboursRequest, PortionsReply, PortionsRequest, SiteM
 use crate::cartel::scenario::Scenario;
 use crate::cartel::{CartelError, CollaborativeMode, SiteConfig};
 use crate::retry;
-use crate::tls::Transport;
+use crate::tls::{Expect, Transport};
 
 /// The model exchange a site serves: portions of its model, never examples.
 pub struct Exchange {
@@ -204,7 +205,8 @@ async fn connect_registry(
 ) -> Result<RegistryClient<Channel>, CartelError> {
     let backoff =
         retry::backoff(Duration::from_secs(1)).with_total_delay(Some(Duration::from_secs(60)));
-    (|| transport.connect(url))
+    let registry = Expect::role(Role::Registry);
+    (|| transport.connect(url, &registry))
         .retry(backoff)
         .await
         .map(RegistryClient::new)
@@ -269,7 +271,8 @@ async fn borrow(
             classes: wanted,
         };
         let request_bytes = wire_bytes(&request);
-        let portions = match transport.connect(&neighbour.address).await {
+        let server = Expect::identity(Identity::new(&neighbour.site, Role::Site));
+        let portions = match transport.connect(&neighbour.address, &server).await {
             Ok(channel) => {
                 ModelExchangeClient::new(channel)
                     .fetch_portions(request)
