@@ -11,6 +11,8 @@
 
 use std::fmt;
 
+use crate::roles::{ParameterServerArgs, RegistryArgs, SiteArgs, WorkerArgs};
+
 /// The URI scheme of an identity.
 pub const SCHEME: &str = "geoml";
 
@@ -44,14 +46,14 @@ impl Role {
         Self::Launcher,
     ];
 
-    /// The role's name in an identity.
+    /// The role's name in an identity: the `geoml` subcommand that runs it.
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
-            Self::ParameterServer => "ps",
-            Self::Worker => "worker",
-            Self::Registry => "registry",
-            Self::Site => "site",
+            Self::ParameterServer => ParameterServerArgs::SUBCOMMAND,
+            Self::Worker => WorkerArgs::SUBCOMMAND,
+            Self::Registry => RegistryArgs::SUBCOMMAND,
+            Self::Site => SiteArgs::SUBCOMMAND,
             Self::Launcher => "launcher",
         }
     }

@@ -8,8 +8,8 @@
 
 mod common;
 
+use common::free_port;
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
@@ -80,14 +80,6 @@ fn jensen_shannon_ranks_a_class_swap() {
         .collect();
     assert!(jensen_shannon(&mixed, &other) < jensen_shannon(&mixed, &home));
     assert!((jensen_shannon(&home, &other) - 1.0).abs() < 1e-12);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start_registry(port: u16, state: &Path) -> tokio::process::Child {

@@ -64,11 +64,27 @@ pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
     }
 }
 
-/// A loopback port nobody listens on (at the moment of asking).
+/// A loopback port nobody listens on (at the moment of asking), for a
+/// process to bind later. Never the same twice in one test binary, and
+/// below the kernel's ephemeral range (32768 and up), so neither a test
+/// running beside this one (port 0 can hand both the same port) nor an
+/// outgoing connection's local port takes it in between.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % COUNT;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < COUNT,
+            "no free loopback port in {FIRST}..{}",
+            FIRST + COUNT
+        );
+        let port = u16::try_from(FIRST + (start + n) % COUNT).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use geoml_crds::identity;
 use geoml_crds::manifest::{Manifest, ManifestError};
 use geoml_crds::plan::{JobPlan, PlanError};
 use geoml_crds::sync_policy::InterDatacenterModel;
@@ -112,15 +113,21 @@ impl Role {
         Self::Registry,
     ];
 
-    /// The `geoml` subcommand and label value.
+    /// The role as a certificate names it.
+    #[must_use]
+    pub fn identity_role(self) -> identity::Role {
+        match self {
+            Self::ParameterServer => identity::Role::ParameterServer,
+            Self::Worker => identity::Role::Worker,
+            Self::Site => identity::Role::Site,
+            Self::Registry => identity::Role::Registry,
+        }
+    }
+
+    /// The `geoml` subcommand and label value (the identity's role name).
     #[must_use]
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ParameterServer => "ps",
-            Self::Worker => "worker",
-            Self::Site => "site",
-            Self::Registry => "registry",
-        }
+        self.identity_role().name()
     }
 }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use geoml_crds::identity::{self, Identity};
+use geoml_crds::identity::Identity;
 use geoml_crds::pki::{
     CA_FILE, CA_KEY_FILE, CERT_FILE, CertificateAuthority, IssuedCertificate, KEY_FILE,
 };
@@ -21,19 +21,6 @@ use super::{JOB_LABEL, JOB_NAMESPACE_LABEL, JobView, MANAGED_BY, MANAGER, Placem
 /// Annotation on a role's TLS Secret: when the operator renews its
 /// certificate (RFC 3339).
 pub const RENEW_AFTER_ANNOTATION: &str = "geoml.io/renew-after";
-
-impl Role {
-    /// The role as a certificate names it.
-    #[must_use]
-    pub fn identity_role(self) -> identity::Role {
-        match self {
-            Self::ParameterServer => identity::Role::ParameterServer,
-            Self::Worker => identity::Role::Worker,
-            Self::Site => identity::Role::Site,
-            Self::Registry => identity::Role::Registry,
-        }
-    }
-}
 
 impl JobView {
     /// The roles whose pods run in datacenter `p`, each with its TLS Secret.
