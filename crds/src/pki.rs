@@ -120,23 +120,12 @@ impl CertificateAuthority {
         self.issuer.key().serialize_pem()
     }
 
-    /// A certificate for `identity`, valid from `now` for
+    /// A certificate for `identity`, valid from now for
     /// [`CERTIFICATE_LIFETIME`] and good for serving and for calling: its
     /// subject alternative names are the identity's URI and [`SERVER_NAME`].
     pub fn issue(&self, identity: &Identity) -> Result<IssuedCertificate, PkiError> {
-        self.issue_at(identity, SystemTime::now(), CERTIFICATE_LIFETIME)
-    }
-
-    /// A certificate for `identity` valid from `now` for `lifetime` (see
-    /// [`Self::issue`]).
-    pub fn issue_at(
-        &self,
-        identity: &Identity,
-        now: SystemTime,
-        lifetime: Duration,
-    ) -> Result<IssuedCertificate, PkiError> {
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
-        validity(&mut params, now, lifetime);
+        validity(&mut params, SystemTime::now(), CERTIFICATE_LIFETIME);
         params
             .subject_alt_names
             .push(SanType::URI(identity.uri().try_into()?));

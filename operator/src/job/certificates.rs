@@ -44,7 +44,7 @@ pub(super) async fn step(
                 .await
                 .map_err(Error::kube(format!("reading Secret {name}")))?;
             let current = existing.as_ref().and_then(|secret| {
-                let renew = build::renew_after(secret)?;
+                let renew = build::renewal_due(secret)?;
                 (secret_text(secret, CA_FILE)? == ca.pem() && renew > now).then_some(renew)
             });
             let renew = if let Some(renew) = current {

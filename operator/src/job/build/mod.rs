@@ -29,7 +29,7 @@ mod tests;
 mod tls;
 
 pub use services::{Endpoints, local_url, peer_url};
-pub use tls::{RENEW_AFTER_ANNOTATION, renew_after, secret_text};
+pub use tls::{RENEW_AFTER_ANNOTATION, renewal_due, secret_text};
 
 /// Port of a parameter server's gRPC service (workers and mirrors).
 pub const PS_PORT: i32 = 7070;

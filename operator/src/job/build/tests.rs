@@ -360,5 +360,5 @@ fn every_pod_mounts_the_tls_secret_of_its_datacenter_and_role() {
     assert_eq!(secret_text(&secret, CA_FILE), Some(ca.pem()));
     assert_eq!(secret_text(&secret, CERT_FILE), Some(issued.cert_pem));
     assert_eq!(secret_text(&secret, KEY_FILE), Some(issued.key_pem));
-    assert_eq!(renew_after(&secret), Some(renew));
+    assert_eq!(renewal_due(&secret), Some(renew));
 }

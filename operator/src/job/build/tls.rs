@@ -120,7 +120,7 @@ pub fn secret_text(secret: &Secret, key: &str) -> Option<String> {
 /// When the certificate in a role's TLS Secret is due for renewal (`None`:
 /// unknown, so now).
 #[must_use]
-pub fn renew_after(secret: &Secret) -> Option<SystemTime> {
+pub fn renewal_due(secret: &Secret) -> Option<SystemTime> {
     let stamp: Timestamp = secret
         .annotations()
         .get(RENEW_AFTER_ANNOTATION)?
