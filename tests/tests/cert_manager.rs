@@ -3,7 +3,8 @@
 //! bound only to the chart's RBAC, asks cert-manager for every role's
 //! certificate instead of signing them itself; its pods wait until
 //! cert-manager has issued them; the Secrets carry the identity the roles
-//! check and one CA, and the data plane's TLS layer accepts them.
+//! check and one CA, the data plane's TLS layer accepts them, and
+//! cert-manager renews them in place.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -20,7 +21,9 @@ use geoml_operator::{Operator, Settings};
 use geoml_tests::cert_manager::{CA_ISSUER, CA_SECRET, CA_SUBJECT, CLUSTER_RESOURCE_NAMESPACE};
 use geoml_tests::{CertManager, ControlPlane, Helm, eventually};
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -368,6 +371,47 @@ spec:
     )
     .await;
     assert_eq!(caller, Identity::new("eu-west", Role::ParameterServer));
+
+    // Renewal is cert-manager's: asked to renew (as `cmctl renew` does,
+    // through the Issuing condition), it writes a new key and certificate
+    // into the same Secret, with the same identity and CA; the roles serve
+    // the new files without a restart (the data plane re-reads them).
+    let name = format!("{JOB}-us-east-ps-tls");
+    let secrets = Api::<Secret>::namespaced(admin.clone(), "ml");
+    let before = secrets.get(&name).await.unwrap();
+    let cert = certificates(&admin, "ml").get(&name).await.unwrap();
+    let mut conditions = cert.data["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    conditions.push(json!({
+        "type": "Issuing",
+        "status": "True",
+        "reason": "ManuallyTriggered",
+        "message": "renewal requested by the test",
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+    }));
+    certificates(&admin, "ml")
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "conditions": conditions } })),
+        )
+        .await
+        .unwrap();
+    let after = eventually("a renewed certificate in the same Secret", || async {
+        let now = secrets.get(&name).await.unwrap();
+        (secret_text(&now, CERT_FILE) != secret_text(&before, CERT_FILE)).then_some(now)
+    })
+    .await;
+    assert_ne!(
+        secret_text(&after, KEY_FILE),
+        secret_text(&before, KEY_FILE),
+        "renewed without a new key"
+    );
+    assert_eq!(secret_text(&after, CA_FILE).unwrap(), root_pem);
+    let (uris, _, _) = names(&secret_text(&after, CERT_FILE).unwrap());
+    assert_eq!(uris, ["geoml://us-east/ps"]);
 
     // Deleting the job deletes its Certificates and their Secrets too.
     Api::<TrainingJob>::namespaced(admin.clone(), "ml")
