@@ -62,6 +62,65 @@ pub struct TrainingJobSpec {
     /// image the operator was installed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+
+    /// Who issues the certificates of the job's mutual TLS. Unset: the
+    /// operator makes a CA for the job and signs every role's certificate
+    /// itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// Who issues the certificates of a job's mutual TLS.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A cert-manager issuer that signs every role's certificate instead of
+    /// the operator: in each datacenter's cluster the operator creates one
+    /// cert-manager `Certificate` per role, in the namespace the job's pods
+    /// run in there, and cert-manager writes the role's TLS Secret (and
+    /// renews it). The issuer must exist in every datacenter's cluster (an
+    /// `Issuer` in that namespace, or a `ClusterIssuer`), sign with the same
+    /// CA everywhere and write that CA as `ca.crt` (cert-manager's CA
+    /// issuer does), so that roles of different datacenters trust each
+    /// other. Pods start once every certificate is issued. Unset: the
+    /// operator's own per-job CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+/// The group of cert-manager's own issuers.
+pub const CERT_MANAGER_GROUP: &str = "cert-manager.io";
+
+/// A reference to a cert-manager issuer, as a `Certificate`'s `issuerRef`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.group != 'cert-manager.io' || self.kind == 'Issuer' || self.kind == 'ClusterIssuer'")
+    .message("kind must be Issuer or ClusterIssuer for group cert-manager.io")
+    .field_path(".kind"))]
+pub struct IssuerRef {
+    /// Name of the issuer.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// `Issuer` (namespaced, in the namespace of the job's pods in every
+    /// datacenter's cluster; the default) or `ClusterIssuer`; an external
+    /// issuer's kind when `group` names one.
+    #[serde(default = "default_issuer_kind")]
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+
+    /// API group of the issuer. Default `cert-manager.io`.
+    #[serde(default = "default_issuer_group")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: String,
+}
+
+fn default_issuer_kind() -> String {
+    "Issuer".to_owned()
+}
+
+fn default_issuer_group() -> String {
+    CERT_MANAGER_GROUP.to_owned()
 }
 
 /// The model to train and its optimizer.

@@ -7,6 +7,7 @@
 //! and cached; the container runtime is Debian's (`tests/tools/deps.sh`);
 //! nothing here mocks the apiserver or the node.
 
+pub mod cert_manager;
 mod cgroup;
 pub mod cluster;
 mod control_plane;
@@ -20,6 +21,7 @@ pub mod schemas;
 pub mod storage;
 mod tools;
 
+pub use cert_manager::CertManager;
 pub use cluster::{Cluster, geoml_images};
 pub use control_plane::ControlPlane;
 pub use helm::Helm;

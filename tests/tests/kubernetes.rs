@@ -1,6 +1,7 @@
 //! TrainingJobs on real one-node clusters: the images this repository builds,
 //! the operator running as a pod, `kubectl apply` of the examples, and the
-//! jobs trained to `Succeeded` by real pods.
+//! jobs trained to `Succeeded` by real pods (one of them with certificates
+//! from cert-manager).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::process::Command;
@@ -8,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use geoml_crds::training_job::{DatasetName, JobPhase};
 use geoml_crds::{Datacenter, TrainingJob, yaml};
+use geoml_tests::cert_manager::{CA_ISSUER, CertManager};
 use geoml_tests::{Cluster, data_cache, eventually_within, example, geoml_images};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -446,15 +448,42 @@ async fn a_killed_parameter_server_resumes_and_a_multi_datacenter_lan_job_trains
 
     // Three datacenters in one cluster as one parameter server (LAN); the
     // example's Datacenters are all `local`, so their LoadBalancer peer
-    // Services (no load balancer here) are not waited for.
+    // Services (no load balancer here) are not waited for. Its certificates
+    // come from cert-manager's real controller (`spec.tls.issuerRef`).
+    let cert_manager = CertManager::start(cluster.control_plane()).unwrap();
+    CertManager::install_ca_issuer(cluster.control_plane()).unwrap();
     apply(
         &cluster,
-        &with_model(&example("bsp-3dc.yaml").unwrap(), "LAN"),
+        &with_issuer(&with_model(&example("bsp-3dc.yaml").unwrap(), "LAN")),
     );
     let name = "fashion-mnist-bsp";
     let done = wait_for_success(&cluster, name).await;
     let metric = done.status.unwrap().metric.unwrap();
-    eprintln!("{name} as LAN over 3 datacenters Succeeded at {metric:.4}");
+    let secrets = Api::<Secret>::namespaced(cluster.client(), "default");
+    let ps = secrets
+        .get(&format!("{name}-eu-west-ps-tls"))
+        .await
+        .unwrap();
+    assert_eq!(ps.annotations()["cert-manager.io/issuer-name"], CA_ISSUER);
+    let own_ca = secrets.get_opt(&format!("{name}-ca")).await.unwrap();
+    assert!(own_ca.is_none(), "the operator made a CA of its own");
+    drop(cert_manager);
+    eprintln!(
+        "{name} as LAN over 3 datacenters, certificates by cert-manager, Succeeded at {metric:.4}"
+    );
+}
+
+/// `manifest` with its TrainingJob's certificates issued by cert-manager's
+/// [`CA_ISSUER`].
+fn with_issuer(manifest: &str) -> String {
+    let mut docs = yaml::documents(manifest).unwrap();
+    for value in &mut docs {
+        if value["kind"] == "TrainingJob" {
+            value["spec"]["tls"] =
+                json!({"issuerRef": {"name": CA_ISSUER, "kind": "ClusterIssuer"}});
+        }
+    }
+    yaml::to_stream(&docs).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,14 +8,19 @@
 # A second, small module (monitoring/) builds controller-gen and generates the
 # Prometheus Operator's ServiceMonitor and PodMonitor CRDs from its Go types,
 # for kubeconform too; it cannot share the first module's build (see its go.mod).
+# A third (certmanager/) builds cert-manager's controller and copies its CRDs,
+# which the operator's `spec.tls.issuerRef` test runs against; it needs
+# k8s.io/* v0.26, so it cannot share either build.
 # Progress goes to stderr; the last line of stdout is the directory.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${GEOML_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/geoml}
-key=$(cat "$here/go.mod" "$here/go.sum" "$here/monitoring/go.mod" "$here/monitoring/go.sum" | sha256sum | cut -c1-16)
+key=$(cat "$here/go.mod" "$here/go.sum" "$here/monitoring/go.mod" "$here/monitoring/go.sum" \
+  "$here/certmanager/go.mod" "$here/certmanager/go.sum" | sha256sum | cut -c1-16)
 out="$cache/k8s-$key/bin"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd helm kubeconform pause)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd helm kubeconform pause
+  cert-manager-controller)
 
 mkdir -p "$cache"
 exec 9>"$cache/k8s-build.lock"
@@ -23,7 +28,8 @@ flock 9
 
 complete() {
   for b in "${binaries[@]}"; do [ -x "$out/$b" ] || return 1; done
-  [ -f "$out/kubernetes-swagger.json" ] && [ -f "$out/monitoring-crds/monitoring.coreos.com_servicemonitors.yaml" ]
+  [ -f "$out/kubernetes-swagger.json" ] && [ -f "$out/monitoring-crds/monitoring.coreos.com_servicemonitors.yaml" ] &&
+    [ -f "$out/cert-manager-crds/crd-certificates.yaml" ]
 }
 
 if ! complete; then
@@ -61,6 +67,17 @@ if ! complete; then
       paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1 \
       output:crd:dir="$tmp/monitoring-crds")
   rm "$tmp/controller-gen"
+  # cert-manager's controller and its CRDs (the third module). The CRD files
+  # are Helm templates only in their labels, which are dropped.
+  echo "building cert-manager's controller (the third tools module)" >&2
+  (cd "$here/certmanager" &&
+    go build -ldflags "-s -w" -o "$tmp/cert-manager-controller" \
+      github.com/cert-manager/cert-manager/cmd/controller &&
+    cm_dir=$(go list -m -f '{{.Dir}}' github.com/cert-manager/cert-manager) &&
+    mkdir "$tmp/cert-manager-crds" &&
+    for f in "$cm_dir"/deploy/crds/crd-*.yaml; do
+      sed '/^  labels:$/d; /{{/d' "$f" >"$tmp/cert-manager-crds/${f##*/}"
+    done)
   rm -rf "$out"
   mkdir -p "$(dirname "$out")"
   mv "$tmp" "$out"

@@ -8,6 +8,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
 use super::build::{self, Placement};
+use super::certificates::forget_certificate;
 use super::objects::{delete_ignoring_missing, delete_labelled, publish};
 use crate::clusters::Cluster;
 use crate::{Context, Error};
@@ -66,6 +67,19 @@ pub(super) async fn cleanup(job: &TrainingJob, ctx: &Context) -> Result<Action, 
         delete_labelled::<Service>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<ConfigMap>(&cluster.client, &p.namespace, &selector).await?;
         delete_labelled::<PersistentVolumeClaim>(&cluster.client, &p.namespace, &selector).await?;
+        // cert-manager's Certificates first, or it would write their
+        // Secrets again.
+        if job
+            .spec
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.issuer_ref.is_some())
+        {
+            for role in build::Role::ALL {
+                let name = build::names::tls(&job.name_any(), &spec.name, role);
+                forget_certificate(&cluster, &p.namespace, &name).await?;
+            }
+        }
         // Secrets by name: the operator may not list them.
         let secrets = Api::<Secret>::namespaced(cluster.client.clone(), &p.namespace);
         for role in build::Role::ALL {

@@ -2,7 +2,8 @@
 //! module per step:
 //! [`resolve`] (SyncPolicy, Datacenters, their clusters; validation) →
 //! [`finish`] (did it end: failed pods, success, deadline; winding down) →
-//! [`certificates`] (the job's CA and its roles' TLS Secrets) →
+//! [`certificates`] (the job's CA and its roles' TLS Secrets, or
+//! cert-manager `Certificate`s for them) →
 //! [`place`] ([`build`]'s pure objects, server-side applied in every
 //! datacenter) → [`observe`] (pods and progress) → status.
 //! A finalizer ([`cleanup`]) deletes the job's objects in every cluster
@@ -240,7 +241,15 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
     if out.finished() {
         return finish::wind_down(&view, &clusters, ctx, &mut out).await;
     }
-    let renewal = certificates::step(&view, &clusters, &ctx.client).await?;
+    let renewal = match certificates::step(&view, &clusters, &ctx.client).await? {
+        certificates::Certificates::Current(renewal) => renewal,
+        certificates::Certificates::Pending(blocked) => {
+            // No pods without their certificates: they could not serve.
+            out.condition("Created", false, blocked.reason, &blocked.message);
+            finish_status(job, ctx, &mut out).await?;
+            return Ok(Action::requeue(ENDPOINT_POLL));
+        }
+    };
     let placing = place::step(&view, &clusters, ctx, &mut out).await?;
     let reading = observe::step(&view, &clusters, ctx, &mut out).await;
     finish_status(job, ctx, &mut out).await?;

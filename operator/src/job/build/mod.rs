@@ -21,6 +21,7 @@ use geoml_crds::{Datacenter, SyncPolicy, TrainingJob};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
+mod cert_manager;
 mod config;
 mod pods;
 mod services;
@@ -28,6 +29,7 @@ mod services;
 mod tests;
 mod tls;
 
+pub use cert_manager::{CERTIFICATE_NAME_ANNOTATION, certificate_ready, certificate_resource};
 pub use services::{Endpoints, local_url, peer_url};
 pub use tls::{RENEW_AFTER_ANNOTATION, renewal_due, secret_text};
 

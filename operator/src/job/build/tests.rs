@@ -362,3 +362,79 @@ fn every_pod_mounts_the_tls_secret_of_its_datacenter_and_role() {
     assert_eq!(secret_text(&secret, KEY_FILE), Some(issued.key_pem));
     assert_eq!(renewal_due(&secret), Some(renew));
 }
+
+/// With `spec.tls.issuerRef`, a role's Certificate asks cert-manager for
+/// the Secret the pod mounts, with the identity and usages the roles check.
+#[test]
+fn a_certificate_asks_the_issuer_for_the_roles_secret_and_identity() {
+    use geoml_crds::training_job::IssuerRef;
+    let view = view("gaia-3dc.yaml");
+    let eu = &view.placements[1];
+    let issuer = IssuerRef {
+        name: "geoml-ca".into(),
+        kind: "ClusterIssuer".into(),
+        group: "cert-manager.io".into(),
+    };
+    let cert = view.certificate(eu, Role::ParameterServer, &issuer);
+    assert_eq!(cert.name_any(), "fashion-mnist-gaia-eu-west-ps-tls");
+    let types = cert.types.as_ref().unwrap();
+    assert_eq!(
+        (types.api_version.as_str(), types.kind.as_str()),
+        ("cert-manager.io/v1", "Certificate")
+    );
+    assert_eq!(cert.labels()[JOB_LABEL], "fashion-mnist-gaia");
+    let spec = &cert.data["spec"];
+    assert_eq!(spec["secretName"], "fashion-mnist-gaia-eu-west-ps-tls");
+    assert_eq!(spec["uris"], serde_json::json!(["geoml://eu-west/ps"]));
+    assert_eq!(
+        spec["dnsNames"],
+        serde_json::json!([geoml_crds::identity::SERVER_NAME])
+    );
+    assert_eq!(
+        spec["usages"],
+        serde_json::json!(["digital signature", "server auth", "client auth"])
+    );
+    assert_eq!(
+        spec["duration"], "2592000s",
+        "30 days, as the operator's own"
+    );
+    assert_eq!(spec["renewBefore"], "864000s", "renewed two thirds in");
+    assert_eq!(
+        spec["issuerRef"],
+        serde_json::json!({"name": "geoml-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"})
+    );
+    assert_eq!(
+        spec["secretTemplate"]["labels"][DATACENTER_LABEL],
+        "eu-west"
+    );
+}
+
+#[test]
+fn a_certificate_is_ready_when_cert_manager_says_so_for_its_generation() {
+    let with_status = |generation: i64, status: serde_json::Value| {
+        let mut cert = kube::api::DynamicObject::new("c", &certificate_resource());
+        cert.metadata.generation = Some(generation);
+        cert.data = serde_json::json!({ "status": status });
+        cert
+    };
+    let ready = |status: &str, reason: &str, seen: i64| {
+        serde_json::json!({"conditions": [{"type": "Ready", "status": status,
+            "reason": reason, "message": "m", "observedGeneration": seen}]})
+    };
+    assert_eq!(
+        certificate_ready(&with_status(1, ready("True", "Ready", 1))),
+        Ok(())
+    );
+    assert_eq!(
+        certificate_ready(&with_status(1, serde_json::json!({}))),
+        Err("not issued yet".into())
+    );
+    assert_eq!(
+        certificate_ready(&with_status(1, ready("False", "DoesNotExist", 1))),
+        Err("DoesNotExist: m".into())
+    );
+    assert_eq!(
+        certificate_ready(&with_status(2, ready("True", "Ready", 1))),
+        Err("not issued yet for its current spec".into())
+    );
+}
