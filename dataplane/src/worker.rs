@@ -23,8 +23,8 @@ use crate::pb::parameter_server_client::ParameterServerClient;
 use crate::retry;
 use crate::tls::{Expect, Transport};
 use geoml_crds::identity::Role;
-use geoml_proto::rows::{pack_keys, rows, unpack_values};
-use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
+use geoml_proto::rows::{Values, extend_values, pack_keys};
+use geoml_proto::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
 /// Everything a worker needs to know.
 #[derive(Clone, Debug)]
@@ -108,7 +108,8 @@ pub fn connect(
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .initial_stream_window_size(WINDOW_BYTES)
-                .initial_connection_window_size(2 * WINDOW_BYTES);
+                .initial_connection_window_size(2 * WINDOW_BYTES)
+                .max_frame_size(MAX_FRAME_BYTES);
             let channel = transport.lazy(&endpoint, &Expect::role(Role::ParameterServer));
             Ok(ParameterServerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -179,8 +180,12 @@ impl Session<'_> {
                 worker: self.config.index,
                 clock,
                 rows: Some(pb::Rows {
-                    keys: keys.as_deref().map(pack_keys).unwrap_or_default(),
-                    values: Vec::new(),
+                    keys: keys
+                        .as_deref()
+                        .map(pack_keys)
+                        .map(bytes::Bytes::from)
+                        .unwrap_or_default(),
+                    values: bytes::Bytes::new(),
                     all: keys.is_none(),
                 }),
             };
@@ -195,11 +200,11 @@ impl Session<'_> {
         let mut stop = false;
         for (shard, response) in responses.into_iter().enumerate() {
             stop |= response.stop;
-            let values = unpack_values(&response.rows.unwrap_or_default().values).map_err(|e| {
-                WorkerError::Rpc {
-                    shard,
-                    status: Status::internal(e.to_string()),
-                }
+            let rows = response.rows.unwrap_or_default();
+            // Copied straight from the received buffer into the rows.
+            let values = Values::new(&rows.values).map_err(|e| WorkerError::Rpc {
+                shard,
+                status: Status::internal(e.to_string()),
             })?;
             let keys = shard_keys(layout, shard, shards, split[shard].as_deref());
             let mut at = 0;
@@ -215,7 +220,7 @@ impl Session<'_> {
                     });
                 };
                 at += range.len();
-                self.params[range].copy_from_slice(row);
+                row.copy_to(&mut self.params[range]);
             }
         }
         Ok(stop)
@@ -231,13 +236,16 @@ impl Session<'_> {
     ) -> Result<bool, WorkerError> {
         let shards = self.clients.len();
         let layout = self.model.layout();
-        let mut per_shard: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); shards];
+        // Each shard's values packed once, straight from the gradient.
+        let mut per_shard: Vec<(Vec<u32>, Vec<u8>)> = (0..shards)
+            .map(|_| (Vec::new(), Vec::with_capacity(4 * values.len() / shards)))
+            .collect();
         let mut at = 0;
         for key in shard_keys(layout, 0, 1, keys) {
             let width = layout.row(key).map_or(0, |r| r.len());
             let (shard_keys, shard_values) = &mut per_shard[key as usize % shards];
             shard_keys.push(key);
-            shard_values.extend_from_slice(&values[at..at + width]);
+            extend_values(shard_values, &values[at..at + width]);
             at += width;
         }
         let calls = per_shard
@@ -248,7 +256,13 @@ impl Session<'_> {
                 let request = pb::PushRequest {
                     worker: self.config.index,
                     clock,
-                    gradient: Some(rows(keys.map(|_| shard_keys.as_slice()), &shard_values)),
+                    gradient: Some(pb::Rows {
+                        keys: keys
+                            .map(|_| pack_keys(&shard_keys).into())
+                            .unwrap_or_default(),
+                        values: shard_values.into(),
+                        all: keys.is_none(),
+                    }),
                 };
                 retry(shard, self.config.retry_for, move || {
                     let mut client = client.clone();

@@ -38,6 +38,10 @@ pub mod cartel {
 /// HTTP/2 flow-control window per stream, large enough for a dense push.
 pub const WINDOW_BYTES: u32 = 8 << 20;
 
+/// HTTP/2 frame size both ends accept: a megabyte push travels in a few
+/// frames, not in 16 KiB ones.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 /// Largest message a server decodes; larger ones get `ResourceExhausted`
 /// (tonic's limit) before any work is done.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

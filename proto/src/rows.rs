@@ -1,5 +1,9 @@
 //! Packing rows of keys and values into the wire's byte form and back.
 
+use std::ops::Range;
+
+use bytes::Bytes;
+
 use crate as pb;
 
 /// Why packed rows are malformed.
@@ -78,6 +82,107 @@ pub fn pack_values(values: &[f32]) -> Vec<u8> {
     bytemuck::cast_slice(values).to_vec()
 }
 
+/// Little-endian bytes of `values` as a `bytes` field of [`pb::Rows`].
+#[must_use]
+pub fn values_bytes(values: &[f32]) -> Bytes {
+    Bytes::copy_from_slice(bytemuck::cast_slice(values))
+}
+
+/// Appends the little-endian bytes of `values` to `out`.
+pub fn extend_values(out: &mut Vec<u8>, values: &[f32]) {
+    out.extend_from_slice(bytemuck::cast_slice(values));
+}
+
+/// Packed values read where they lie (in the received buffer): whole
+/// little-endian f32 words, never copied into a `Vec<f32>` first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Values<'a>(&'a [u8]);
+
+impl<'a> Values<'a> {
+    /// The values packed in `bytes`; its length must be a multiple of 4.
+    pub fn new(bytes: &'a [u8]) -> Result<Self, RowsError> {
+        if bytes.len().is_multiple_of(4) {
+            Ok(Self(bytes))
+        } else {
+            Err(RowsError::Truncated {
+                field: "values",
+                len: bytes.len(),
+            })
+        }
+    }
+
+    /// `values` seen as packed (no copy).
+    #[must_use]
+    pub fn of(values: &'a [f32]) -> Self {
+        Self(bytemuck::cast_slice(values))
+    }
+
+    /// Number of values.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len() / 4
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The values `range` (counted in values); `None` past the end.
+    #[must_use]
+    pub fn get(&self, range: Range<usize>) -> Option<Values<'a>> {
+        self.0
+            .get(range.start.checked_mul(4)?..range.end.checked_mul(4)?)
+            .map(Values)
+    }
+
+    /// The values as `f32`s in place, when the bytes happen to be aligned.
+    #[must_use]
+    pub fn aligned(&self) -> Option<&'a [f32]> {
+        bytemuck::try_cast_slice(self.0).ok()
+    }
+
+    /// Copies the values into `out`, which must hold exactly [`Self::len`]
+    /// values (otherwise nothing is copied and `false` returned).
+    pub fn copy_to(&self, out: &mut [f32]) -> bool {
+        let out: &mut [u8] = bytemuck::cast_slice_mut(out);
+        if out.len() != self.0.len() {
+            return false;
+        }
+        out.copy_from_slice(self.0);
+        true
+    }
+
+    /// The values, copied.
+    #[must_use]
+    pub fn to_vec(&self) -> Vec<f32> {
+        bytemuck::pod_collect_to_vec(self.0)
+    }
+
+    /// Index of the first value that is NaN or infinite.
+    #[must_use]
+    pub fn first_non_finite(&self) -> Option<usize> {
+        // Exponent bits all set: infinite or NaN.
+        const EXPONENT: u32 = 0x7f80_0000;
+        // Whole blocks without an early exit (they vectorise); the index is
+        // searched for only in a block that has one.
+        const BLOCK: usize = 256;
+        let non_finite =
+            |w: &[u8]| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) & EXPONENT == EXPONENT;
+        for (b, block) in self.0.chunks(BLOCK).enumerate() {
+            let any = block
+                .chunks_exact(4)
+                .fold(false, |any, w| any | non_finite(w));
+            if any {
+                let at = block.chunks_exact(4).position(non_finite)?;
+                return Some(b * BLOCK / 4 + at);
+            }
+        }
+        None
+    }
+}
+
 /// Keys from little-endian bytes; they must be sorted and unique.
 pub fn unpack_keys(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
     let keys: Vec<u32> = words(bytes, "keys")?;
@@ -107,8 +212,8 @@ fn words<T: bytemuck::Pod>(bytes: &[u8], field: &'static str) -> Result<Vec<T>, 
 #[must_use]
 pub fn rows(keys: Option<&[u32]>, values: &[f32]) -> pb::Rows {
     pb::Rows {
-        keys: keys.map(pack_keys).unwrap_or_default(),
-        values: pack_values(values),
+        keys: keys.map(pack_keys).map(Bytes::from).unwrap_or_default(),
+        values: values_bytes(values),
         all: keys.is_none(),
     }
 }
@@ -138,6 +243,45 @@ mod tests {
         let values = [0.5, -1.25, f32::MAX];
         assert_eq!(unpack_keys(&pack_keys(&keys)).unwrap(), keys);
         assert_eq!(unpack_values(&pack_values(&values)).unwrap(), values);
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // the values compared are exact
+    fn values_read_in_place() {
+        let values = [0.5, -1.25, 3.0, 4.0];
+        let packed = pack_values(&values);
+        // Unaligned on purpose: one byte in.
+        let mut shifted = vec![9];
+        shifted.extend_from_slice(&packed);
+        let view = Values::new(&shifted[1..]).unwrap();
+        assert_eq!(view.len(), 4);
+        assert_eq!(view.to_vec(), values);
+        assert_eq!(view.get(1..3).unwrap().to_vec(), [-1.25, 3.0]);
+        assert!(view.get(3..5).is_none());
+        let mut out = [0.0; 2];
+        assert!(view.get(2..4).unwrap().copy_to(&mut out));
+        assert_eq!(out, [3.0, 4.0]);
+        assert!(!view.copy_to(&mut out));
+        assert_eq!(Values::of(&values), Values::new(&packed).unwrap());
+        assert_eq!(
+            Values::new(&[0, 0, 0]),
+            Err(RowsError::Truncated {
+                field: "values",
+                len: 3
+            })
+        );
+    }
+
+    #[test]
+    fn finds_the_first_non_finite_value() {
+        let mut values = vec![1.0_f32; 1000];
+        assert_eq!(Values::of(&values).first_non_finite(), None);
+        values[700] = f32::INFINITY;
+        values[900] = f32::NAN;
+        assert_eq!(Values::of(&values).first_non_finite(), Some(700));
+        values[3] = f32::NEG_INFINITY;
+        assert_eq!(Values::of(&values).first_non_finite(), Some(3));
+        assert_eq!(Values::of(&[f32::MAX, f32::MIN]).first_non_finite(), None);
     }
 
     #[test]

@@ -27,6 +27,12 @@ use prometheus::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// Message buffers of a megabyte come and go with every push and pull:
+/// glibc maps each one afresh (a page fault per 4 KiB), mimalloc reuses
+/// its memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Geo-distributed machine learning: parameter servers, workers, local runs.
 #[derive(Parser)]
 #[command(version, about)]
@@ -52,8 +58,8 @@ enum Command {
     /// Inject faults into a running WAN proxy: cut, heal, reset or delay a
     /// link or a datacenter's links, or print every link's state (JSON).
     WanFault(wan::cli::WanFaultArgs),
-    /// Measure push+apply throughput of a parameter server against raw
-    /// loopback TCP in the same run (build with --release).
+    /// Measure push+apply and pull throughput of a parameter server against
+    /// raw loopback TCP in the same run.
     Bench {
         /// Rows of the benchmark model.
         #[arg(long, default_value_t = 4096)]
@@ -64,6 +70,10 @@ enum Command {
         /// Messages per measurement.
         #[arg(long, default_value_t = 300)]
         messages: usize,
+        /// Also write the figures (MB/s and ratio to raw TCP per pattern)
+        /// to this file as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Serve Cartel's metadata registry (Collaborative jobs).
     Registry(RegistryArgs),
@@ -492,11 +502,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             rows,
             width,
             messages,
+            json,
         } => {
             let report = geoml_launcher::bench::run(rows, width, messages)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             print!("{}", report.table());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             Ok(())
         }
     }

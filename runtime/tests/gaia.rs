@@ -473,8 +473,8 @@ fn pull(keys: &[u32]) -> pb::PullRequest {
         worker: 0,
         clock: 0,
         rows: Some(pb::Rows {
-            keys: pack_keys(keys),
-            values: Vec::new(),
+            keys: pack_keys(keys).into(),
+            values: bytes::Bytes::new(),
             all: false,
         }),
     }
@@ -586,8 +586,8 @@ async fn train(
                 worker,
                 clock,
                 gradient: Some(pb::Rows {
-                    keys: Vec::new(),
-                    values: pack_values(&gradient),
+                    keys: bytes::Bytes::new(),
+                    values: pack_values(&gradient).into(),
                     all: true,
                 }),
             })
@@ -643,8 +643,8 @@ async fn a_datacenter_that_stops_answering_holds_nobody_back_and_misses_nothing(
     let mut eu_ps = connect_ps(&format!("http://127.0.0.1:{eu}")).await;
     let mut all = pull(&[]);
     all.rows = Some(pb::Rows {
-        keys: Vec::new(),
-        values: Vec::new(),
+        keys: bytes::Bytes::new(),
+        values: bytes::Bytes::new(),
         all: true,
     });
     let elements = unpack_values(

@@ -185,8 +185,8 @@ async fn call(
 /// mutate.
 fn shard_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let rows = |keys: &[u32], values: &[f32]| pb::Rows {
-        keys: pack_keys(keys),
-        values: pack_values(values),
+        keys: pack_keys(keys).into(),
+        values: pack_values(values).into(),
         all: false,
     };
     vec![

@@ -89,8 +89,8 @@ fn pull(keys: Vec<u8>) -> pb::PullRequest {
         worker: 0,
         clock: 0,
         rows: Some(pb::Rows {
-            keys,
-            values: Vec::new(),
+            keys: keys.into(),
+            values: bytes::Bytes::new(),
             all: false,
         }),
     }
@@ -101,8 +101,8 @@ fn push(keys: &[u32], values: Vec<u8>) -> pb::PushRequest {
         worker: 0,
         clock: 1,
         gradient: Some(pb::Rows {
-            keys: pack_keys(keys),
-            values,
+            keys: pack_keys(keys).into(),
+            values: values.into(),
             all: false,
         }),
     }

@@ -82,13 +82,26 @@ impl Durability {
 
     /// Appends a record to the log.
     pub fn log(&mut self, record: &pb::WalRecord) -> io::Result<()> {
-        let body = record.encode_to_vec();
-        let len = u32::try_from(body.len())
+        self.append(&Self::frame(record)?)
+    }
+
+    /// `record` as the log stores it: its length, then its encoding. Needs
+    /// no log, so callers frame a record before they take a lock.
+    pub fn frame(record: &pb::WalRecord) -> io::Result<Vec<u8>> {
+        let body = record.encoded_len();
+        let len = u32::try_from(body)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large to log"))?;
-        let mut record = Vec::with_capacity(body.len() + 4);
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&body);
-        self.wal.write_all(&record)
+        let mut framed = Vec::with_capacity(body + 4);
+        framed.extend_from_slice(&len.to_le_bytes());
+        record
+            .encode(&mut framed)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(framed)
+    }
+
+    /// Appends a record framed by [`Self::frame`].
+    pub fn append(&mut self, framed: &[u8]) -> io::Result<()> {
+        self.wal.write_all(framed)
     }
 
     /// Whether the slowest worker's `min_clock` calls for a checkpoint.

@@ -33,9 +33,9 @@ use crate::pb::mirror::mirror_server::MirrorServer;
 use crate::pb::parameter_server_server::ParameterServerServer;
 use crate::state::{Progress, State, lock};
 use crate::tls::Transport;
-use geoml_proto::rows::{unpack_keys, unpack_values};
+use geoml_proto::rows::{Values, unpack_keys};
 
-pub use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
+pub use geoml_proto::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
 /// Everything one shard server needs to know.
 #[derive(Clone, Debug)]
@@ -158,12 +158,10 @@ fn restore(
                 let keys = (!gradient.all)
                     .then(|| unpack_keys(&gradient.keys))
                     .transpose()?;
-                let values = unpack_values(&gradient.values)?;
-                if let Some(rows) =
-                    shard.check(push.worker, push.clock, keys.as_deref(), &values)?
-                {
+                let values = Values::new(&gradient.values)?;
+                if let Some(rows) = shard.check(push.worker, push.clock, keys.as_deref(), values)? {
                     let changes = mirror.as_deref_mut().map(|m| &mut m.changes);
-                    shard.commit(push.worker, push.clock, &rows, &values, changes);
+                    shard.commit(push.worker, push.clock, &rows, values, changes);
                 }
             }
             Some(Record::Mirror(bytes)) => {
@@ -422,6 +420,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .layer(MapResponseLayer::new(too_large_is_resource_exhausted))
         .add_service(
             ParameterServerServer::new(service)

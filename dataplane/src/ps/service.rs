@@ -10,8 +10,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
-use geoml_proto::rows::{rows, unpack_keys, unpack_values};
+use geoml_proto::rows::{Values, unpack_keys};
 
+use super::durability::Durability;
 use super::shard::{Consistency, ShardError};
 use super::stopping::StoppingRule;
 use crate::gaia::service::Links;
@@ -31,6 +32,8 @@ pub struct ShardService {
     /// Global indexes of the workers of this shard's own datacenter; the
     /// others reach it over the WAN.
     local_workers: Range<u32>,
+    /// Whether pushes go to a write-ahead log (fixed when the shard opens).
+    logged: bool,
 }
 
 impl ShardService {
@@ -45,13 +48,14 @@ impl ShardService {
         metrics: PsMetrics,
         local_workers: Range<u32>,
     ) -> Self {
-        {
+        let logged = {
             let state = lock(&state);
             publish(&state, &progress);
             if let Some(m) = &state.mirror {
                 metrics.observe_mirror(&m.status());
             }
-        }
+            state.durability.is_some()
+        };
         Self {
             state,
             progress,
@@ -60,6 +64,7 @@ impl ShardService {
             stopping,
             metrics,
             local_workers,
+            logged,
         }
     }
 
@@ -236,10 +241,16 @@ impl ParameterServer for ShardService {
         let mut state = lock(&self.state);
         let values = state
             .shard
-            .read(keys.as_deref())
+            .read_bytes(keys.as_deref())
             .map_err(|e| self.reject("unknown_key", e.into()))?;
+        // The keys were checked: they go back as they came (empty for all).
+        let echoed = req.rows.map(|r| r.keys).unwrap_or_default();
         let response = pb::PullResponse {
-            rows: Some(rows(keys.as_deref(), &values)),
+            rows: Some(pb::Rows {
+                keys: echoed,
+                values,
+                all: keys.is_none(),
+            }),
             min_clock: state.shard.min_clock(),
             stop: state.stopped.is_some(),
         };
@@ -256,21 +267,33 @@ impl ParameterServer for ShardService {
         let req = request.into_inner();
         let keys =
             requested_keys(req.gradient.as_ref()).map_err(|s| self.reject("malformed", s))?;
-        let values = unpack_values(req.gradient.as_ref().map_or(&[][..], |g| &g.values))
+        // Read in place from the received buffer, never unpacked.
+        let values = Values::new(req.gradient.as_ref().map_or(&[][..], |g| &g.values))
             .map_err(|e| self.reject("malformed", e.into()))?;
+        // The log record is framed before the lock is taken (a `Bytes`
+        // clone of the payload, one copy into the frame); only the append
+        // itself happens under the lock, to keep the log in apply order.
+        let record = if self.logged {
+            Some(
+                Durability::frame(&pb::WalRecord {
+                    record: Some(pb::wal_record::Record::Push(req.clone())),
+                })
+                .map_err(|e| Status::internal(format!("write-ahead log: {e}")))?,
+            )
+        } else {
+            None
+        };
 
         let mut state = lock(&self.state);
         let rows = state
             .shard
-            .check(req.worker, req.clock, keys.as_deref(), &values)
+            .check(req.worker, req.clock, keys.as_deref(), values)
             .map_err(|e| self.reject("invalid_update", e.into()))?;
         if let Some(rows) = rows {
             // Logged before it is applied and acknowledged.
-            if let Some(durability) = &mut state.durability {
+            if let (Some(durability), Some(record)) = (&mut state.durability, &record) {
                 durability
-                    .log(&pb::WalRecord {
-                        record: Some(pb::wal_record::Record::Push(req.clone())),
-                    })
+                    .append(record)
                     .map_err(|e| Status::internal(format!("write-ahead log: {e}")))?;
             }
             let State { shard, mirror, .. } = &mut *state;
@@ -278,7 +301,7 @@ impl ParameterServer for ShardService {
                 req.worker,
                 req.clock,
                 &rows,
-                &values,
+                values,
                 mirror.as_mut().map(|m| &mut m.changes),
             );
             self.metrics.updates_applied.inc();

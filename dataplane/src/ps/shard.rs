@@ -7,7 +7,8 @@ use geoml_crds::training_job::Optimizer;
 use super::optimizer::OptimizerState;
 use crate::model::Layout;
 use crate::pb;
-use geoml_proto::rows::{pack_values, unpack_values};
+use bytes::Bytes;
+use geoml_proto::rows::{Values, extend_values, pack_values, unpack_values};
 
 /// When a worker may read: the consistency model inside a datacenter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,6 +284,24 @@ impl Shard {
         Ok(out)
     }
 
+    /// The values of `keys` (`None`: every row) packed for the wire, copied
+    /// once from the rows.
+    pub fn read_bytes(&self, keys: Option<&[u32]>) -> Result<Bytes, ShardError> {
+        let Some(keys) = keys else {
+            let mut out = Vec::with_capacity(4 * self.values.len());
+            extend_values(&mut out, &self.values);
+            return Ok(out.into());
+        };
+        // Room for rows of average width: no regrowth when widths are equal.
+        let average = self.values.len() / self.keys.len().max(1);
+        let mut out = Vec::with_capacity(4 * average * keys.len());
+        for &key in keys {
+            let i = self.local(key)?;
+            extend_values(&mut out, &self.values[self.starts[i]..self.starts[i + 1]]);
+        }
+        Ok(out.into())
+    }
+
     /// Applies `gradient` for `keys` (`None`: every row) as `worker`'s
     /// iteration `clock`. Validates everything before changing anything.
     pub fn apply(
@@ -292,6 +311,7 @@ impl Shard {
         keys: Option<&[u32]>,
         gradient: &[f32],
     ) -> Result<Applied, ShardError> {
+        let gradient = Values::of(gradient);
         match self.check(worker, clock, keys, gradient)? {
             Some(rows) => {
                 self.commit(worker, clock, &rows, gradient, None);
@@ -303,12 +323,13 @@ impl Shard {
 
     /// Validates a push without changing anything: the local rows it
     /// touches, or `None` when its clock was applied before (a retry).
+    /// `gradient` is read where it lies (the received buffer).
     pub fn check(
         &self,
         worker: u32,
         clock: u64,
         keys: Option<&[u32]>,
-        gradient: &[f32],
+        gradient: Values<'_>,
     ) -> Result<Option<Vec<usize>>, ShardError> {
         self.check_worker(worker)?;
         let current = self.worker_clocks[worker as usize];
@@ -333,7 +354,7 @@ impl Shard {
                 got: gradient.len(),
             });
         }
-        if let Some(index) = gradient.iter().position(|g| !g.is_finite()) {
+        if let Some(index) = gradient.first_non_finite() {
             return Err(ShardError::NotFinite { index });
         }
         Ok(Some(rows))
@@ -346,9 +367,13 @@ impl Shard {
         worker: u32,
         clock: u64,
         rows: &[usize],
-        gradient: &[f32],
+        gradient: Values<'_>,
         mut changes: Option<&mut Changes>,
     ) {
+        // Wire bytes are rarely 4-aligned: a row is then copied into a
+        // small buffer that stays in cache, never the whole gradient.
+        let aligned = gradient.aligned();
+        let mut row = Vec::new();
         let mut at = 0;
         let mut before = Vec::new();
         for &i in rows {
@@ -358,12 +383,21 @@ impl Shard {
                 before.clear();
                 before.extend_from_slice(&self.values[start..end]);
             }
+            let g: &[f32] = if let Some(aligned) = aligned {
+                &aligned[at..at + width]
+            } else {
+                row.resize(width, 0.0);
+                if let Some(packed) = gradient.get(at..at + width) {
+                    packed.copy_to(&mut row);
+                }
+                &row
+            };
             self.optimizer.step(
                 self.learning_rate,
                 i,
                 start,
                 &mut self.values[start..end],
-                &gradient[at..at + width],
+                g,
             );
             if let Some(changes) = changes.as_deref_mut() {
                 changes.add(start, &before, &self.values[start..end]);
@@ -502,6 +536,14 @@ mod tests {
         assert_eq!(shard(1).keys(), [1, 3]);
         assert_eq!(shard(0).values(), [0.0, 0.0, 2.0, 2.0, 4.0, 4.0, 4.0]);
         assert_eq!(shard(0).read(Some(&[4])).unwrap(), [4.0, 4.0, 4.0]);
+        let packed = shard(0).read_bytes(Some(&[4, 0])).unwrap();
+        assert_eq!(unpack_values(&packed).unwrap(), [4.0, 4.0, 4.0, 0.0, 0.0]);
+        let packed = shard(0).read_bytes(None).unwrap();
+        assert_eq!(unpack_values(&packed).unwrap(), shard(0).values());
+        assert!(matches!(
+            shard(0).read_bytes(Some(&[1])),
+            Err(ShardError::NotOwned { key: 1, .. })
+        ));
         assert!(matches!(
             shard(0).read(Some(&[1])),
             Err(ShardError::NotOwned { key: 1, .. })
@@ -573,8 +615,9 @@ mod tests {
     fn tracks_changes_and_adds_remote_deltas() {
         let mut s = shard(0);
         let mut changes = Changes::new(s.values().len());
-        let rows = s.check(0, 1, Some(&[2]), &[1.0, 0.0]).unwrap().unwrap();
-        s.commit(0, 1, &rows, &[1.0, 0.0], Some(&mut changes));
+        let gradient = Values::of(&[1.0, 0.0]);
+        let rows = s.check(0, 1, Some(&[2]), gradient).unwrap().unwrap();
+        s.commit(0, 1, &rows, gradient, Some(&mut changes));
         assert_eq!(changes.accumulated, [0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]);
         assert_eq!(changes.count, 1);
         s.add(&[0, 6], &[0.5, -0.5]).unwrap();

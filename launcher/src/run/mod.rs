@@ -268,12 +268,11 @@ async fn pull_all(cluster: &LocalRun, shard: usize) -> Result<Vec<u8>, RunError>
             worker: 0,
             clock: u64::MAX,
             rows: Some(pb::Rows {
-                keys: Vec::new(),
-                values: Vec::new(),
                 all: true,
+                ..pb::Rows::default()
             }),
         })
         .await
         .map_err(|e| unreachable(e.message().to_owned()))?;
-    Ok(response.into_inner().rows.unwrap_or_default().values)
+    Ok(response.into_inner().rows.unwrap_or_default().values.into())
 }

@@ -5,7 +5,7 @@
 use geoml_crds::sync_policy::Significance;
 use geoml_crds::training_job::Optimizer;
 
-use geoml_proto::rows::{pack_indexes, pack_values, unpack_indexes, unpack_values};
+use geoml_proto::rows::{Values, pack_indexes, pack_values, unpack_indexes, unpack_values};
 
 use super::*;
 use crate::model::{Layout, TensorShape};
@@ -60,6 +60,7 @@ const ASP: Exchange = Exchange::Asp {
 /// Worker 0 pushes `gradient` as its next clock.
 fn push(s: &mut Shard, m: &mut MirrorState, gradient: &[f32]) -> u64 {
     let clock = s.min_clock() + 1;
+    let gradient = Values::of(gradient);
     let rows = s.check(0, clock, None, gradient).unwrap().unwrap();
     s.commit(0, clock, &rows, gradient, Some(&mut m.changes));
     clock
@@ -265,8 +266,8 @@ fn a_restarted_sender_continues_its_links_and_nothing_is_applied_twice() {
     let (mut s2, mut m2) = (shard(), mirror(ASP, 1, 1));
     s2.restore(&shard_checkpoint).unwrap();
     m2.restore(&mirror_checkpoint).unwrap();
-    let rows = s2.check(0, c, None, &g).unwrap().unwrap();
-    s2.commit(0, c, &rows, &g, Some(&mut m2.changes));
+    let rows = s2.check(0, c, None, Values::of(&g)).unwrap().unwrap();
+    s2.commit(0, c, &rows, Values::of(&g), Some(&mut m2.changes));
     for record in &log {
         m2.apply(record, &mut s2).unwrap();
     }
