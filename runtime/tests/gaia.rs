@@ -769,6 +769,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             announced: true,
             round: 0,
             epoch: 1,
+            ..pb::mirror::MirrorUpdate::default()
         })
         .await
         .unwrap();
@@ -793,6 +794,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             announced: false,
             round: 0,
             epoch: 1,
+            ..pb::mirror::MirrorUpdate::default()
         })
         .await
         .unwrap_err();
@@ -819,7 +821,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
         .arg("compare")
         .arg(&manifest)
-        .arg("--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,centralized,isolated")
+        .arg("--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,diloco,centralized,isolated")
         .arg(format!("--json={}", json.display()))
         .arg(format!("--plot={}", svg.display()))
         .arg(format!("--work-dir={}", dir.path().join("runs").display()))
@@ -841,6 +843,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
         ("ssp-wan", true),
         ("gaia", true),
         ("fedavg", true),
+        ("diloco", true),
         ("centralized", true),
         ("isolated", false),
     ];

@@ -1,7 +1,7 @@
 //! A shard's side of mirror synchronisation, as pure state: accumulated
 //! updates and the significance filter, one coalescing outgoing queue per
 //! peer, the selective barrier, mirror clocks, peer reachability and
-//! federated-averaging rounds.
+//! averaging rounds (federated averaging and DiLoCo).
 //!
 //! No I/O: [`super::service`] moves the messages it produces and feeds it
 //! the ones that arrive; [`wire`] decodes what arrives and encodes what
@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use geoml_crds::sync_policy::{OuterStep, ValueCoding};
 use prost::Message;
 
 use super::significance::Filter;
@@ -37,19 +38,26 @@ type Stamp = (u64, u64);
 const UNMEASURED_BACKLOG: Duration = Duration::from_millis(500);
 
 /// How the datacenters exchange updates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Exchange {
     /// Gaia's ASP: significant accumulated updates, as they become significant.
     Asp {
         /// Announce indexes on the control channel before sending data
         /// while earlier updates are still in flight.
         selective_barrier: bool,
+        /// How the values of updates travel.
+        coding: ValueCoding,
     },
-    /// Federated averaging: every `round_clocks` clocks, every datacenter's
-    /// change since the last round is averaged into everyone's model.
-    FedAvg {
-        /// Clocks per round.
+    /// Averaging rounds: every `round_clocks` clocks, every datacenter's
+    /// change since the last round is averaged, and every datacenter moves
+    /// its model from where the round started by the `outer` step on that
+    /// average (federated averaging: by the average itself; DiLoCo: SGD
+    /// with Nesterov momentum).
+    Rounds {
+        /// Clocks per round (DiLoCo's H).
         round_clocks: u64,
+        /// The outer optimizer.
+        outer: OuterStep,
     },
 }
 
@@ -83,6 +91,9 @@ pub enum MirrorError {
     /// The indexes or values are malformed.
     #[error(transparent)]
     Rows(#[from] geoml_proto::rows::RowsError),
+    /// The update's values are in a coding this shard does not know.
+    #[error("mirror update: unknown value coding {0} (or a scale that is not finite)")]
+    Coding(i32),
     /// The update does not fit the shard.
     #[error(transparent)]
     Shard(#[from] ShardError),
@@ -111,8 +122,13 @@ struct Outbox {
     next_seq: u64,
     /// The update on the wire, until the peer acknowledges it.
     in_flight: Option<MirrorUpdate>,
-    /// ASP deltas waiting behind it, summed per element.
+    /// ASP deltas waiting behind it, summed per element, with what the
+    /// value coding rounded off the updates sent before.
     queued: BTreeMap<u32, f32>,
+    /// Whether deltas were queued since the last update formed: what the
+    /// coding rounded off waits for them (or for training to stop) rather
+    /// than making an update of its own.
+    fresh: bool,
     /// Federated-averaging rounds waiting behind it (one message each).
     rounds: VecDeque<MirrorUpdate>,
     /// Announcements not yet sent: update seq → its elements (at most the
@@ -206,11 +222,14 @@ pub struct MirrorState {
     /// Changes each time reads may go further (barrier released, a round
     /// completed, a peer stopped counting).
     epoch: u64,
-    /// FedAvg: the round sent and not yet completed, with our own delta.
+    /// Rounds: the round sent and not yet completed, with our own delta.
     own_round: Option<(u64, Vec<f32>)>,
     completed_round: u64,
-    /// FedAvg: per round, the sum of peers' deltas and who sent one.
+    /// Rounds: per round, the sum of peers' deltas and who sent one.
     received: BTreeMap<u64, (Vec<f32>, BTreeSet<usize>)>,
+    /// Rounds: the outer step's momentum buffer, per element (in terms of
+    /// the averaged change; empty until the first round completes).
+    velocity: Vec<f32>,
     window_start: Instant,
     /// Counters.
     pub stats: Stats,
@@ -249,6 +268,7 @@ impl MirrorState {
             own_round: None,
             completed_round: 0,
             received: BTreeMap::new(),
+            velocity: Vec::new(),
             window_start: Instant::now(),
             stats: Stats::default(),
         }
@@ -292,7 +312,7 @@ impl MirrorState {
                     .saturating_mul(self.config.period)
                     .saturating_sub(1)
             }
-            Exchange::FedAvg { round_clocks } => {
+            Exchange::Rounds { round_clocks, .. } => {
                 if self.peers.iter().all(|p| p.stopped) {
                     return u64::MAX;
                 }
@@ -352,7 +372,9 @@ impl MirrorState {
         self.config.filter.on_clock(min_clock);
         let mut queued = None;
         match self.config.exchange {
-            Exchange::Asp { selective_barrier } => {
+            Exchange::Asp {
+                selective_barrier, ..
+            } => {
                 let (indexes, deltas) = self.significant(values, stopped);
                 if !indexes.is_empty() {
                     if selective_barrier && data_busy {
@@ -369,7 +391,7 @@ impl MirrorState {
                     queued = Some(self.queued(0, &indexes, &deltas));
                 }
             }
-            Exchange::FedAvg { round_clocks } => {
+            Exchange::Rounds { round_clocks, .. } => {
                 let round = min_clock / round_clocks.max(1);
                 let sent = self
                     .own_round
@@ -424,8 +446,12 @@ impl MirrorState {
             self.config.filter.reconfigure(filter);
             self.config.filter.on_clock(self.checked_clock);
         }
-        if let (Some(on), Exchange::Asp { selective_barrier }) =
-            (change.selective_barrier, &mut self.config.exchange)
+        if let (
+            Some(on),
+            Exchange::Asp {
+                selective_barrier, ..
+            },
+        ) = (change.selective_barrier, &mut self.config.exchange)
         {
             *selective_barrier = on;
         }
@@ -495,6 +521,7 @@ impl MirrorState {
                 for (&i, &d) in indexes.iter().zip(deltas) {
                     *peer.outbox.queued.entry(i).or_insert(0.0) += d;
                 }
+                peer.outbox.fresh |= !indexes.is_empty();
             }
         }
         Ok(())
@@ -507,7 +534,8 @@ impl MirrorState {
     pub fn form(&self, p: usize) -> Option<MirrorLogRecord> {
         use crate::pb::mirror::mirror_log_record::Record;
         let outbox = &self.peers.get(p)?.outbox;
-        if outbox.in_flight.is_some() || (outbox.queued.is_empty() && outbox.rounds.is_empty()) {
+        let deltas = !outbox.queued.is_empty() && (outbox.fresh || self.stopped);
+        if outbox.in_flight.is_some() || (!deltas && outbox.rounds.is_empty()) {
             return None;
         }
         Some(MirrorLogRecord {
@@ -516,12 +544,20 @@ impl MirrorState {
                 epoch: self.sender_epoch,
                 seq: outbox.next_seq,
                 announced: outbox.announced && outbox.rounds.is_empty(),
+                exact: self.stopped,
             })),
         })
     }
 
-    /// Makes the queue of peer `p` the update `stamp` in flight.
-    fn formed(&mut self, p: usize, stamp: Stamp, announced: bool) -> Result<(), MirrorError> {
+    /// Makes the queue of peer `p` the update `stamp` in flight, its values
+    /// coded as the SyncPolicy says, or `exact`ly.
+    fn formed(
+        &mut self,
+        p: usize,
+        stamp: Stamp,
+        announced: bool,
+        exact: bool,
+    ) -> Result<(), MirrorError> {
         let datacenter = self.config.datacenter.clone();
         let peer = self
             .peers
@@ -545,7 +581,14 @@ impl MirrorState {
         } else {
             let (indexes, deltas): (Vec<u32>, Vec<f32>) =
                 std::mem::take(&mut outbox.queued).into_iter().unzip();
-            let mut update = wire::update_message(&indexes, &deltas);
+            let coding = match self.config.exchange {
+                Exchange::Asp { coding, .. } if !exact => coding,
+                _ => ValueCoding::Float32,
+            };
+            // What the coding rounds off stays queued for this peer.
+            let (mut update, kept) = wire::coded_update(&indexes, &deltas, coding);
+            outbox.queued.extend(kept);
+            outbox.fresh = false;
             update.announced = announced;
             update
         };
@@ -825,7 +868,9 @@ impl MirrorState {
         Ok(())
     }
 
-    /// Averages the round we sent once every active peer's delta is in.
+    /// Closes the round we sent once every active peer's delta is in: the
+    /// deltas are averaged, and the model moves from where the round
+    /// started by the outer step on that average.
     fn complete_round(&mut self, shard: &mut Shard) {
         let Some((round, own)) = &self.own_round else {
             return;
@@ -841,14 +886,22 @@ impl MirrorState {
         if missing {
             return;
         }
-        // Our delta is already in our values: value += (Σ others − (n−1)·own) / n.
+        let outer = match self.config.exchange {
+            Exchange::Rounds { outer, .. } => outer,
+            Exchange::Asp { .. } => OuterStep::FED_AVG,
+        };
+        if self.velocity.len() != own.len() {
+            self.velocity = vec![0.0; own.len()];
+        }
+        // Our delta is already in our values, which stand at start + own:
+        // value += outer(mean of own and the others') − own.
         #[allow(clippy::cast_precision_loss)] // a handful of datacenters
         let n = (from.len() + 1) as f32;
         let mut indexes = Vec::new();
         let mut deltas = Vec::new();
-        for (i, &o) in own.iter().enumerate() {
+        for (i, (&o, velocity)) in own.iter().zip(&mut self.velocity).enumerate() {
             let others = sum.get(i).copied().unwrap_or(0.0);
-            let d = (others - (n - 1.0) * o) / n;
+            let d = outer.step((others + o) / n, velocity) - o;
             if d != 0.0 {
                 indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
                 deltas.push(d);
@@ -880,7 +933,7 @@ impl MirrorState {
     pub fn drained(&self) -> bool {
         self.stopped
             && self.peers.iter().all(|p| p.outbox.is_empty())
-            && (matches!(self.config.exchange, Exchange::FedAvg { .. })
+            && (matches!(self.config.exchange, Exchange::Rounds { .. })
                 || self.changes.accumulated.iter().all(|&a| a == 0.0))
     }
 

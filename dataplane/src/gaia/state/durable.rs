@@ -1,5 +1,5 @@
 //! What of [`MirrorState`] a checkpoint keeps: the epoch, accumulated and
-//! generated changes, and per peer the link's queue, update in flight and
+//! generated changes, the outer optimizer's momentum, and per peer the link's queue, update in flight and
 //! next seq, and the last update applied from the peer. The write-ahead log
 //! records the changes since ([`MirrorState::apply`] replays them).
 
@@ -35,6 +35,7 @@ impl MirrorState {
             mirror_clock: self.mirror_clock,
             checked_clock: self.checked_clock,
             queued_count: self.queued_count,
+            velocity: pack_values(&self.velocity),
             peers: self
                 .peers
                 .iter()
@@ -65,7 +66,11 @@ impl MirrorState {
         let elements = self.changes.accumulated.len();
         let accumulated = unpack_values(&checkpoint.accumulated)?;
         let generated = unpack_f64(&checkpoint.generated).unwrap_or_default();
-        if accumulated.len() != elements || generated.len() != elements {
+        let velocity = unpack_values(&checkpoint.velocity)?;
+        if accumulated.len() != elements
+            || generated.len() != elements
+            || !(velocity.is_empty() || velocity.len() == elements)
+        {
             return Err(misfit("its changes have another shape"));
         }
         let mut peers = self.peers.clone();
@@ -80,6 +85,7 @@ impl MirrorState {
             peer.outbox.next_seq = saved.next_seq.max(1);
             peer.outbox.in_flight.clone_from(&saved.in_flight);
             peer.outbox.queued = indexes.into_iter().zip(deltas).collect::<BTreeMap<_, _>>();
+            peer.outbox.fresh = !peer.outbox.queued.is_empty();
             peer.outbox.rounds = saved.rounds.iter().cloned().collect();
             peer.applied = (saved.applied_epoch, saved.applied_seq);
             peer.epoch = saved.applied_epoch;
@@ -95,6 +101,7 @@ impl MirrorState {
         self.mirror_clock = checkpoint.mirror_clock;
         self.checked_clock = checkpoint.checked_clock;
         self.queued_count = checkpoint.queued_count;
+        self.velocity = velocity;
         Ok(())
     }
 }
