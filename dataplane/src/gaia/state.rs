@@ -122,13 +122,12 @@ struct Outbox {
     next_seq: u64,
     /// The update on the wire, until the peer acknowledges it.
     in_flight: Option<MirrorUpdate>,
-    /// ASP deltas waiting behind it, summed per element, with what the
-    /// value coding rounded off the updates sent before.
+    /// ASP deltas waiting behind it, summed per element.
     queued: BTreeMap<u32, f32>,
-    /// Whether deltas were queued since the last update formed: what the
-    /// coding rounded off waits for them (or for training to stop) rather
-    /// than making an update of its own.
-    fresh: bool,
+    /// What the value coding rounded off the updates sent before, per
+    /// element: it goes with the element's next queued delta, or with the
+    /// last updates once training stopped, never in an update of its own.
+    carried: BTreeMap<u32, f32>,
     /// Federated-averaging rounds waiting behind it (one message each).
     rounds: VecDeque<MirrorUpdate>,
     /// Announcements not yet sent: update seq → its elements (at most the
@@ -140,7 +139,10 @@ struct Outbox {
 
 impl Outbox {
     fn is_empty(&self) -> bool {
-        self.in_flight.is_none() && self.queued.is_empty() && self.rounds.is_empty()
+        self.in_flight.is_none()
+            && self.queued.is_empty()
+            && self.carried.is_empty()
+            && self.rounds.is_empty()
     }
 }
 
@@ -521,7 +523,6 @@ impl MirrorState {
                 for (&i, &d) in indexes.iter().zip(deltas) {
                     *peer.outbox.queued.entry(i).or_insert(0.0) += d;
                 }
-                peer.outbox.fresh |= !indexes.is_empty();
             }
         }
         Ok(())
@@ -534,8 +535,10 @@ impl MirrorState {
     pub fn form(&self, p: usize) -> Option<MirrorLogRecord> {
         use crate::pb::mirror::mirror_log_record::Record;
         let outbox = &self.peers.get(p)?.outbox;
-        let deltas = !outbox.queued.is_empty() && (outbox.fresh || self.stopped);
-        if outbox.in_flight.is_some() || (!deltas && outbox.rounds.is_empty()) {
+        let carried = self.stopped && !outbox.carried.is_empty();
+        if outbox.in_flight.is_some()
+            || (outbox.queued.is_empty() && outbox.rounds.is_empty() && !carried)
+        {
             return None;
         }
         Some(MirrorLogRecord {
@@ -579,16 +582,26 @@ impl MirrorState {
         let mut update = if let Some(round) = outbox.rounds.pop_front() {
             round
         } else {
-            let (indexes, deltas): (Vec<u32>, Vec<f32>) =
-                std::mem::take(&mut outbox.queued).into_iter().unzip();
+            let mut queued = std::mem::take(&mut outbox.queued);
+            // What earlier updates rounded off goes with its element's next
+            // delta; once stopped, all of it goes.
+            if exact {
+                for (i, c) in std::mem::take(&mut outbox.carried) {
+                    *queued.entry(i).or_insert(0.0) += c;
+                }
+            } else {
+                for (&i, d) in &mut queued {
+                    *d += outbox.carried.remove(&i).unwrap_or(0.0);
+                }
+            }
+            let (indexes, deltas): (Vec<u32>, Vec<f32>) = queued.into_iter().unzip();
             let coding = match self.config.exchange {
                 Exchange::Asp { coding, .. } if !exact => coding,
                 _ => ValueCoding::Float32,
             };
-            // What the coding rounds off stays queued for this peer.
+            // What the coding rounds off stays with this peer's link.
             let (mut update, kept) = wire::coded_update(&indexes, &deltas, coding);
-            outbox.queued.extend(kept);
-            outbox.fresh = false;
+            outbox.carried.extend(kept);
             update.announced = announced;
             update
         };
@@ -637,6 +650,7 @@ impl MirrorState {
         self.peers.get(p).map_or(0, |peer| {
             let outbox = &peer.outbox;
             outbox.queued.len()
+                + outbox.carried.len()
                 + outbox.rounds.iter().map(|r| r.indexes.len()).sum::<usize>()
                 + outbox.in_flight.as_ref().map_or(0, |u| {
                     geoml_proto::rows::unpack_indexes(&u.indexes).map_or(0, |i| i.len())

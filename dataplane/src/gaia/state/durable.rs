@@ -1,6 +1,6 @@
 //! What of [`MirrorState`] a checkpoint keeps: the epoch, accumulated and
 //! generated changes, the outer optimizer's momentum, and per peer the link's queue, update in flight and
-//! next seq, and the last update applied from the peer. The write-ahead log
+//! next seq, what the value coding rounded off, and the last update applied from the peer. The write-ahead log
 //! records the changes since ([`MirrorState::apply`] replays them).
 
 use std::collections::BTreeMap;
@@ -42,12 +42,16 @@ impl MirrorState {
                 .map(|p| {
                     let (indexes, deltas): (Vec<u32>, Vec<f32>) =
                         p.outbox.queued.iter().map(|(&i, &d)| (i, d)).unzip();
+                    let (carried_indexes, carried): (Vec<u32>, Vec<f32>) =
+                        p.outbox.carried.iter().map(|(&i, &d)| (i, d)).unzip();
                     PeerCheckpoint {
                         datacenter: p.name.clone(),
                         next_seq: p.outbox.next_seq,
                         in_flight: p.outbox.in_flight.clone(),
                         queued_indexes: pack_indexes(&indexes),
                         queued_deltas: pack_values(&deltas),
+                        carried_indexes: pack_indexes(&carried_indexes),
+                        carried_deltas: pack_values(&carried),
                         rounds: p.outbox.rounds.iter().cloned().collect(),
                         applied_epoch: p.applied.0,
                         applied_seq: p.applied.1,
@@ -85,7 +89,14 @@ impl MirrorState {
             peer.outbox.next_seq = saved.next_seq.max(1);
             peer.outbox.in_flight.clone_from(&saved.in_flight);
             peer.outbox.queued = indexes.into_iter().zip(deltas).collect::<BTreeMap<_, _>>();
-            peer.outbox.fresh = !peer.outbox.queued.is_empty();
+            let carried_indexes = unpack_indexes(&saved.carried_indexes)?;
+            let carried = unpack_values(&saved.carried_deltas)?;
+            if carried_indexes.len() != carried.len()
+                || carried_indexes.iter().any(|&i| i as usize >= elements)
+            {
+                return Err(misfit("a link's carried remainder does not fit the shard"));
+            }
+            peer.outbox.carried = carried_indexes.into_iter().zip(carried).collect();
             peer.outbox.rounds = saved.rounds.iter().cloned().collect();
             peer.applied = (saved.applied_epoch, saved.applied_seq);
             peer.epoch = saved.applied_epoch;

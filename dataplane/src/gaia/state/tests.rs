@@ -679,16 +679,16 @@ fn compact_coding_carries_what_it_rounds_off_and_loses_nothing() {
                     let sent = unpack_indexes(&update.indexes).unwrap().len();
                     assert_eq!(update.deltas.len(), width * sent, "{coding:?}");
                 }
-                carried += usize::from(!m.peers[p].outbox.queued.is_empty());
+                carried += usize::from(!m.peers[p].outbox.carried.is_empty());
                 // Conservation: what the peer got, plus what waits for it
-                // (its queue, with what was rounded off) and what is still
-                // accumulated, is every change made here.
+                // (queued, and carried: what was rounded off) and what is
+                // still accumulated, is every change made here.
+                let outbox = &m.peers[p].outbox;
                 for (i, &sent) in got.iter().enumerate() {
                     let index = u32::try_from(i).unwrap();
-                    let waiting = m.peers[p].outbox.queued.get(&index).copied();
-                    let total = sent
-                        + f64::from(waiting.unwrap_or(0.0))
-                        + f64::from(m.changes.accumulated[i]);
+                    let waiting = outbox.queued.get(&index).copied().unwrap_or(0.0)
+                        + outbox.carried.get(&index).copied().unwrap_or(0.0);
+                    let total = sent + f64::from(waiting) + f64::from(m.changes.accumulated[i]);
                     let made = m.changes.generated[i];
                     assert!(
                         (total - made).abs() < 1e-5,
