@@ -133,6 +133,34 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     );
 }
 
+#[tokio::test]
+async fn with_int8_value_coding_every_datacenter_still_ends_with_every_update() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(10, 10, 2, 1);
+    set(
+        doc(&mut docs, "SyncPolicy"),
+        "spec.valueCoding",
+        "Int8".into(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let docs = Manifest::load(&manifest).unwrap();
+    let job = docs.job().unwrap();
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+    cluster.wait(None).await.unwrap();
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
+    let (statuses, _) = cluster.shutdown().await.unwrap();
+    // What Int8 rounded off was carried and sent at the end, exactly.
+    assert_conserved(&job, &snapshots);
+    for status in &statuses {
+        let m = status.mirror.as_ref().unwrap();
+        assert!(m.drained, "{status:?}");
+        assert!(m.elements_sent > 0, "{m:?}");
+    }
+}
+
 /// Every shard's values and the updates its own workers generated.
 async fn snapshots(addresses: &[String], transport: &Transport) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut snapshots = Vec::new();
