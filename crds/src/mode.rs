@@ -26,6 +26,8 @@ pub enum Mode {
     Gaia,
     /// `FedAvg`: federated averaging.
     Fedavg,
+    /// `DiLoCo`: averaging rounds with an outer Nesterov-momentum step.
+    Diloco,
     /// `Centralized`: every datacenter's data shipped to the first.
     Centralized,
     /// `Isolated`: every datacenter trains alone.
@@ -37,19 +39,20 @@ pub enum Mode {
 /// A name that is no [`Mode`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown mode {0:?}; modes are lan, bsp-wan, ssp-wan, gaia, fedavg, centralized, isolated, cartel"
+    "unknown mode {0:?}; modes are lan, bsp-wan, ssp-wan, gaia, fedavg, diloco, centralized, isolated, cartel"
 )]
 pub struct UnknownMode(pub String);
 
 impl Mode {
     /// The modes `geoml compare` runs by default, in its order (every mode
     /// with parameter servers).
-    pub const COMPARED: [Mode; 7] = [
+    pub const COMPARED: [Mode; 8] = [
         Mode::Lan,
         Mode::BspWan,
         Mode::SspWan,
         Mode::Gaia,
         Mode::Fedavg,
+        Mode::Diloco,
         Mode::Centralized,
         Mode::Isolated,
     ];
@@ -63,6 +66,7 @@ impl Mode {
             Mode::SspWan => "ssp-wan",
             Mode::Gaia => "gaia",
             Mode::Fedavg => "fedavg",
+            Mode::Diloco => "diloco",
             Mode::Centralized => "centralized",
             Mode::Isolated => "isolated",
             Mode::Cartel => "cartel",
@@ -87,6 +91,7 @@ impl Mode {
             Mode::SspWan => InterDatacenterModel::Ssp,
             Mode::Gaia => InterDatacenterModel::Asp,
             Mode::Fedavg => InterDatacenterModel::FedAvg,
+            Mode::Diloco => InterDatacenterModel::DiLoCo,
             Mode::Centralized => InterDatacenterModel::Centralized,
             Mode::Isolated => InterDatacenterModel::Isolated,
             Mode::Cartel => InterDatacenterModel::Collaborative,
@@ -102,6 +107,7 @@ impl From<InterDatacenterModel> for Mode {
             InterDatacenterModel::Ssp => Mode::SspWan,
             InterDatacenterModel::Asp => Mode::Gaia,
             InterDatacenterModel::FedAvg => Mode::Fedavg,
+            InterDatacenterModel::DiLoCo => Mode::Diloco,
             InterDatacenterModel::Centralized => Mode::Centralized,
             InterDatacenterModel::Isolated => Mode::Isolated,
             InterDatacenterModel::Collaborative => Mode::Cartel,

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 /// How the parameter servers of a TrainingJob synchronise: inside one
 /// datacenter (BSP, SSP or asynchronous) and between datacenters (Gaia's ASP,
-/// naive BSP/SSP over the WAN, federated averaging, centralized, isolated,
-/// or Cartel's collaborative learning). Editing it reaches running jobs.
+/// naive BSP/SSP over the WAN, federated averaging, DiLoCo, centralized,
+/// isolated, or Cartel's collaborative learning). Editing it reaches running jobs.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "geoml.io",
@@ -67,9 +67,21 @@ pub struct SyncPolicySpec {
     #[x_kube(validation = Rule::new("self > 0.0").message("must be greater than 0"))]
     pub wan_budget_mbps: Option<f64>,
 
-    /// Federated averaging (model `FedAvg`).
+    /// How the values of ASP mirror updates travel: `Float32` (exact;
+    /// default), `BFloat16` (2 bytes a value) or `Int8` (1 byte a value and
+    /// one scale per update). What the coding rounds off stays in the
+    /// sender's accumulator and goes out with a later update, so no update
+    /// is lost; the last update after training stops is exact.
+    #[serde(default)]
+    pub value_coding: ValueCoding,
+
+    /// Averaging rounds (models `FedAvg` and `DiLoCo`).
     #[serde(default)]
     pub federated_averaging: FederatedAveraging,
+
+    /// DiLoCo's outer optimizer (model `DiLoCo`).
+    #[serde(default)]
+    pub diloco: DiLoCo,
 
     /// Cartel collaborative learning (model `Collaborative`).
     #[serde(default)]
@@ -141,7 +153,8 @@ pub struct InterDatacenterSync {
     /// `ASP` (Gaia: each datacenter holds a full model; only significant
     /// updates cross the WAN; default), `BSP` or `SSP` (one parameter-server
     /// system spread naively over the WAN), `FedAvg` (train locally, average
-    /// periodically), `Centralized` (ship the data to one datacenter, train
+    /// periodically), `DiLoCo` (train locally, then an outer Nesterov-momentum
+    /// step on the averaged change), `Centralized` (ship the data to one datacenter, train
     /// there, ship the model back), `Isolated` (each datacenter trains alone),
     /// `Collaborative` (Cartel: small per-site models that borrow from logical
     /// neighbours on drift) or `LAN` (all datacenters as one, for comparison
@@ -187,6 +200,10 @@ pub enum InterDatacenterModel {
     Ssp,
     /// Federated averaging.
     FedAvg,
+    /// DiLoCo: federated averaging's rounds, with an outer Nesterov-momentum
+    /// step on the averaged change.
+    #[serde(rename = "DiLoCo")]
+    DiLoCo,
     /// All data shipped to one datacenter.
     Centralized,
     /// Every datacenter trains alone.
@@ -201,7 +218,7 @@ pub enum InterDatacenterModel {
 impl SyncPolicySpec {
     /// The fields, as paths under `spec`, that differ between `self` and
     /// `new` and that running pods cannot take: the consistency models,
-    /// staleness, averaging rounds and Cartel's parameters shape the
+    /// staleness, averaging rounds, the outer optimizer, the value coding and Cartel's parameters shape the
     /// processes themselves. Everything else (significance filter, WAN
     /// budget, selective barrier, mirror clock) applies live.
     #[must_use]
@@ -222,6 +239,12 @@ impl SyncPolicySpec {
         if self.federated_averaging != new.federated_averaging {
             fields.push("federatedAveraging");
         }
+        if self.diloco != new.diloco {
+            fields.push("diloco");
+        }
+        if self.value_coding != new.value_coding {
+            fields.push("valueCoding");
+        }
         if self.collaborative != new.collaborative {
             fields.push("collaborative");
         }
@@ -238,6 +261,57 @@ impl InterDatacenterModel {
     #[must_use]
     pub fn is_global(self) -> bool {
         matches!(self, Self::Lan | Self::Bsp | Self::Ssp | Self::Centralized)
+    }
+}
+
+impl SyncPolicySpec {
+    /// The outer step that closes an averaging round, for the models that
+    /// average in rounds: DiLoCo's from `diloco`, and federated averaging's,
+    /// which is DiLoCo's with outer learning rate 1 and no momentum
+    /// ([`OuterStep::FED_AVG`]). `None` for the other models.
+    #[must_use]
+    pub fn outer_step(&self) -> Option<OuterStep> {
+        match self.inter_datacenter.model {
+            InterDatacenterModel::FedAvg => Some(OuterStep::FED_AVG),
+            InterDatacenterModel::DiLoCo => Some(OuterStep {
+                learning_rate: self.diloco.outer_learning_rate,
+                momentum: self.diloco.outer_momentum,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The outer optimizer of an averaging round (DiLoCo, Douillard et al.
+/// 2023): SGD with Nesterov momentum on the outer gradient, which is minus
+/// the change of the model averaged over the datacenters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OuterStep {
+    /// Outer learning rate.
+    pub learning_rate: f64,
+    /// Nesterov momentum, in [0, 1).
+    pub momentum: f64,
+}
+
+impl OuterStep {
+    /// Federated averaging: every round moves the model by the averaged change.
+    pub const FED_AVG: OuterStep = OuterStep {
+        learning_rate: 1.0,
+        momentum: 0.0,
+    };
+
+    /// One element's outer step: with `change` its change averaged over the
+    /// datacenters this round and `velocity` its momentum buffer (updated in
+    /// place), the change to make to its value at the start of the round.
+    ///
+    /// In the outer gradient's terms (g = −change), this is PyTorch's SGD
+    /// with Nesterov momentum: `v ← μ·v + g`, `θ ← θ − lr·(g + μ·v)`.
+    #[must_use]
+    pub fn step(self, change: f32, velocity: &mut f32) -> f32 {
+        #[allow(clippy::cast_possible_truncation)] // checked small rates
+        let (lr, mu) = (self.learning_rate as f32, self.momentum as f32);
+        *velocity = mu * *velocity + change;
+        lr * (change + mu * *velocity)
     }
 }
 
@@ -326,11 +400,26 @@ pub enum ThresholdSchedule {
     BandwidthBudget,
 }
 
-/// Federated averaging parameters.
+/// How the values of mirror updates are coded on the wire.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValueCoding {
+    /// 4-byte IEEE floats: exact.
+    #[default]
+    Float32,
+    /// The upper 2 bytes of each float, rounded to nearest: 8 significant
+    /// bits, the full range of a float.
+    BFloat16,
+    /// One signed byte per value times one float scale per update (the
+    /// largest magnitude over 127); values that round to 0 wait.
+    Int8,
+}
+
+/// Averaging rounds (federated averaging and DiLoCo).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FederatedAveraging {
-    /// Clocks each datacenter trains locally between two averaging rounds.
+    /// Clocks each datacenter trains locally between two averaging rounds
+    /// (DiLoCo's H).
     #[serde(default = "default_round_clocks")]
     #[schemars(range(min = 1))]
     pub round_clocks: i32,
@@ -346,6 +435,42 @@ impl Default for FederatedAveraging {
 
 fn default_round_clocks() -> i32 {
     10
+}
+
+/// DiLoCo's outer optimizer: every `federatedAveraging.roundClocks` clocks
+/// the datacenters average their change since the last round, and each
+/// moves its model from where the round started by SGD with Nesterov
+/// momentum on that averaged change. Outer learning rate 1 and momentum 0
+/// is federated averaging.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiLoCo {
+    /// Outer learning rate, in (0, 10]. Default 0.7 (DiLoCo's).
+    #[serde(default = "default_outer_learning_rate")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 10.0").message("must be in (0, 10]"))]
+    pub outer_learning_rate: f64,
+
+    /// Nesterov momentum of the outer step, in [0, 1). Default 0.9 (DiLoCo's).
+    #[serde(default = "default_outer_momentum")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self < 1.0").message("must be in [0, 1)"))]
+    pub outer_momentum: f64,
+}
+
+impl Default for DiLoCo {
+    fn default() -> Self {
+        Self {
+            outer_learning_rate: default_outer_learning_rate(),
+            outer_momentum: default_outer_momentum(),
+        }
+    }
+}
+
+fn default_outer_learning_rate() -> f64 {
+    0.7
+}
+
+fn default_outer_momentum() -> f64 {
+    0.9
 }
 
 /// Cartel collaborative-learning parameters.
@@ -411,4 +536,47 @@ fn default_metadata_interval() -> i32 {
 
 fn default_metadata_change() -> f64 {
     0.05
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::float_cmp)] // exact binary fractions
+    fn diloco_outer_step_matches_a_hand_computed_example() {
+        let diloco = OuterStep {
+            learning_rate: 0.5,
+            momentum: 0.5,
+        };
+        let mut v = 0.0;
+        // Round 1, averaged change 1: v = 0.5·0 + 1 = 1; step 0.5·(1 + 0.5·1) = 0.75.
+        assert_eq!(diloco.step(1.0, &mut v), 0.75);
+        assert_eq!(v, 1.0);
+        // Round 2, change −2: v = 0.5·1 − 2 = −1.5; step 0.5·(−2 + 0.5·(−1.5)) = −1.375.
+        assert_eq!(diloco.step(-2.0, &mut v), -1.375);
+        assert_eq!(v, -1.5);
+        // Round 3, no change: momentum alone moves it, 0.5·(0 + 0.5·(−0.75)) = −0.1875.
+        assert_eq!(diloco.step(0.0, &mut v), -0.1875);
+        // Federated averaging moves by the averaged change, whatever came before.
+        let mut v = 3.0;
+        assert_eq!(OuterStep::FED_AVG.step(0.25, &mut v), 0.25);
+        assert_eq!(OuterStep::FED_AVG.step(-0.5, &mut v), -0.5);
+    }
+
+    #[test]
+    fn fed_avg_and_diloco_have_outer_steps_and_the_rest_none() {
+        let mut spec: SyncPolicySpec = crate::yaml::from_str("{}").unwrap();
+        assert_eq!(spec.outer_step(), None);
+        spec.inter_datacenter.model = InterDatacenterModel::FedAvg;
+        assert_eq!(spec.outer_step(), Some(OuterStep::FED_AVG));
+        spec.inter_datacenter.model = InterDatacenterModel::DiLoCo;
+        assert_eq!(
+            spec.outer_step(),
+            Some(OuterStep {
+                learning_rate: 0.7,
+                momentum: 0.9
+            })
+        );
+    }
 }

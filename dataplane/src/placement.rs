@@ -5,7 +5,7 @@
 //! Two shapes: in the *global* modes (LAN, naive WAN BSP/SSP, centralized)
 //! the shards of every datacenter form one parameter server that every
 //! worker pushes to; in the *per-datacenter* modes (Gaia's ASP, federated
-//! averaging, isolated) each datacenter has a full model over its own shards,
+//! averaging, DiLoCo, isolated) each datacenter has a full model over its own shards,
 //! and shard i mirrors shard i of the other datacenters.
 
 use geoml_crds::Topology;
@@ -102,12 +102,14 @@ fn mirror_config(
     let policy = &job.sync_policy.spec;
     let model = policy.inter_datacenter.model;
     let dc = &datacenters[here];
-    let exchange = match model {
-        InterDatacenterModel::Asp => Exchange::Asp {
+    let exchange = match (model, policy.outer_step()) {
+        (InterDatacenterModel::Asp, _) => Exchange::Asp {
             selective_barrier: policy.selective_barrier,
+            coding: policy.value_coding,
         },
-        InterDatacenterModel::FedAvg => Exchange::FedAvg {
+        (_, Some(outer)) => Exchange::Rounds {
             round_clocks: numbers.round_clocks,
+            outer,
         },
         _ => return Ok(None),
     };

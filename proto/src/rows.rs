@@ -20,6 +20,16 @@ pub enum RowsError {
     /// Keys are not strictly increasing.
     #[error("keys must be sorted and unique (key {0} is out of order)")]
     Unsorted(u32),
+    /// A byte field's length is not a multiple of its values' width.
+    #[error("{field} has {len} bytes, not a multiple of {width} (truncated?)")]
+    Misaligned {
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// Bytes per value.
+        width: usize,
+    },
     /// The varint-coded index starting at this byte ends mid-number or
     /// overflows.
     #[error("indexes: malformed varint at byte {0}")]
@@ -208,6 +218,92 @@ fn words<T: bytemuck::Pod>(bytes: &[u8], field: &'static str) -> Result<Vec<T>, 
     Ok(bytemuck::pod_collect_to_vec(bytes))
 }
 
+/// `value` rounded to the nearest bfloat16 (the upper 16 bits of an f32;
+/// ties to even), as those 16 bits.
+#[must_use]
+pub fn to_bf16(value: f32) -> u16 {
+    let bits = value.to_bits();
+    if value.is_nan() {
+        // Keep it a NaN (rounding could carry into the exponent).
+        return u16::try_from((bits >> 16) | 0x40).unwrap_or(u16::MAX);
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    u16::try_from(rounded >> 16).unwrap_or(u16::MAX)
+}
+
+/// The f32 a bfloat16 stands for.
+#[must_use]
+pub fn from_bf16(half: u16) -> f32 {
+    f32::from_bits(u32::from(half) << 16)
+}
+
+/// `values` as little-endian bfloat16s, 2 bytes each ([`to_bf16`]).
+#[must_use]
+pub fn pack_bf16(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&v| to_bf16(v).to_le_bytes())
+        .collect()
+}
+
+/// Values packed by [`pack_bf16`].
+pub fn unpack_bf16(bytes: &[u8]) -> Result<Vec<f32>, RowsError> {
+    if !bytes.len().is_multiple_of(2) {
+        return Err(RowsError::Misaligned {
+            field: "deltas",
+            len: bytes.len(),
+            width: 2,
+        });
+    }
+    Ok(bytes
+        .chunks_exact(2)
+        .map(|c| from_bf16(u16::from_le_bytes([c[0], c[1]])))
+        .collect())
+}
+
+/// The step of 8-bit linear coding for `values`: the largest magnitude over
+/// 127 (0 when all are 0).
+#[must_use]
+pub fn int8_scale(values: &[f32]) -> f32 {
+    values.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0
+}
+
+/// `value` in steps of `scale`, rounded to nearest and held to ±127 (0 when
+/// `scale` is 0).
+#[must_use]
+pub fn to_int8(value: f32, scale: f32) -> i8 {
+    if scale <= 0.0 || !scale.is_finite() {
+        return 0;
+    }
+    #[allow(clippy::cast_possible_truncation)] // held to ±127 first
+    let q = (value / scale).round().clamp(-127.0, 127.0) as i8;
+    q
+}
+
+/// The value a byte of 8-bit coding in steps of `scale` stands for.
+#[must_use]
+pub fn from_int8(q: i8, scale: f32) -> f32 {
+    f32::from(q) * scale
+}
+
+/// Values coded one byte each in steps of `scale` ([`to_int8`]).
+#[must_use]
+pub fn pack_int8(values: &[f32], scale: f32) -> Vec<u8> {
+    values
+        .iter()
+        .map(|&v| to_int8(v, scale).cast_unsigned())
+        .collect()
+}
+
+/// Values packed by [`pack_int8`] in steps of `scale`.
+#[must_use]
+pub fn unpack_int8(bytes: &[u8], scale: f32) -> Vec<f32> {
+    bytes
+        .iter()
+        .map(|&b| from_int8(b.cast_signed(), scale))
+        .collect()
+}
+
 /// Rows naming `keys` (`None`: all rows) with `values`.
 #[must_use]
 pub fn rows(keys: Option<&[u32]>, values: &[f32]) -> pb::Rows {
@@ -282,6 +378,29 @@ mod tests {
         values[3] = f32::NEG_INFINITY;
         assert_eq!(Values::of(&values).first_non_finite(), Some(3));
         assert_eq!(Values::of(&[f32::MAX, f32::MIN]).first_non_finite(), None);
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // exact codings
+    fn compact_codings_round_to_nearest() {
+        // 1 + 2^-8 lies halfway between two bfloat16s: ties go to even (1).
+        let values = [1.0, -2.5, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, 0.0];
+        let coded = unpack_bf16(&pack_bf16(&values)).unwrap();
+        assert_eq!(coded, [1.0, -2.5, 1.0, 1.0 + 4.0 / 256.0, 0.0]);
+        assert_eq!(pack_bf16(&values).len(), 2 * values.len());
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert!(unpack_bf16(&[0, 0, 0]).is_err());
+
+        let values = [1.27, -0.5, 0.004, 0.006];
+        let scale = int8_scale(&values);
+        assert_eq!(scale, 1.27 / 127.0);
+        let bytes = pack_int8(&values, scale);
+        assert_eq!(
+            bytes.iter().map(|&b| b.cast_signed()).collect::<Vec<_>>(),
+            [127, -50, 0, 1]
+        );
+        assert_eq!(unpack_int8(&bytes, scale)[0], 127.0 * scale);
+        assert_eq!(pack_int8(&[0.0, 0.0], int8_scale(&[0.0, 0.0])), [0, 0]);
     }
 
     #[test]

@@ -163,11 +163,11 @@ struct CompareArgs {
     #[command(flatten)]
     run: RunArgs,
     /// Modes to run, comma-separated: lan, bsp-wan, ssp-wan, gaia, fedavg,
-    /// centralized, isolated (ratios are against the first).
+    /// diloco, centralized, isolated (ratios are against the first).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lan,bsp-wan,ssp-wan,gaia,fedavg,centralized,isolated"
+        default_value = "lan,bsp-wan,ssp-wan,gaia,fedavg,diloco,centralized,isolated"
     )]
     modes: Vec<String>,
     /// Write an SVG plot of the metric over time per mode to this file.

@@ -133,6 +133,34 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
     );
 }
 
+#[tokio::test]
+async fn with_int8_value_coding_every_datacenter_still_ends_with_every_update() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut docs = digits_gaia(10, 10, 2, 1);
+    set(
+        doc(&mut docs, "SyncPolicy"),
+        "spec.valueCoding",
+        "Int8".into(),
+    );
+    let manifest = write(dir.path(), &docs);
+    let docs = Manifest::load(&manifest).unwrap();
+    let job = docs.job().unwrap();
+    let mut cluster = LocalRun::start(options(manifest.clone(), dir.path()), &job)
+        .await
+        .unwrap();
+    cluster.wait(None).await.unwrap();
+    let snapshots = snapshots(cluster.parameter_server_addresses(), cluster.transport()).await;
+    let (statuses, _) = cluster.shutdown().await.unwrap();
+    // What Int8 rounded off was carried and sent at the end, exactly.
+    assert_conserved(&job, &snapshots);
+    for status in &statuses {
+        let m = status.mirror.as_ref().unwrap();
+        assert!(m.drained, "{status:?}");
+        assert!(m.elements_sent > 0, "{m:?}");
+    }
+}
+
 /// Every shard's values and the updates its own workers generated.
 async fn snapshots(addresses: &[String], transport: &Transport) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut snapshots = Vec::new();
@@ -769,6 +797,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             announced: true,
             round: 0,
             epoch: 1,
+            ..pb::mirror::MirrorUpdate::default()
         })
         .await
         .unwrap();
@@ -793,6 +822,7 @@ async fn the_barrier_blocks_reads_of_announced_rows_only_until_their_data_arrive
             announced: false,
             round: 0,
             epoch: 1,
+            ..pb::mirror::MirrorUpdate::default()
         })
         .await
         .unwrap_err();
@@ -819,7 +849,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
         .arg("compare")
         .arg(&manifest)
-        .arg("--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,centralized,isolated")
+        .arg("--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,diloco,centralized,isolated")
         .arg(format!("--json={}", json.display()))
         .arg(format!("--plot={}", svg.display()))
         .arg(format!("--work-dir={}", dir.path().join("runs").display()))
@@ -841,6 +871,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
         ("ssp-wan", true),
         ("gaia", true),
         ("fedavg", true),
+        ("diloco", true),
         ("centralized", true),
         ("isolated", false),
     ];
@@ -871,7 +902,7 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
         .lines()
         .filter(|l| l.starts_with("<polyline") && l.contains(r#"stroke-width="2""#))
         .count();
-    assert!(plot.starts_with("<svg") && lines == 7, "{plot}");
+    assert!(plot.starts_with("<svg") && lines == modes.len(), "{plot}");
     for (mode, _) in modes {
         assert!(plot.lines().any(|l| l.trim() == mode), "{mode}: {plot}");
     }

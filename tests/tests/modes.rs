@@ -15,11 +15,12 @@ use geoml_operator::job::build::{Endpoints, JobView};
 
 /// Every inter-datacenter model. The match below stops compiling when a
 /// model is added, so that it gets added here too.
-const MODELS: [InterDatacenterModel; 8] = [
+const MODELS: [InterDatacenterModel; 9] = [
     InterDatacenterModel::Asp,
     InterDatacenterModel::Bsp,
     InterDatacenterModel::Ssp,
     InterDatacenterModel::FedAvg,
+    InterDatacenterModel::DiLoCo,
     InterDatacenterModel::Centralized,
     InterDatacenterModel::Isolated,
     InterDatacenterModel::Collaborative,
@@ -29,7 +30,9 @@ const MODELS: [InterDatacenterModel; 8] = [
 /// Whether shard i of every datacenter mirrors shard i of the others.
 fn mirrored(model: InterDatacenterModel) -> bool {
     match model {
-        InterDatacenterModel::Asp | InterDatacenterModel::FedAvg => true,
+        InterDatacenterModel::Asp | InterDatacenterModel::FedAvg | InterDatacenterModel::DiLoCo => {
+            true
+        }
         InterDatacenterModel::Bsp
         | InterDatacenterModel::Ssp
         | InterDatacenterModel::Centralized

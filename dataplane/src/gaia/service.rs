@@ -57,6 +57,7 @@ impl From<MirrorError> for Status {
         match e {
             MirrorError::UnknownPeer(_)
             | MirrorError::Rows(_)
+            | MirrorError::Coding(_)
             | MirrorError::Shard(_)
             | MirrorError::Durable(_) => Status::invalid_argument(e.to_string()),
             MirrorError::Log(_) => Status::internal(e.to_string()),

@@ -1,7 +1,7 @@
 //! A shard's side of mirror synchronisation, as pure state: accumulated
 //! updates and the significance filter, one coalescing outgoing queue per
 //! peer, the selective barrier, mirror clocks, peer reachability and
-//! federated-averaging rounds.
+//! averaging rounds (federated averaging and DiLoCo).
 //!
 //! No I/O: [`super::service`] moves the messages it produces and feeds it
 //! the ones that arrive; [`wire`] decodes what arrives and encodes what
@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use geoml_crds::sync_policy::{OuterStep, ValueCoding};
 use prost::Message;
 
 use super::significance::Filter;
@@ -37,19 +38,26 @@ type Stamp = (u64, u64);
 const UNMEASURED_BACKLOG: Duration = Duration::from_millis(500);
 
 /// How the datacenters exchange updates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Exchange {
     /// Gaia's ASP: significant accumulated updates, as they become significant.
     Asp {
         /// Announce indexes on the control channel before sending data
         /// while earlier updates are still in flight.
         selective_barrier: bool,
+        /// How the values of updates travel.
+        coding: ValueCoding,
     },
-    /// Federated averaging: every `round_clocks` clocks, every datacenter's
-    /// change since the last round is averaged into everyone's model.
-    FedAvg {
-        /// Clocks per round.
+    /// Averaging rounds: every `round_clocks` clocks, every datacenter's
+    /// change since the last round is averaged, and every datacenter moves
+    /// its model from where the round started by the `outer` step on that
+    /// average (federated averaging: by the average itself; DiLoCo: SGD
+    /// with Nesterov momentum).
+    Rounds {
+        /// Clocks per round (DiLoCo's H).
         round_clocks: u64,
+        /// The outer optimizer.
+        outer: OuterStep,
     },
 }
 
@@ -83,6 +91,9 @@ pub enum MirrorError {
     /// The indexes or values are malformed.
     #[error(transparent)]
     Rows(#[from] geoml_proto::rows::RowsError),
+    /// The update's values are in a coding this shard does not know.
+    #[error("mirror update: unknown value coding {0} (or a scale that is not finite)")]
+    Coding(i32),
     /// The update does not fit the shard.
     #[error(transparent)]
     Shard(#[from] ShardError),
@@ -113,6 +124,10 @@ struct Outbox {
     in_flight: Option<MirrorUpdate>,
     /// ASP deltas waiting behind it, summed per element.
     queued: BTreeMap<u32, f32>,
+    /// What the value coding rounded off the updates sent before, per
+    /// element: it goes with the element's next queued delta, or with the
+    /// last updates once training stopped, never in an update of its own.
+    carried: BTreeMap<u32, f32>,
     /// Federated-averaging rounds waiting behind it (one message each).
     rounds: VecDeque<MirrorUpdate>,
     /// Announcements not yet sent: update seq → its elements (at most the
@@ -124,7 +139,10 @@ struct Outbox {
 
 impl Outbox {
     fn is_empty(&self) -> bool {
-        self.in_flight.is_none() && self.queued.is_empty() && self.rounds.is_empty()
+        self.in_flight.is_none()
+            && self.queued.is_empty()
+            && self.carried.is_empty()
+            && self.rounds.is_empty()
     }
 }
 
@@ -206,11 +224,14 @@ pub struct MirrorState {
     /// Changes each time reads may go further (barrier released, a round
     /// completed, a peer stopped counting).
     epoch: u64,
-    /// FedAvg: the round sent and not yet completed, with our own delta.
+    /// Rounds: the round sent and not yet completed, with our own delta.
     own_round: Option<(u64, Vec<f32>)>,
     completed_round: u64,
-    /// FedAvg: per round, the sum of peers' deltas and who sent one.
+    /// Rounds: per round, the sum of peers' deltas and who sent one.
     received: BTreeMap<u64, (Vec<f32>, BTreeSet<usize>)>,
+    /// Rounds: the outer step's momentum buffer, per element (in terms of
+    /// the averaged change; empty until the first round completes).
+    velocity: Vec<f32>,
     window_start: Instant,
     /// Counters.
     pub stats: Stats,
@@ -249,6 +270,7 @@ impl MirrorState {
             own_round: None,
             completed_round: 0,
             received: BTreeMap::new(),
+            velocity: Vec::new(),
             window_start: Instant::now(),
             stats: Stats::default(),
         }
@@ -292,7 +314,7 @@ impl MirrorState {
                     .saturating_mul(self.config.period)
                     .saturating_sub(1)
             }
-            Exchange::FedAvg { round_clocks } => {
+            Exchange::Rounds { round_clocks, .. } => {
                 if self.peers.iter().all(|p| p.stopped) {
                     return u64::MAX;
                 }
@@ -352,7 +374,9 @@ impl MirrorState {
         self.config.filter.on_clock(min_clock);
         let mut queued = None;
         match self.config.exchange {
-            Exchange::Asp { selective_barrier } => {
+            Exchange::Asp {
+                selective_barrier, ..
+            } => {
                 let (indexes, deltas) = self.significant(values, stopped);
                 if !indexes.is_empty() {
                     if selective_barrier && data_busy {
@@ -369,7 +393,7 @@ impl MirrorState {
                     queued = Some(self.queued(0, &indexes, &deltas));
                 }
             }
-            Exchange::FedAvg { round_clocks } => {
+            Exchange::Rounds { round_clocks, .. } => {
                 let round = min_clock / round_clocks.max(1);
                 let sent = self
                     .own_round
@@ -424,8 +448,12 @@ impl MirrorState {
             self.config.filter.reconfigure(filter);
             self.config.filter.on_clock(self.checked_clock);
         }
-        if let (Some(on), Exchange::Asp { selective_barrier }) =
-            (change.selective_barrier, &mut self.config.exchange)
+        if let (
+            Some(on),
+            Exchange::Asp {
+                selective_barrier, ..
+            },
+        ) = (change.selective_barrier, &mut self.config.exchange)
         {
             *selective_barrier = on;
         }
@@ -507,7 +535,10 @@ impl MirrorState {
     pub fn form(&self, p: usize) -> Option<MirrorLogRecord> {
         use crate::pb::mirror::mirror_log_record::Record;
         let outbox = &self.peers.get(p)?.outbox;
-        if outbox.in_flight.is_some() || (outbox.queued.is_empty() && outbox.rounds.is_empty()) {
+        let carried = self.stopped && !outbox.carried.is_empty();
+        if outbox.in_flight.is_some()
+            || (outbox.queued.is_empty() && outbox.rounds.is_empty() && !carried)
+        {
             return None;
         }
         Some(MirrorLogRecord {
@@ -516,12 +547,20 @@ impl MirrorState {
                 epoch: self.sender_epoch,
                 seq: outbox.next_seq,
                 announced: outbox.announced && outbox.rounds.is_empty(),
+                exact: self.stopped,
             })),
         })
     }
 
-    /// Makes the queue of peer `p` the update `stamp` in flight.
-    fn formed(&mut self, p: usize, stamp: Stamp, announced: bool) -> Result<(), MirrorError> {
+    /// Makes the queue of peer `p` the update `stamp` in flight, its values
+    /// coded as the SyncPolicy says, or `exact`ly.
+    fn formed(
+        &mut self,
+        p: usize,
+        stamp: Stamp,
+        announced: bool,
+        exact: bool,
+    ) -> Result<(), MirrorError> {
         let datacenter = self.config.datacenter.clone();
         let peer = self
             .peers
@@ -543,9 +582,26 @@ impl MirrorState {
         let mut update = if let Some(round) = outbox.rounds.pop_front() {
             round
         } else {
-            let (indexes, deltas): (Vec<u32>, Vec<f32>) =
-                std::mem::take(&mut outbox.queued).into_iter().unzip();
-            let mut update = wire::update_message(&indexes, &deltas);
+            let mut queued = std::mem::take(&mut outbox.queued);
+            // What earlier updates rounded off goes with its element's next
+            // delta; once stopped, all of it goes.
+            if exact {
+                for (i, c) in std::mem::take(&mut outbox.carried) {
+                    *queued.entry(i).or_insert(0.0) += c;
+                }
+            } else {
+                for (&i, d) in &mut queued {
+                    *d += outbox.carried.remove(&i).unwrap_or(0.0);
+                }
+            }
+            let (indexes, deltas): (Vec<u32>, Vec<f32>) = queued.into_iter().unzip();
+            let coding = match self.config.exchange {
+                Exchange::Asp { coding, .. } if !exact => coding,
+                _ => ValueCoding::Float32,
+            };
+            // What the coding rounds off stays with this peer's link.
+            let (mut update, kept) = wire::coded_update(&indexes, &deltas, coding);
+            outbox.carried.extend(kept);
             update.announced = announced;
             update
         };
@@ -594,6 +650,7 @@ impl MirrorState {
         self.peers.get(p).map_or(0, |peer| {
             let outbox = &peer.outbox;
             outbox.queued.len()
+                + outbox.carried.len()
                 + outbox.rounds.iter().map(|r| r.indexes.len()).sum::<usize>()
                 + outbox.in_flight.as_ref().map_or(0, |u| {
                     geoml_proto::rows::unpack_indexes(&u.indexes).map_or(0, |i| i.len())
@@ -825,7 +882,9 @@ impl MirrorState {
         Ok(())
     }
 
-    /// Averages the round we sent once every active peer's delta is in.
+    /// Closes the round we sent once every active peer's delta is in: the
+    /// deltas are averaged, and the model moves from where the round
+    /// started by the outer step on that average.
     fn complete_round(&mut self, shard: &mut Shard) {
         let Some((round, own)) = &self.own_round else {
             return;
@@ -841,14 +900,22 @@ impl MirrorState {
         if missing {
             return;
         }
-        // Our delta is already in our values: value += (Σ others − (n−1)·own) / n.
+        let outer = match self.config.exchange {
+            Exchange::Rounds { outer, .. } => outer,
+            Exchange::Asp { .. } => OuterStep::FED_AVG,
+        };
+        if self.velocity.len() != own.len() {
+            self.velocity = vec![0.0; own.len()];
+        }
+        // Our delta is already in our values, which stand at start + own:
+        // value += outer(mean of own and the others') − own.
         #[allow(clippy::cast_precision_loss)] // a handful of datacenters
         let n = (from.len() + 1) as f32;
         let mut indexes = Vec::new();
         let mut deltas = Vec::new();
-        for (i, &o) in own.iter().enumerate() {
+        for (i, (&o, velocity)) in own.iter().zip(&mut self.velocity).enumerate() {
             let others = sum.get(i).copied().unwrap_or(0.0);
-            let d = (others - (n - 1.0) * o) / n;
+            let d = outer.step((others + o) / n, velocity) - o;
             if d != 0.0 {
                 indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
                 deltas.push(d);
@@ -880,7 +947,7 @@ impl MirrorState {
     pub fn drained(&self) -> bool {
         self.stopped
             && self.peers.iter().all(|p| p.outbox.is_empty())
-            && (matches!(self.config.exchange, Exchange::FedAvg { .. })
+            && (matches!(self.config.exchange, Exchange::Rounds { .. })
                 || self.changes.accumulated.iter().all(|&a| a == 0.0))
     }
 

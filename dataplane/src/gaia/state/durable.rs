@@ -1,6 +1,6 @@
 //! What of [`MirrorState`] a checkpoint keeps: the epoch, accumulated and
-//! generated changes, and per peer the link's queue, update in flight and
-//! next seq, and the last update applied from the peer. The write-ahead log
+//! generated changes, the outer optimizer's momentum, and per peer the link's queue, update in flight and
+//! next seq, what the value coding rounded off, and the last update applied from the peer. The write-ahead log
 //! records the changes since ([`MirrorState::apply`] replays them).
 
 use std::collections::BTreeMap;
@@ -35,18 +35,23 @@ impl MirrorState {
             mirror_clock: self.mirror_clock,
             checked_clock: self.checked_clock,
             queued_count: self.queued_count,
+            velocity: pack_values(&self.velocity),
             peers: self
                 .peers
                 .iter()
                 .map(|p| {
                     let (indexes, deltas): (Vec<u32>, Vec<f32>) =
                         p.outbox.queued.iter().map(|(&i, &d)| (i, d)).unzip();
+                    let (carried_indexes, carried): (Vec<u32>, Vec<f32>) =
+                        p.outbox.carried.iter().map(|(&i, &d)| (i, d)).unzip();
                     PeerCheckpoint {
                         datacenter: p.name.clone(),
                         next_seq: p.outbox.next_seq,
                         in_flight: p.outbox.in_flight.clone(),
                         queued_indexes: pack_indexes(&indexes),
                         queued_deltas: pack_values(&deltas),
+                        carried_indexes: pack_indexes(&carried_indexes),
+                        carried_deltas: pack_values(&carried),
                         rounds: p.outbox.rounds.iter().cloned().collect(),
                         applied_epoch: p.applied.0,
                         applied_seq: p.applied.1,
@@ -65,7 +70,11 @@ impl MirrorState {
         let elements = self.changes.accumulated.len();
         let accumulated = unpack_values(&checkpoint.accumulated)?;
         let generated = unpack_f64(&checkpoint.generated).unwrap_or_default();
-        if accumulated.len() != elements || generated.len() != elements {
+        let velocity = unpack_values(&checkpoint.velocity)?;
+        if accumulated.len() != elements
+            || generated.len() != elements
+            || !(velocity.is_empty() || velocity.len() == elements)
+        {
             return Err(misfit("its changes have another shape"));
         }
         let mut peers = self.peers.clone();
@@ -80,6 +89,14 @@ impl MirrorState {
             peer.outbox.next_seq = saved.next_seq.max(1);
             peer.outbox.in_flight.clone_from(&saved.in_flight);
             peer.outbox.queued = indexes.into_iter().zip(deltas).collect::<BTreeMap<_, _>>();
+            let carried_indexes = unpack_indexes(&saved.carried_indexes)?;
+            let carried = unpack_values(&saved.carried_deltas)?;
+            if carried_indexes.len() != carried.len()
+                || carried_indexes.iter().any(|&i| i as usize >= elements)
+            {
+                return Err(misfit("a link's carried remainder does not fit the shard"));
+            }
+            peer.outbox.carried = carried_indexes.into_iter().zip(carried).collect();
             peer.outbox.rounds = saved.rounds.iter().cloned().collect();
             peer.applied = (saved.applied_epoch, saved.applied_seq);
             peer.epoch = saved.applied_epoch;
@@ -95,6 +112,7 @@ impl MirrorState {
         self.mirror_clock = checkpoint.mirror_clock;
         self.checked_clock = checkpoint.checked_clock;
         self.queued_count = checkpoint.queued_count;
+        self.velocity = velocity;
         Ok(())
     }
 }

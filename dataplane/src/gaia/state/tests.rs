@@ -2,7 +2,7 @@
 
 #![allow(clippy::float_cmp)] // small exact sums
 
-use geoml_crds::sync_policy::Significance;
+use geoml_crds::sync_policy::{OuterStep, Significance, ValueCoding};
 use geoml_crds::training_job::Optimizer;
 
 use geoml_proto::rows::{Values, pack_indexes, pack_values, unpack_indexes, unpack_values};
@@ -55,6 +55,7 @@ fn mirror_named(
 
 const ASP: Exchange = Exchange::Asp {
     selective_barrier: true,
+    coding: ValueCoding::Float32,
 };
 
 /// Worker 0 pushes `gradient` as its next clock.
@@ -323,6 +324,7 @@ fn a_new_epoch_starts_the_numbering_over() {
         announced: false,
         round: 0,
         epoch,
+        ..MirrorUpdate::default()
     };
     assert!(receiver.on_update(&update(1, 5), &mut rs).unwrap());
     assert!(!receiver.on_update(&update(1, 5), &mut rs).unwrap());
@@ -409,6 +411,7 @@ fn a_silent_peer_stops_holding_the_bound_until_it_speaks_again() {
         announced: false,
         round: 0,
         epoch: 1,
+        ..MirrorUpdate::default()
     };
     let now = t0 + Duration::from_secs(13);
     assert_eq!(m.heard("c", 1, now).unwrap(), Some(true));
@@ -470,6 +473,7 @@ fn barrier_blocks_only_announced_rows_until_their_data_arrives() {
         announced: true,
         round: 0,
         epoch: 1,
+        ..MirrorUpdate::default()
     };
     let epoch = m.epoch();
     assert!(m.on_update(&update, &mut s).unwrap());
@@ -499,6 +503,7 @@ fn rejects_strangers_and_malformed_updates_without_change() {
         announced: false,
         round: 0,
         epoch: 1,
+        ..MirrorUpdate::default()
     };
     assert!(matches!(
         m.on_update(&update, &mut s),
@@ -538,7 +543,17 @@ fn mirror_clock_bound_limits_reads_to_ds_clocks_ahead() {
 
 #[test]
 fn federated_averaging_averages_each_round() {
-    let (mut s, mut m) = (shard(), mirror(Exchange::FedAvg { round_clocks: 2 }, 1, 1));
+    let (mut s, mut m) = (
+        shard(),
+        mirror(
+            Exchange::Rounds {
+                round_clocks: 2,
+                outer: OuterStep::FED_AVG,
+            },
+            1,
+            1,
+        ),
+    );
     assert_eq!(m.read_limit(), 1);
     push(&mut s, &mut m, &[0.3; 8]);
     let c = push(&mut s, &mut m, &[0.3; 8]);
@@ -555,6 +570,7 @@ fn federated_averaging_averages_each_round() {
             announced: false,
             round: 1,
             epoch: 1,
+            ..MirrorUpdate::default()
         };
         m.on_update(&update, &mut s).unwrap();
     }
@@ -563,4 +579,138 @@ fn federated_averaging_averages_each_round() {
         assert!((v - 0.7).abs() < 1e-6, "{v}");
     }
     assert_eq!(m.read_limit(), 3);
+}
+
+/// Peer `dc`'s delta `delta` on every element, closing `round` (its update `seq`).
+fn round_update(dc: &str, seq: u64, round: u64, delta: f32) -> MirrorUpdate {
+    MirrorUpdate {
+        datacenter: dc.into(),
+        seq,
+        indexes: pack_indexes(&(0..8).collect::<Vec<_>>()),
+        deltas: pack_values(&[delta; 8]),
+        announced: false,
+        round,
+        epoch: 1,
+        ..MirrorUpdate::default()
+    }
+}
+
+#[test]
+fn diloco_takes_an_outer_nesterov_step_on_the_averaged_change() {
+    let outer = OuterStep {
+        learning_rate: 0.5,
+        momentum: 0.5,
+    };
+    let rounds = Exchange::Rounds {
+        round_clocks: 2,
+        outer,
+    };
+    let (mut s, mut m) = (shard(), mirror(rounds, 1, 1));
+    m.start_epoch(1);
+    // Round 1: our change −0.5 (two clocks of gradient 0.25 at rate 1),
+    // b's 0, c's −1: mean −0.5. Velocity v = 0.5·0 − 0.5 = −0.5; the model
+    // moves from 1 by 0.5·(−0.5 + 0.5·(−0.5)) = −0.375, to 0.625.
+    push(&mut s, &mut m, &[0.25; 8]);
+    let c = push(&mut s, &mut m, &[0.25; 8]);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    let sent = in_flight(&mut s, &mut m, 0).unwrap();
+    assert_eq!(contents(&sent), ((0..8).collect::<Vec<_>>(), vec![-0.5; 8]));
+    for (dc, delta) in [("b", 0.0), ("c", -1.0)] {
+        m.on_update(&round_update(dc, 1, 1, delta), &mut s).unwrap();
+    }
+    assert_eq!(s.values(), [0.625; 8]);
+    assert_eq!(m.read_limit(), 3);
+    // Round 2: every change −0.5. v = 0.5·(−0.5) − 0.5 = −0.75; the model
+    // moves by 0.5·(−0.5 + 0.5·(−0.75)) = −0.4375, to 0.1875 — further than
+    // the averaged change alone (federated averaging: to 0.125).
+    ack(&mut m, 0, &sent);
+    push(&mut s, &mut m, &[0.25; 8]);
+    let c = push(&mut s, &mut m, &[0.25; 8]);
+    clock(&mut s, &mut m, c, false, &IDLE);
+    let sent = in_flight(&mut s, &mut m, 0).unwrap();
+    assert_eq!((sent.round, contents(&sent).1), (2, vec![-0.5; 8]));
+    for dc in ["b", "c"] {
+        m.on_update(&round_update(dc, 2, 2, -0.5), &mut s).unwrap();
+    }
+    assert_eq!(s.values(), [0.1875; 8]);
+    assert_eq!(m.read_limit(), 5);
+}
+
+/// Receives the update in flight on link `p` (decoded into `received`),
+/// acknowledges it, and returns it.
+fn deliver(
+    s: &mut Shard,
+    m: &mut MirrorState,
+    p: usize,
+    received: &mut [f64; 8],
+) -> Option<MirrorUpdate> {
+    let update = in_flight(s, m, p)?;
+    let indexes = unpack_indexes(&update.indexes).unwrap();
+    let deltas = wire::deltas(&update).unwrap();
+    assert_eq!(indexes.len(), deltas.len());
+    for (i, d) in indexes.into_iter().zip(deltas) {
+        received[i as usize] += f64::from(d);
+    }
+    ack(m, p, &update);
+    Some(update)
+}
+
+#[test]
+fn compact_coding_carries_what_it_rounds_off_and_loses_nothing() {
+    for (coding, width) in [(ValueCoding::BFloat16, 2), (ValueCoding::Int8, 1)] {
+        let asp = Exchange::Asp {
+            selective_barrier: false,
+            coding,
+        };
+        let (mut s, mut m) = (shard(), mirror(asp, 1, 1));
+        m.start_epoch(1);
+        let mut received = [[0.0f64; 8]; 2];
+        let mut carried = 0;
+        for step in 0..30u8 {
+            // Deltas of very different sizes in one update: the small ones
+            // round off (Int8 rounds them to 0) and must be carried.
+            let sign = if step % 4 == 3 { -1.0 } else { 1.0 };
+            let g: Vec<f32> = (0..8u8)
+                .map(|i| sign * 0.3 / f32::from(1u8 << i) * (1.0 + f32::from(step) / 7.0))
+                .collect();
+            let c = push(&mut s, &mut m, &g);
+            clock(&mut s, &mut m, c, false, &IDLE);
+            for (p, got) in received.iter_mut().enumerate() {
+                if let Some(update) = deliver(&mut s, &mut m, p, got) {
+                    let sent = unpack_indexes(&update.indexes).unwrap().len();
+                    assert_eq!(update.deltas.len(), width * sent, "{coding:?}");
+                }
+                carried += usize::from(!m.peers[p].outbox.carried.is_empty());
+                // Conservation: what the peer got, plus what waits for it
+                // (queued, and carried: what was rounded off) and what is
+                // still accumulated, is every change made here.
+                let outbox = &m.peers[p].outbox;
+                for (i, &sent) in got.iter().enumerate() {
+                    let index = u32::try_from(i).unwrap();
+                    let waiting = outbox.queued.get(&index).copied().unwrap_or(0.0)
+                        + outbox.carried.get(&index).copied().unwrap_or(0.0);
+                    let total = sent + f64::from(waiting) + f64::from(m.changes.accumulated[i]);
+                    let made = m.changes.generated[i];
+                    assert!(
+                        (total - made).abs() < 1e-5,
+                        "{coding:?} step {step} element {i}: {total} vs {made}"
+                    );
+                }
+            }
+        }
+        assert!(carried > 0, "{coding:?} rounded nothing off");
+        // Stopped: everything left goes out exactly, and each peer has
+        // every change.
+        let c = s.min_clock();
+        clock(&mut s, &mut m, c, true, &IDLE);
+        for (p, got) in received.iter_mut().enumerate() {
+            while let Some(update) = deliver(&mut s, &mut m, p, got) {
+                assert_eq!(update.coding, 0, "the last updates are exact");
+            }
+            for (i, (g, made)) in got.iter().zip(&m.changes.generated).enumerate() {
+                assert!((g - made).abs() < 1e-5, "{coding:?} {i}: {g} vs {made}");
+            }
+        }
+        assert!(m.drained());
+    }
 }

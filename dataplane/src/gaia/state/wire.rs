@@ -1,9 +1,14 @@
 //! The wire edge of [`MirrorState`]: mirror messages decoded into indexes
-//! and deltas before the state sees them, and the updates it sends packed.
+//! and deltas before the state sees them, and the updates it sends packed,
+//! their values in the SyncPolicy's coding.
 
 use std::time::Instant;
 
-use geoml_proto::rows::{pack_indexes, pack_values, unpack_indexes, unpack_values};
+use geoml_crds::sync_policy::ValueCoding;
+use geoml_proto::rows::{
+    from_bf16, from_int8, int8_scale, pack_bf16, pack_indexes, pack_values, to_bf16, to_int8,
+    unpack_bf16, unpack_indexes, unpack_int8, unpack_values,
+};
 
 use super::{MirrorError, MirrorState, PeerUpdate};
 use crate::pb;
@@ -21,6 +26,62 @@ pub(super) fn update_message(indexes: &[u32], deltas: &[f32]) -> MirrorUpdate {
         announced: false,
         round: 0,
         epoch: 0,
+        coding: pb::mirror::ValueCoding::Float32.into(),
+        scale: 0.0,
+    }
+}
+
+/// An update of `deltas` at `indexes` with its values in `coding`, and
+/// what the coding rounded off, per index (non-zero only), for the sender
+/// to keep and send later. A delta the coding rounds to 0 is left out of
+/// the update and kept whole.
+pub(super) fn coded_update(
+    indexes: &[u32],
+    deltas: &[f32],
+    coding: ValueCoding,
+) -> (MirrorUpdate, Vec<(u32, f32)>) {
+    let (wire, scale) = match coding {
+        ValueCoding::Float32 => return (update_message(indexes, deltas), Vec::new()),
+        ValueCoding::BFloat16 => (pb::mirror::ValueCoding::Bfloat16, 0.0),
+        ValueCoding::Int8 => (pb::mirror::ValueCoding::Int8, int8_scale(deltas)),
+    };
+    let coded = |d: f32| match coding {
+        ValueCoding::Int8 => from_int8(to_int8(d, scale), scale),
+        ValueCoding::BFloat16 | ValueCoding::Float32 => from_bf16(to_bf16(d)),
+    };
+    let mut sent_indexes = Vec::with_capacity(indexes.len());
+    let mut sent = Vec::with_capacity(deltas.len());
+    let mut kept = Vec::new();
+    for (&i, &d) in indexes.iter().zip(deltas) {
+        let c = coded(d);
+        if c != 0.0 {
+            sent_indexes.push(i);
+            sent.push(c);
+        }
+        let rest = d - c;
+        if rest != 0.0 {
+            kept.push((i, rest));
+        }
+    }
+    let mut update = update_message(&sent_indexes, &[]);
+    update.deltas = match coding {
+        ValueCoding::Int8 => geoml_proto::rows::pack_int8(&sent, scale),
+        ValueCoding::BFloat16 | ValueCoding::Float32 => pack_bf16(&sent),
+    };
+    update.coding = wire.into();
+    update.scale = scale;
+    (update, kept)
+}
+
+/// The deltas of `update`, decoded from its coding.
+pub(super) fn deltas(update: &MirrorUpdate) -> Result<Vec<f32>, MirrorError> {
+    match pb::mirror::ValueCoding::try_from(update.coding) {
+        Ok(pb::mirror::ValueCoding::Float32) => Ok(unpack_values(&update.deltas)?),
+        Ok(pb::mirror::ValueCoding::Bfloat16) => Ok(unpack_bf16(&update.deltas)?),
+        Ok(pb::mirror::ValueCoding::Int8) if update.scale.is_finite() => {
+            Ok(unpack_int8(&update.deltas, update.scale))
+        }
+        _ => Err(MirrorError::Coding(update.coding)),
     }
 }
 
@@ -28,7 +89,7 @@ fn decode(update: &MirrorUpdate) -> Result<PeerUpdate, MirrorError> {
     Ok(PeerUpdate {
         stamp: (update.epoch, update.seq),
         indexes: unpack_indexes(&update.indexes)?,
-        deltas: unpack_values(&update.deltas)?,
+        deltas: deltas(update)?,
         announced: update.announced,
         round: update.round,
     })
@@ -93,13 +154,14 @@ impl MirrorState {
             }
             Some(Record::Queued(update)) => {
                 let indexes = unpack_indexes(&update.indexes)?;
-                let deltas = unpack_values(&update.deltas)?;
+                let deltas = deltas(update)?;
                 self.take(update.seq, update.round, &indexes, &deltas)
             }
             Some(Record::Formed(formed)) => self.formed(
                 formed.peer as usize,
                 (formed.epoch, formed.seq),
                 formed.announced,
+                formed.exact,
             ),
             None => Err(MirrorError::Durable("an empty log record".into())),
         }
