@@ -38,9 +38,7 @@ pub enum Mode {
 
 /// A name that is no [`Mode`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown mode {0:?}; modes are lan, bsp-wan, ssp-wan, gaia, fedavg, diloco, centralized, isolated, cartel"
-)]
+#[error("unknown mode {0:?}; modes are {modes}", modes = Mode::names(Mode::value_variants()))]
 pub struct UnknownMode(pub String);
 
 impl Mode {
@@ -71,6 +69,16 @@ impl Mode {
             Mode::Isolated => "isolated",
             Mode::Cartel => "cartel",
         }
+    }
+
+    /// The names of `modes`, comma-separated.
+    #[must_use]
+    pub fn names(modes: &[Mode]) -> String {
+        modes
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The mode called `name`.

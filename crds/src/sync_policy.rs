@@ -69,9 +69,9 @@ pub struct SyncPolicySpec {
 
     /// How the values of ASP mirror updates travel: `Float32` (exact;
     /// default), `BFloat16` (2 bytes a value) or `Int8` (1 byte a value and
-    /// one scale per update). What the coding rounds off stays in the
-    /// sender's accumulator and goes out with a later update, so no update
-    /// is lost; the last update after training stops is exact.
+    /// one scale per update). What the coding rounds off is kept, per link,
+    /// and added to that element's next update, so no update is lost; the
+    /// last update after training stops is exact.
     #[serde(default)]
     pub value_coding: ValueCoding,
 

@@ -27,7 +27,7 @@ pub struct Topology {
     pub datacenter: String,
     /// gRPC URLs (`http://host:port`) of the shards this datacenter's workers
     /// push to, in shard order; on Kubernetes the datacenter's own shards are
-    /// at their Services' cluster IPs (no cluster DNS needed). With a per-datacenter model (ASP, FedAvg,
+    /// at their Services' cluster IPs (no cluster DNS needed). With a per-datacenter model (ASP, FedAvg, DiLoCo,
     /// Isolated, Centralized, Collaborative) these are the datacenter's own
     /// shards. With naive WAN BSP/SSP they are every datacenter's shards, in
     /// `spec.datacenters` order, and remote ones are reached over the WAN.

@@ -4,8 +4,6 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use crate as pb;
-
 /// Why packed rows are malformed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RowsError {
@@ -92,7 +90,7 @@ pub fn pack_values(values: &[f32]) -> Vec<u8> {
     bytemuck::cast_slice(values).to_vec()
 }
 
-/// Little-endian bytes of `values` as a `bytes` field of [`pb::Rows`].
+/// Little-endian bytes of `values` as a `bytes` field of [`crate::Rows`].
 #[must_use]
 pub fn values_bytes(values: &[f32]) -> Bytes {
     Bytes::copy_from_slice(bytemuck::cast_slice(values))
@@ -302,16 +300,6 @@ pub fn unpack_int8(bytes: &[u8], scale: f32) -> Vec<f32> {
         .iter()
         .map(|&b| from_int8(b.cast_signed(), scale))
         .collect()
-}
-
-/// Rows naming `keys` (`None`: all rows) with `values`.
-#[must_use]
-pub fn rows(keys: Option<&[u32]>, values: &[f32]) -> pb::Rows {
-    pb::Rows {
-        keys: keys.map(pack_keys).map(Bytes::from).unwrap_or_default(),
-        values: values_bytes(values),
-        all: keys.is_none(),
-    }
 }
 
 #[cfg(test)]

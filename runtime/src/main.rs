@@ -164,11 +164,7 @@ struct CompareArgs {
     run: RunArgs,
     /// Modes to run, comma-separated: lan, bsp-wan, ssp-wan, gaia, fedavg,
     /// diloco, centralized, isolated (ratios are against the first).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "lan,bsp-wan,ssp-wan,gaia,fedavg,diloco,centralized,isolated"
-    )]
+    #[arg(long, value_delimiter = ',', default_values_t = Mode::COMPARED.map(|m| m.name().to_owned()))]
     modes: Vec<String>,
     /// Write an SVG plot of the metric over time per mode to this file.
     #[arg(long)]

@@ -921,8 +921,11 @@ impl MirrorState {
                 deltas.push(d);
             }
         }
-        // Indexes come from our own layout and the deltas from checked ones.
-        let _ = shard.add(&indexes, &deltas);
+        // Indexes come from our own layout and the deltas from checked
+        // ones; only an outer step that overflows can be refused.
+        if let Err(e) = shard.add(&indexes, &deltas) {
+            tracing::warn!(round, error = %e, "averaging round: outer step not applied");
+        }
         self.received.remove(&round);
         self.own_round = None;
         self.completed_round = round;

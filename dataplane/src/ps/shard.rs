@@ -386,6 +386,8 @@ impl Shard {
             let g: &[f32] = if let Some(aligned) = aligned {
                 &aligned[at..at + width]
             } else {
+                // `check` matched the gradient's length to the rows.
+                row.clear();
                 row.resize(width, 0.0);
                 if let Some(packed) = gradient.get(at..at + width) {
                     packed.copy_to(&mut row);

@@ -23,8 +23,8 @@ use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
 use super::build::{
-    self, CERTIFICATE_NAME_ANNOTATION, JobView, certificate_ready, certificate_resource, names,
-    secret_text,
+    self, CERTIFICATE_NAME_ANNOTATION, JobView, Placement, certificate_ready, certificate_resource,
+    names, secret_text,
 };
 use super::objects::{apply_object, ensure_namespace};
 use super::resolve::Blocked;
@@ -171,6 +171,13 @@ pub(super) async fn forget_certificate(
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        // Credentials that may not touch Certificates could not have made
+        // one either (the job stayed CertificatesForbidden): nothing to
+        // delete, and a job must stay deletable.
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            tracing::warn!(namespace, name, message = %s.message, "may not delete Certificate; leaving it");
+            Ok(())
+        }
         Err(e) => Err(Error::kube(format!(
             "deleting Certificate {namespace}/{name}"
         ))(e)),
@@ -200,31 +207,9 @@ async fn by_cert_manager(
         for role in view.roles(p) {
             let desired = view.certificate(p, role, issuer);
             let name = desired.name_any();
-            let applied = match api
-                .patch(
-                    &name,
-                    &PatchParams::apply(build::MANAGER).force(),
-                    &Patch::Apply(&desired),
-                )
-                .await
-            {
+            let applied = match apply_certificate(&api, p, &desired).await? {
                 Ok(applied) => applied,
-                // No such resource: cert-manager's CRDs are not installed.
-                Err(kube::Error::Api(s)) if s.code == 404 => {
-                    return Ok(Certificates::Pending(Blocked {
-                        reason: "CertManagerMissing",
-                        message: format!(
-                            "spec.tls.issuerRef: datacenter {}'s cluster has no cert-manager Certificate resource (cert-manager.io/v1); install cert-manager there",
-                            p.name()
-                        ),
-                    }));
-                }
-                Err(e) => {
-                    return Err(Error::kube(format!(
-                        "applying Certificate {}/{name}",
-                        p.namespace
-                    ))(e));
-                }
+                Err(blocked) => return Ok(Certificates::Pending(blocked)),
             };
             match certificate_ready(&applied) {
                 Ok(()) => ready.push((&cluster.client, p, name)),
@@ -278,4 +263,40 @@ async fn by_cert_manager(
         authorities.push((p.name().to_owned(), ca));
     }
     Ok(Certificates::Current(ISSUED_RECHECK))
+}
+
+/// Applies Certificate `desired` in datacenter `p`: the object as stored,
+/// or why that cluster cannot take it.
+async fn apply_certificate(
+    api: &Api<DynamicObject>,
+    p: &Placement,
+    desired: &DynamicObject,
+) -> Result<Result<DynamicObject, Blocked>, Error> {
+    let name = desired.name_any();
+    let params = PatchParams::apply(build::MANAGER).force();
+    match api.patch(&name, &params, &Patch::Apply(desired)).await {
+        Ok(applied) => Ok(Ok(applied)),
+        // No such resource: cert-manager's CRDs are not installed.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Err(Blocked {
+            reason: "CertManagerMissing",
+            message: format!(
+                "spec.tls.issuerRef: datacenter {}'s cluster has no cert-manager Certificate resource (cert-manager.io/v1); install cert-manager there",
+                p.name()
+            ),
+        })),
+        // The datacenter's credentials may not manage Certificates.
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(Err(Blocked {
+            reason: "CertificatesForbidden",
+            message: format!(
+                "spec.tls.issuerRef: datacenter {}'s cluster refuses the operator Certificates (cert-manager.io) in namespace {}: {}; grant it the chart's rules for certificates",
+                p.name(),
+                p.namespace,
+                s.message
+            ),
+        })),
+        Err(e) => Err(Error::kube(format!(
+            "applying Certificate {}/{name}",
+            p.namespace
+        ))(e)),
+    }
 }

@@ -46,6 +46,10 @@ pub const FINALIZER: &str = "geoml.io/cleanup";
 pub const MANAGED_BY_VALUE: &str = "geoml.io/operator";
 /// Wait before looking again for addresses that are not assigned yet.
 const ENDPOINT_POLL: Duration = Duration::from_secs(5);
+
+/// Condition of a job whose pods run while cert-manager has not (re)issued
+/// every certificate; set only once that happened.
+const CERTIFICATES_READY: &str = "CertificatesReady";
 /// How long after the parameter servers finished the workers, told to stop,
 /// may take to exit before the job is called finished anyway (and
 /// `cleanPodPolicy: Running` deletes them).
@@ -242,12 +246,29 @@ async fn apply(cached: &TrainingJob, ctx: &Context) -> Result<Action, Error> {
         return finish::wind_down(&view, &clusters, ctx, &mut out).await;
     }
     let renewal = match certificates::step(&view, &clusters, &ctx.client).await? {
-        certificates::Certificates::Current(renewal) => renewal,
-        certificates::Certificates::Pending(blocked) => {
+        certificates::Certificates::Current(renewal) => {
+            if conditions::get(&out.status.conditions, CERTIFICATES_READY).is_some() {
+                out.condition(
+                    CERTIFICATES_READY,
+                    true,
+                    "Issued",
+                    "every role's certificate is issued",
+                );
+            }
+            renewal
+        }
+        certificates::Certificates::Pending(blocked) if !out.is("Created") => {
             // No pods without their certificates: they could not serve.
             out.condition("Created", false, blocked.reason, &blocked.message);
             finish_status(job, ctx, &mut out).await?;
             return Ok(Action::requeue(ENDPOINT_POLL));
+        }
+        certificates::Certificates::Pending(blocked) => {
+            // The pods run on the certificates their Secrets hold (cert-manager
+            // replaces one only with the next it issued): keep placing and
+            // observing them, and say what the certificates wait for.
+            out.condition(CERTIFICATES_READY, false, blocked.reason, &blocked.message);
+            ENDPOINT_POLL
         }
     };
     let placing = place::step(&view, &clusters, ctx, &mut out).await?;

@@ -25,7 +25,7 @@ pub struct ShardProgress {
     /// `geoml_ps_metric`: the latest evaluated metric.
     pub metric: Option<f64>,
     /// `geoml_mirror_sent_bytes_total`: bytes queued for its mirrors in
-    /// other datacenters (ASP, FedAvg), summed over peers.
+    /// other datacenters (ASP, FedAvg, DiLoCo), summed over peers.
     pub mirror_sent_bytes: Option<i64>,
     /// `geoml_ps_wan_bytes_total`: bytes exchanged with workers of other
     /// datacenters (naive WAN BSP/SSP).

@@ -45,15 +45,20 @@ pub(super) fn coded_update(
         ValueCoding::BFloat16 => (pb::mirror::ValueCoding::Bfloat16, 0.0),
         ValueCoding::Int8 => (pb::mirror::ValueCoding::Int8, int8_scale(deltas)),
     };
-    let coded = |d: f32| match coding {
+    let code = |d: f32| match coding {
         ValueCoding::Int8 => from_int8(to_int8(d, scale), scale),
         ValueCoding::BFloat16 | ValueCoding::Float32 => from_bf16(to_bf16(d)),
     };
+    let coded: Vec<f32> = deltas.iter().map(|&d| code(d)).collect();
+    // Near f32::MAX a coding can round up to infinity, which a receiver
+    // refuses: such an update goes exact.
+    if coded.iter().any(|c| !c.is_finite()) {
+        return (update_message(indexes, deltas), Vec::new());
+    }
     let mut sent_indexes = Vec::with_capacity(indexes.len());
     let mut sent = Vec::with_capacity(deltas.len());
     let mut kept = Vec::new();
-    for (&i, &d) in indexes.iter().zip(deltas) {
-        let c = coded(d);
+    for ((&i, &d), &c) in indexes.iter().zip(deltas).zip(&coded) {
         if c != 0.0 {
             sent_indexes.push(i);
             sent.push(c);
