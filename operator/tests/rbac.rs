@@ -45,28 +45,6 @@ fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The chart's ServiceAccount and RBAC objects, rendered by helm for a
-/// release in `namespace`.
-fn chart_rbac(namespace: &str) -> String {
-    let rendered = Helm::new().unwrap().template(namespace, &[]).unwrap();
-    let kinds = [
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "Role",
-        "RoleBinding",
-    ];
-    rendered
-        .split("\n---")
-        .filter(|doc| {
-            kinds
-                .iter()
-                .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
-        })
-        .collect::<Vec<_>>()
-        .join("\n---")
-}
-
 /// A kubeconfig for `plane` that authenticates with a bearer token.
 fn token_kubeconfig(plane: &ControlPlane, token: &str) -> String {
     let admin: serde_json::Value =
@@ -87,21 +65,6 @@ async fn http_get(port: u16, path: &str) -> String {
     geoml_tests::prometheus::get(addr, path, &[]).await.unwrap()
 }
 
-/// Requests the apiserver answered 403, from its audit log.
-fn forbidden_requests(plane: &ControlPlane) -> Vec<String> {
-    let log = std::fs::read_to_string(plane.audit_log()).unwrap_or_default();
-    log.lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-        .filter(|event| event["responseStatus"]["code"] == 403)
-        .map(|event| {
-            format!(
-                "{} {} {}",
-                event["user"]["username"], event["verb"], event["requestURI"]
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 #[allow(clippy::too_many_lines)] // one scenario on one control plane
 async fn the_operator_needs_no_rule_beyond_the_charts() {
@@ -113,7 +76,7 @@ async fn the_operator_needs_no_rule_beyond_the_charts() {
     kubectl(
         &plane,
         &["apply", "-f", "-"],
-        Some(&chart_rbac("geoml-system")),
+        Some(&Helm::new().unwrap().rbac("geoml-system").unwrap()),
     );
     let token = kubectl(
         &plane,
@@ -345,7 +308,7 @@ spec:
         .lines()
         .count();
     assert!(audited > 20, "only {audited} audited requests");
-    let forbidden = forbidden_requests(&plane);
+    let forbidden = plane.forbidden_requests();
     assert!(
         forbidden.is_empty(),
         "forbidden requests:\n{}\noperator log:\n{log}",

@@ -27,12 +27,6 @@ use prometheus::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
-/// Message buffers of a megabyte come and go with every push and pull:
-/// glibc maps each one afresh (a page fault per 4 KiB), mimalloc reuses
-/// its memory.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Geo-distributed machine learning: parameter servers, workers, local runs.
 #[derive(Parser)]
 #[command(version, about)]

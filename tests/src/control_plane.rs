@@ -219,6 +219,24 @@ impl ControlPlane {
         self.dir.path().join("audit.log")
     }
 
+    /// Requests the apiserver answered 403, from its audit log: user, verb
+    /// and URI of each.
+    #[must_use]
+    pub fn forbidden_requests(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        log.lines()
+            // A line still being written does not parse yet.
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|event| event["responseStatus"]["code"] == 403)
+            .map(|event| {
+                format!(
+                    "{} {} {}",
+                    event["user"]["username"], event["verb"], event["requestURI"]
+                )
+            })
+            .collect()
+    }
+
     /// Installs the geoml CRDs with server-side apply and waits until each is
     /// `Established`.
     pub async fn install_crds(&self) -> Result<(), Error> {

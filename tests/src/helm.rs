@@ -64,6 +64,28 @@ impl Helm {
         cmd
     }
 
+    /// The chart's ServiceAccount and RBAC objects, rendered for a release
+    /// in `namespace`: what the operator may do, nothing else installed.
+    pub fn rbac(&self, namespace: &str) -> Result<String, Error> {
+        let kinds = [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ];
+        Ok(self
+            .template(namespace, &[])?
+            .split("\n---")
+            .filter(|doc| {
+                kinds
+                    .iter()
+                    .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n---"))
+    }
+
     /// `helm template` of the chart as release [`RELEASE`] in `namespace`
     /// with `--set` values; the rendered manifests.
     pub fn template(&self, namespace: &str, values: &[String]) -> Result<String, Error> {

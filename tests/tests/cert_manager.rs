@@ -37,28 +37,6 @@ fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
     geoml_tests::run(plane.kubectl().args(args), stdin).unwrap()
 }
 
-/// The chart's ServiceAccount and RBAC objects, rendered by helm for a
-/// release in `namespace`.
-fn chart_rbac(namespace: &str) -> String {
-    let rendered = Helm::new().unwrap().template(namespace, &[]).unwrap();
-    let kinds = [
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "Role",
-        "RoleBinding",
-    ];
-    rendered
-        .split("\n---")
-        .filter(|doc| {
-            kinds
-                .iter()
-                .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
-        })
-        .collect::<Vec<_>>()
-        .join("\n---")
-}
-
 /// A client of `plane` that authenticates with the bearer token `token`.
 async fn token_client(plane: &ControlPlane, token: &str) -> Client {
     let admin: serde_json::Value =
@@ -76,21 +54,6 @@ async fn token_client(plane: &ControlPlane, token: &str) -> Client {
         .await
         .unwrap();
     Client::try_from(config).unwrap()
-}
-
-/// Requests the apiserver answered 403, from its audit log.
-fn forbidden_requests(plane: &ControlPlane) -> Vec<String> {
-    let log = std::fs::read_to_string(plane.audit_log()).unwrap_or_default();
-    log.lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-        .filter(|event| event["responseStatus"]["code"] == 403)
-        .map(|event| {
-            format!(
-                "{} {} {}",
-                event["user"]["username"], event["verb"], event["requestURI"]
-            )
-        })
-        .collect()
 }
 
 fn certificates(client: &Client, namespace: &str) -> Api<DynamicObject> {
@@ -176,7 +139,7 @@ async fn cert_manager_issues_the_certificates_of_a_job_that_names_an_issuer() {
     kubectl(
         &plane,
         &["apply", "-f", "-"],
-        Some(&chart_rbac("geoml-system")),
+        Some(&Helm::new().unwrap().rbac("geoml-system").unwrap()),
     );
     let token = kubectl(
         &plane,
@@ -442,7 +405,7 @@ spec:
     })
     .await;
 
-    let forbidden = forbidden_requests(&plane);
+    let forbidden = plane.forbidden_requests();
     assert!(
         forbidden.is_empty(),
         "requests the chart's RBAC refused: {forbidden:#?}"
