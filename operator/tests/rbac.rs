@@ -11,7 +11,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use geoml_crds::{Datacenter, TrainingJob};
-use geoml_tests::helm::Helm;
 use geoml_tests::{ControlPlane, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -71,26 +70,9 @@ async fn the_operator_needs_no_rule_beyond_the_charts() {
     let plane = ControlPlane::start("rbac").await.unwrap();
     plane.install_crds().await.unwrap();
     let admin = plane.client();
-    kubectl(&plane, &["create", "namespace", "geoml-system"], None);
+    let token = plane.chart_operator_token("geoml-system").unwrap();
     kubectl(&plane, &["create", "namespace", "ml"], None);
-    kubectl(
-        &plane,
-        &["apply", "-f", "-"],
-        Some(&Helm::new().unwrap().rbac("geoml-system").unwrap()),
-    );
-    let token = kubectl(
-        &plane,
-        &[
-            "create",
-            "token",
-            "geoml-operator",
-            "-n",
-            "geoml-system",
-            "--duration=1h",
-        ],
-        None,
-    );
-    let kubeconfig = token_kubeconfig(&plane, token.trim());
+    let kubeconfig = token_kubeconfig(&plane, &token);
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig_path = dir.path().join("operator.kubeconfig");
     std::fs::write(&kubeconfig_path, &kubeconfig).unwrap();

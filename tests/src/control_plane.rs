@@ -219,6 +219,29 @@ impl ControlPlane {
         self.dir.path().join("audit.log")
     }
 
+    /// Namespace `namespace` with the chart's ServiceAccount and RBAC in
+    /// it, and an hour's bearer token of that ServiceAccount: the
+    /// operator's identity under the chart's rules and nothing else.
+    pub fn chart_operator_token(&self, namespace: &str) -> Result<String, Error> {
+        let kubectl =
+            |args: &[&str], stdin: Option<&str>| crate::run(self.kubectl().args(args), stdin);
+        kubectl(&["create", "namespace", namespace], None)?;
+        let rbac = crate::Helm::new()?.rbac(namespace)?;
+        kubectl(&["apply", "-f", "-"], Some(&rbac))?;
+        let token = kubectl(
+            &[
+                "create",
+                "token",
+                "geoml-operator",
+                "-n",
+                namespace,
+                "--duration=1h",
+            ],
+            None,
+        )?;
+        Ok(token.trim().to_owned())
+    }
+
     /// Requests the apiserver answered 403, from its audit log: user, verb
     /// and URI of each.
     #[must_use]

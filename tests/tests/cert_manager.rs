@@ -19,7 +19,7 @@ use geoml_dataplane::tls::{Conn, Expect, Transport};
 use geoml_operator::job::build::secret_text;
 use geoml_operator::{Operator, Settings};
 use geoml_tests::cert_manager::{CA_ISSUER, CA_SECRET, CA_SUBJECT, CLUSTER_RESOURCE_NAMESPACE};
-use geoml_tests::{CertManager, ControlPlane, Helm, eventually};
+use geoml_tests::{CertManager, ControlPlane, eventually};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
@@ -134,25 +134,8 @@ async fn cert_manager_issues_the_certificates_of_a_job_that_names_an_issuer() {
     plane.install_crds().await.unwrap();
     let cert_manager = CertManager::start(&plane).unwrap();
     let admin = plane.client();
-    kubectl(&plane, &["create", "namespace", "geoml-system"], None);
+    let token = plane.chart_operator_token("geoml-system").unwrap();
     kubectl(&plane, &["create", "namespace", "ml"], None);
-    kubectl(
-        &plane,
-        &["apply", "-f", "-"],
-        Some(&Helm::new().unwrap().rbac("geoml-system").unwrap()),
-    );
-    let token = kubectl(
-        &plane,
-        &[
-            "create",
-            "token",
-            "geoml-operator",
-            "-n",
-            "geoml-system",
-            "--duration=1h",
-        ],
-        None,
-    );
     let settings = Settings {
         default_image: "geoml:test".into(),
         namespace: "geoml-system".into(),
@@ -160,7 +143,7 @@ async fn cert_manager_issues_the_certificates_of_a_job_that_names_an_issuer() {
         max_backoff: Duration::from_secs(2),
         progress_interval: Duration::from_secs(30),
     };
-    let operator = Operator::new(token_client(&plane, token.trim()).await, settings).unwrap();
+    let operator = Operator::new(token_client(&plane, &token).await, settings).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(operator.run(async move {
         let _ = stopped.await;
