@@ -68,7 +68,7 @@ pub fn with_mode(
 }
 
 /// What `--json` holds.
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Comparison {
     /// The job.
     pub job: String,
@@ -78,9 +78,7 @@ pub struct Comparison {
     pub order: Vec<String>,
 }
 
-/// Runs the job in `options.manifest` once per mode; each run gets its own
-/// directory `options.work_dir/<mode>` with its manifest, topology files and
-/// logs.
+/// Runs the job in `options.manifest` once per mode (see [`run_mode`]).
 pub async fn compare(
     options: &RunOptions,
     modes: &[Mode],
@@ -99,33 +97,44 @@ pub async fn compare(
         order: Vec::new(),
     };
     for &mode in modes {
-        let name = mode.name();
-        let dir = options.work_dir.join(name);
-        std::fs::create_dir_all(&dir).map_err(|source| RunError::Io {
-            context: format!("creating {}", dir.display()),
-            source,
-        })?;
-        let manifest = dir.join("manifest.yaml");
-        let (patched, target) = with_mode(&text, mode.model(), full_budget)?;
-        std::fs::write(&manifest, patched).map_err(|source| RunError::Io {
-            context: format!("writing {}", manifest.display()),
-            source,
-        })?;
-        if options.progress {
-            eprintln!("== {name}");
-        }
-        let report = run(RunOptions {
-            manifest,
-            work_dir: dir,
-            target,
-            ..options.clone()
-        })
-        .await?;
+        let report = run_mode(options, &text, mode, full_budget).await?;
         comparison.job.clone_from(&report.job);
-        comparison.order.push(name.to_owned());
-        comparison.modes.insert(name.to_owned(), report);
+        comparison.order.push(mode.name().to_owned());
+        comparison.modes.insert(mode.name().to_owned(), report);
     }
     Ok(comparison)
+}
+
+/// Runs the job of manifest `text` once under `mode`, in its own directory
+/// `options.work_dir/<mode>` with its manifest, topology files and logs.
+pub async fn run_mode(
+    options: &RunOptions,
+    text: &str,
+    mode: Mode,
+    full_budget: bool,
+) -> Result<Report, RunError> {
+    let name = mode.name();
+    let dir = options.work_dir.join(name);
+    std::fs::create_dir_all(&dir).map_err(|source| RunError::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let manifest = dir.join("manifest.yaml");
+    let (patched, target) = with_mode(text, mode.model(), full_budget)?;
+    std::fs::write(&manifest, patched).map_err(|source| RunError::Io {
+        context: format!("writing {}", manifest.display()),
+        source,
+    })?;
+    if options.progress {
+        eprintln!("== {name}");
+    }
+    run(RunOptions {
+        manifest,
+        work_dir: dir,
+        target,
+        ..options.clone()
+    })
+    .await
 }
 
 fn ratio(a: f64, b: f64) -> String {

@@ -31,6 +31,9 @@ pub struct RunOptions {
     /// Faults the launcher applies to the WAN during the run (`geoml run
     /// --fault`); refused when the run has no WAN between datacenters.
     pub faults: Vec<ScheduledFault>,
+    /// Seed of the initial model, the data order and the partitions
+    /// (every role's `--seed`).
+    pub seed: u64,
     /// Run the roles without TLS (`--insecure-plaintext`); by default a
     /// throwaway CA gives every role a certificate and they use mTLS.
     pub insecure_plaintext: bool,

@@ -42,6 +42,11 @@ enum Command {
     /// Run a manifest's job under several modes and compare them: a ratio
     /// table, every run's report as JSON, and a plot of the metric over time.
     Compare(CompareArgs),
+    /// Gaia's benchmark: every workload of a suite (softmax and an MLP on
+    /// Fashion-MNIST, matrix factorisation on MovieLens-100K) on every
+    /// topology under every mode, one ratio table per topology, LAN's spread
+    /// over seeds and Gaia's WAN bytes per value coding.
+    Benchmark(BenchmarkArgs),
     /// Serve one parameter-server shard.
     Ps(ParameterServerArgs),
     /// Train as one worker.
@@ -168,6 +173,51 @@ struct CompareArgs {
     /// target is still measured).
     #[arg(long)]
     full_budget: bool,
+}
+
+#[derive(Args)]
+struct BenchmarkArgs {
+    /// Topology manifests: each gives the Datacenters, the SyncPolicy and
+    /// the job's placement; the suite replaces the model, data and stopping.
+    #[arg(long, value_delimiter = ',', default_values = [
+        "manifests/examples/gaia-3dc.yaml",
+        "manifests/examples/gaia-5dc.yaml",
+    ])]
+    topologies: Vec<PathBuf>,
+    /// The workloads: model, data set, stopping rule, quick stopping rule
+    /// and Gaia's significance filter of each.
+    #[arg(long, default_value = "manifests/benchmark/models.yaml")]
+    suite: PathBuf,
+    /// Modes to run, comma-separated, LAN first.
+    #[arg(long, value_delimiter = ',', default_values_t = geoml_launcher::benchmark::MODES.map(|m| m.name().to_owned()))]
+    modes: Vec<String>,
+    /// LAN runs per workload and topology (seeds 42, 43, ...): the
+    /// run-to-run spread the other modes' final metrics are read against.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    seeds: u64,
+    /// Value codings of Gaia's updates to measure on the first topology,
+    /// comma-separated (none with an empty value).
+    #[arg(long, value_delimiter = ',', default_values_t = ["Float32".to_owned(), "BFloat16".to_owned(), "Int8".to_owned()])]
+    codings: Vec<String>,
+    /// The short version: each workload's quick stopping rule (a lower
+    /// target and fewer clocks) and one seed.
+    #[arg(long)]
+    quick: bool,
+    /// Stop naive WAN BSP and SSP after at most this many clocks; their time
+    /// to target and WAN bytes then are lower bounds (marked `≥`).
+    #[arg(long)]
+    naive_max_clocks: Option<u64>,
+    /// Write every run's report to this file as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where logs and checkpoints go [default: a new temporary directory].
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataDirArgs,
+    /// Run the roles without TLS.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// Loads the job's data set from --data-dir, fetching it unless --no-fetch.
@@ -336,6 +386,7 @@ impl RunArgs {
             target: None,
             wan_control: None,
             faults: Vec::new(),
+            seed: geoml_crds::roles::DEFAULT_SEED,
             insecure_plaintext: self.insecure_plaintext,
         })
     }
@@ -359,6 +410,58 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         std::fs::write(path, comparison.svg()?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn run_benchmark(args: BenchmarkArgs) -> anyhow::Result<()> {
+    use geoml_launcher::benchmark::{BenchmarkOptions, Suite, benchmark};
+    let modes = args
+        .modes
+        .iter()
+        .map(|m| Mode::parse(m))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
+    let codings = args
+        .codings
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| serde_json::from_value(serde_json::Value::String(c.clone())))
+        .collect::<Result<Vec<_>, _>>()
+        .context("--codings: codings are Float32, BFloat16 and Int8")?;
+    let temp = tempfile::Builder::new()
+        .prefix("geoml-benchmark-")
+        .tempdir()?;
+    let run = RunOptions {
+        geoml: std::env::current_exe()?,
+        manifest: PathBuf::new(),
+        work_dir: args
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| temp.path().to_owned()),
+        data_dir: data_dir(&args.data),
+        eval_every: DEFAULT_EVAL_EVERY,
+        progress: false,
+        target: None,
+        wan_control: None,
+        faults: Vec::new(),
+        seed: geoml_crds::roles::DEFAULT_SEED,
+        insecure_plaintext: args.insecure_plaintext,
+    };
+    let options = BenchmarkOptions {
+        run,
+        topologies: args.topologies,
+        suite: Suite::load(&args.suite)?,
+        modes,
+        seeds: if args.quick { 1 } else { args.seeds },
+        codings,
+        quick: args.quick,
+        naive_max_clocks: args.naive_max_clocks,
+    };
+    let result = benchmark(&options).await?;
+    print!("{}", result.tables());
+    if let Some(path) = &args.json {
+        result.write_json(path)?;
     }
     Ok(())
 }
@@ -446,6 +549,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => run_job(args).await,
         Command::Compare(args) => compare_modes(args).await,
+        Command::Benchmark(args) => run_benchmark(args).await,
         Command::Ps(args) => serve_ps(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Data(DataCommand {

@@ -65,6 +65,7 @@ pub async fn bench(args: BenchArgs) -> Result<String, RunError> {
                 target: None,
                 wan_control: None,
                 faults: Vec::new(),
+                seed: geoml_crds::roles::DEFAULT_SEED,
                 insecure_plaintext: args.insecure_plaintext,
             };
             let (_, summary, _) = super::run_detailed(&options, mode).await?;

@@ -85,6 +85,7 @@ impl Processes {
     ) -> Result<JobRoleArgs, RunError> {
         let mut role = JobRoleArgs::new(self.options.manifest.clone(), topology.to_owned());
         role.data.data_dir = Some(self.options.data_dir.clone());
+        role.seed = self.options.seed;
         role.tls = self.supervisor.tls(name, identity)?;
         Ok(role)
     }
@@ -129,7 +130,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let shipping_started = unix_now();
     if centralized {
         let s = Shipment::start(&processes, &job).await?;
-        s.ship_data(&job, &data.train).await?;
+        s.ship_data(&job, &data.train, options.seed).await?;
         shipment = Some(s);
     }
     let shipping_seconds = centralized.then(|| unix_now() - shipping_started);

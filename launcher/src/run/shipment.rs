@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 
 use geoml_crds::manifest::ResolvedJob;
-use geoml_crds::roles::DEFAULT_SEED;
 use geoml_dataplane::data::Examples;
 use kube::ResourceExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,14 +102,15 @@ impl Shipment {
         &self,
         job: &ResolvedJob<'_>,
         train: &Examples,
+        seed: u64,
     ) -> Result<(), RunError> {
         let spec = &job.job.spec;
-        // The same partitions the workers draw with their default seed.
+        // The same partitions the workers draw with the run's seed.
         let parts = geoml_dataplane::data::partition(
             train,
             job.plan.total_workers(),
             &spec.dataset.partitioning,
-            DEFAULT_SEED,
+            seed,
         );
         let mut payloads = Vec::new();
         let mut offset = job.plan.datacenters[0].workers;

@@ -60,6 +60,7 @@ pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
         target: None,
         wan_control: None,
         faults: Vec::new(),
+        seed: geoml_crds::roles::DEFAULT_SEED,
         insecure_plaintext: false,
     }
 }
