@@ -306,8 +306,7 @@ impl RowClient {
             keys_len: u32::try_from(key_bytes.len()).map_err(too_large)?,
             values_len: u32::try_from(values.len()).map_err(too_large)?,
         };
-        // Taken out while in use: a call abandoned half-way drops its
-        // connection rather than leave it in the middle of a frame.
+        // A reply that is no frame is the server's fault: not retried.
         let lost = |e: std::io::Error| {
             let message = format!("row transport to {}: {e}", self.address);
             if e.kind() == ErrorKind::InvalidData {
@@ -316,9 +315,14 @@ impl RowClient {
                 Status::unavailable(message)
             }
         };
+        // Taken out while in use: a call abandoned half-way drops its
+        // connection rather than leave it in the middle of a frame.
         let mut conn = match slot.take() {
             Some(conn) => conn,
-            None => self.dial().await.map_err(lost)?,
+            // Unreachable, or a handshake refused (as over gRPC).
+            None => self.dial().await.map_err(|e| {
+                Status::unavailable(format!("row transport to {}: {e}", self.address))
+            })?,
         };
         let answer = exchange(&mut conn, &request, key_bytes, values)
             .await
