@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime};
 use geoml_crds::identity::{Identity, Role, SERVER_NAME};
 use geoml_crds::pki::{CA_FILE, CERT_FILE, KEY_FILE};
 use geoml_crds::roles::TlsArgs;
+use geoml_proto::frame::ALPN as ROWS_ALPN;
 use hyper_util::rt::TokioIo;
 use rustls::SignatureScheme;
 use rustls::client::ResolvesClientCert;
@@ -84,6 +85,9 @@ pub enum Transport {
 #[derive(Debug)]
 pub struct Mtls {
     client: Arc<rustls::ClientConfig>,
+    /// The same as `client`, negotiating the row transport
+    /// ([`geoml_proto::frame::ALPN`]) instead of HTTP/2.
+    rows_client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
 }
 
@@ -171,30 +175,52 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let Self { tls, server } = self.clone();
-        Box::pin(async move {
-            let error = |kind, what: String| std::io::Error::new(kind, format!("{uri}: {what}"));
-            let invalid = |what| error(std::io::ErrorKind::InvalidInput, what);
-            let host = uri.host().ok_or_else(|| invalid("no host".into()))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().ok_or_else(|| invalid("no port".into()))?;
-            let tcp = TcpStream::connect((host, port)).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(SERVER_NAME).map_err(|e| invalid(e.to_string()))?;
-            let stream = tls.connect(name, tcp).await?;
-            let refused = |what| error(std::io::ErrorKind::PermissionDenied, what);
-            let cert = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(<[_]>::first)
-                .ok_or_else(|| refused("no server certificate".into()))?;
-            server
-                .check(&identity(cert).map_err(refused)?)
-                .map_err(refused)?;
-            Ok(TokioIo::new(stream))
-        })
+        Box::pin(async move { Ok(TokioIo::new(connect_tls(&tls, &server, &uri).await?)) })
     }
 }
+
+/// Dials `uri` over TCP (with `TCP_NODELAY`), runs the client side of a
+/// TLS handshake and checks that the server is the one expected.
+async fn connect_tls(
+    tls: &TlsConnector,
+    server: &Expect,
+    uri: &Uri,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let error = |kind, what: String| std::io::Error::new(kind, format!("{uri}: {what}"));
+    let invalid = |what| error(std::io::ErrorKind::InvalidInput, what);
+    let tcp = connect_tcp(uri).await?;
+    let name = ServerName::try_from(SERVER_NAME).map_err(|e| invalid(e.to_string()))?;
+    let stream = tls.connect(name, tcp).await?;
+    let refused = |what| error(std::io::ErrorKind::PermissionDenied, what);
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .ok_or_else(|| refused("no server certificate".into()))?;
+    server
+        .check(&identity(cert).map_err(refused)?)
+        .map_err(refused)?;
+    Ok(stream)
+}
+
+/// Dials `uri` over TCP with `TCP_NODELAY`.
+async fn connect_tcp(uri: &Uri) -> std::io::Result<TcpStream> {
+    let invalid = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{uri}: {what}"))
+    };
+    let host = uri.host().ok_or_else(|| invalid("no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
+    let tcp = TcpStream::connect((host, port)).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// A connection of the row transport, plaintext or TLS.
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ByteStream for T {}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -258,15 +284,18 @@ impl Transport {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(own.clone());
-        server.alpn_protocols = vec![b"h2".to_vec()];
+        server.alpn_protocols = vec![b"h2".to_vec(), ROWS_ALPN.to_vec()];
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_cert_resolver(own);
+        let mut rows_client = client.clone();
         client.alpn_protocols = vec![b"h2".to_vec()];
+        rows_client.alpn_protocols = vec![ROWS_ALPN.to_vec()];
         Ok(Self::Mtls(Arc::new(Mtls {
             client: Arc::new(client),
+            rows_client: Arc::new(rows_client),
             server: Arc::new(server),
         })))
     }
@@ -314,14 +343,54 @@ impl Transport {
         self.dial(&self.endpoint(address)?, server).await
     }
 
+    /// A connection of the row transport to `address` (`http://host:port`
+    /// or `host:port`), the server `server`, dialled now: TLS negotiating
+    /// [`ROWS_ALPN`], verified as [`Self::lazy`] verifies, or plain TCP.
+    /// Either way with `TCP_NODELAY`.
+    pub async fn connect_rows(
+        &self,
+        address: &str,
+        server: &Expect,
+    ) -> std::io::Result<Box<dyn ByteStream>> {
+        let authority = address
+            .strip_prefix("http://")
+            .or_else(|| address.strip_prefix("https://"))
+            .unwrap_or(address);
+        let uri: Uri = format!("http://{authority}").parse().map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{address}: {e}"))
+        })?;
+        Ok(match self {
+            Self::Mtls(tls) => {
+                let connector = TlsConnector::from(tls.rows_client.clone());
+                Box::new(connect_tls(&connector, server, &uri).await?)
+            }
+            Self::Plaintext => Box::new(connect_tcp(&uri).await?),
+        })
+    }
+
     /// The connections `listener` accepts, for tonic's
-    /// `serve_with_incoming*`: TLS handshakes run beside the accept loop,
-    /// and a failed one (no certificate, another CA, no identity) is logged
-    /// and dropped, never handed to the server. Every connection has
-    /// `TCP_NODELAY`: small messages must not wait for Nagle.
+    /// `serve_with_incoming*` (see [`Self::incoming_with_rows`]); those of
+    /// the row transport are closed.
     #[must_use]
     pub fn incoming(&self, listener: TcpListener) -> ReceiverStream<std::io::Result<Conn>> {
+        self.incoming_with_rows(listener).0
+    }
+
+    /// The connections `listener` accepts: gRPC ones for tonic's
+    /// `serve_with_incoming*`, and those of the row transport
+    /// ([`geoml_proto::frame`]) apart. TLS handshakes run beside the accept
+    /// loop, and a failed one (no certificate, another CA, no identity) is
+    /// logged and dropped, never handed to a server. Over TLS the
+    /// negotiated application protocol tells the two kinds apart, over
+    /// plaintext the first byte the client sends. Every connection has
+    /// `TCP_NODELAY`: small messages must not wait for Nagle.
+    #[must_use]
+    pub fn incoming_with_rows(
+        &self,
+        listener: TcpListener,
+    ) -> (ReceiverStream<std::io::Result<Conn>>, mpsc::Receiver<Conn>) {
         let (tx, rx) = mpsc::channel(64);
+        let (rows_tx, rows_rx) = mpsc::channel(64);
         let transport = self.clone();
         tokio::spawn(async move {
             loop {
@@ -339,28 +408,48 @@ impl Transport {
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!(%addr, "TCP_NODELAY: {e}");
                 }
-                match &transport {
-                    Transport::Plaintext => {
-                        if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Transport::Mtls(tls) => {
-                        let acceptor = TlsAcceptor::from(tls.server.clone());
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            match handshake(&acceptor, stream).await {
-                                Ok(conn) => {
-                                    let _ = tx.send(Ok(conn)).await;
-                                }
-                                Err(e) => warn!(%addr, "TLS connection refused: {e}"),
+                let (tx, rows_tx) = (tx.clone(), rows_tx.clone());
+                let tls = match &transport {
+                    Transport::Mtls(tls) => Some(TlsAcceptor::from(tls.server.clone())),
+                    Transport::Plaintext => None,
+                };
+                tokio::spawn(async move {
+                    let conn = match tls {
+                        None => Conn::Plain(stream),
+                        Some(acceptor) => match handshake(&acceptor, stream).await {
+                            Ok(conn) => conn,
+                            Err(e) => {
+                                warn!(%addr, "TLS connection refused: {e}");
+                                return;
                             }
-                        });
+                        },
+                    };
+                    if speaks_rows(&conn).await {
+                        let _ = rows_tx.send(conn).await;
+                    } else {
+                        let _ = tx.send(Ok(conn)).await;
                     }
-                }
+                });
             }
         });
-        ReceiverStream::new(rx)
+        (ReceiverStream::new(rx), rows_rx)
+    }
+}
+
+/// Whether `conn` is of the row transport: over TLS it negotiated
+/// [`ROWS_ALPN`]; over plaintext its first byte is that of
+/// [`geoml_proto::frame::MAGIC`] (gRPC's is `P`). A client silent for
+/// [`HANDSHAKE_TIMEOUT`] is taken for gRPC.
+async fn speaks_rows(conn: &Conn) -> bool {
+    match conn {
+        Conn::Tls(tls, _) => tls.get_ref().1.alpn_protocol() == Some(ROWS_ALPN),
+        Conn::Plain(tcp) => {
+            let mut first = [0];
+            matches!(
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await,
+                Ok(Ok(1)) if first[0] == geoml_proto::frame::MAGIC[0]
+            )
+        }
     }
 }
 

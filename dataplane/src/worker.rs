@@ -20,10 +20,11 @@ use crate::metrics::WorkerMetrics;
 use crate::model::{Layout, Model, WorkingSet};
 use crate::pb;
 use crate::pb::parameter_server_client::ParameterServerClient;
+use crate::ps::rows::RowClient;
 use crate::retry;
 use crate::tls::{Expect, Transport};
 use geoml_crds::identity::Role;
-use geoml_proto::rows::{Values, extend_values, pack_keys};
+use geoml_proto::rows::Values;
 use geoml_proto::{MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
 /// Everything a worker needs to know.
@@ -123,14 +124,13 @@ pub fn connect(
 async fn retry<T, F, Fut>(shard: usize, retry_for: Duration, f: F) -> Result<T, WorkerError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    Fut: Future<Output = Result<T, Status>>,
 {
     let deadline = Instant::now() + retry_for;
     f.retry(retry::backoff(Duration::from_secs(1)))
         .when(|status| retry::unreachable(status) && Instant::now() < deadline)
         .notify(|status, _| warn!(shard, %status, "parameter server unreachable; retrying"))
         .await
-        .map(tonic::Response::into_inner)
         .map_err(|status| WorkerError::Rpc { shard, status })
 }
 
@@ -163,7 +163,10 @@ fn shard_keys(layout: &Layout, shard: usize, shards: usize, keys: Option<&[u32]>
 /// A worker's connection to its parameter servers and its copy of the model.
 struct Session<'a> {
     model: &'a dyn Model,
+    /// gRPC, for every call but pushes and pulls.
     clients: Vec<ParameterServerClient<Channel>>,
+    /// The row transport, for pushes and pulls, in shard order.
+    rows: Vec<RowClient>,
     config: &'a WorkerConfig,
     params: Vec<f32>,
 }
@@ -172,27 +175,13 @@ impl Session<'_> {
     /// Pulls the rows of `working_set` at `clock` into `params`; true when
     /// training has stopped.
     async fn pull(&mut self, clock: u64, working_set: &WorkingSet) -> Result<bool, WorkerError> {
-        let shards = self.clients.len();
+        let shards = self.rows.len();
         let split = split_keys(working_set, shards);
+        let worker = self.config.index;
         let calls = split.iter().enumerate().map(|(shard, keys)| {
-            let client = self.clients[shard].clone();
-            let request = pb::PullRequest {
-                worker: self.config.index,
-                clock,
-                rows: Some(pb::Rows {
-                    keys: keys
-                        .as_deref()
-                        .map(pack_keys)
-                        .map(bytes::Bytes::from)
-                        .unwrap_or_default(),
-                    values: bytes::Bytes::new(),
-                    all: keys.is_none(),
-                }),
-            };
+            let client = &self.rows[shard];
             retry(shard, self.config.retry_for, move || {
-                let mut client = client.clone();
-                let request = request.clone();
-                async move { client.pull(request).await }
+                client.pull(worker, clock, keys.as_deref())
             })
         });
         let responses = try_join_all(calls).await?;
@@ -234,40 +223,40 @@ impl Session<'_> {
         keys: Option<&[u32]>,
         values: &[f32],
     ) -> Result<bool, WorkerError> {
-        let shards = self.clients.len();
+        let shards = self.rows.len();
+        let worker = self.config.index;
+        if shards == 1 {
+            // One shard owns every row, in the gradient's order: sent as it is.
+            let client = &self.rows[0];
+            let values = Values::of(values);
+            let response = retry(0, self.config.retry_for, || {
+                client.push(worker, clock, keys, values)
+            })
+            .await?;
+            return Ok(response.stop);
+        }
         let layout = self.model.layout();
         // Each shard's values packed once, straight from the gradient.
-        let mut per_shard: Vec<(Vec<u32>, Vec<u8>)> = (0..shards)
-            .map(|_| (Vec::new(), Vec::with_capacity(4 * values.len() / shards)))
+        let mut per_shard: Vec<(Vec<u32>, Vec<f32>)> = (0..shards)
+            .map(|_| (Vec::new(), Vec::with_capacity(values.len() / shards)))
             .collect();
         let mut at = 0;
         for key in shard_keys(layout, 0, 1, keys) {
             let width = layout.row(key).map_or(0, |r| r.len());
             let (shard_keys, shard_values) = &mut per_shard[key as usize % shards];
             shard_keys.push(key);
-            extend_values(shard_values, &values[at..at + width]);
+            shard_values.extend_from_slice(&values[at..at + width]);
             at += width;
         }
         let calls = per_shard
-            .into_iter()
+            .iter()
             .enumerate()
             .map(|(shard, (shard_keys, shard_values))| {
-                let client = self.clients[shard].clone();
-                let request = pb::PushRequest {
-                    worker: self.config.index,
-                    clock,
-                    gradient: Some(pb::Rows {
-                        keys: keys
-                            .map(|_| pack_keys(&shard_keys).into())
-                            .unwrap_or_default(),
-                        values: shard_values.into(),
-                        all: keys.is_none(),
-                    }),
-                };
+                let client = &self.rows[shard];
+                let keys = keys.map(|_| &shard_keys[..]);
+                let values = Values::of(shard_values);
                 retry(shard, self.config.retry_for, move || {
-                    let mut client = client.clone();
-                    let request = request.clone();
-                    async move { client.push(request).await }
+                    client.push(worker, clock, keys, values)
                 })
             });
         Ok(try_join_all(calls).await?.iter().any(|r| r.stop))
@@ -283,7 +272,7 @@ impl Session<'_> {
             };
             retry(shard, self.config.retry_for, move || {
                 let mut client = client.clone();
-                async move { client.leave(request).await }
+                async move { client.leave(request).await.map(tonic::Response::into_inner) }
             })
         });
         for result in futures::future::join_all(calls).await {
@@ -300,7 +289,12 @@ impl Session<'_> {
         for (shard, client) in self.clients.iter().enumerate() {
             let status = retry(shard, self.config.retry_for, || {
                 let mut client = client.clone();
-                async move { client.status(pb::StatusRequest {}).await }
+                async move {
+                    client
+                        .status(pb::StatusRequest {})
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
             })
             .await?;
             clock = clock.min(status.worker_clocks.get(index).copied().unwrap_or(0));
@@ -338,6 +332,11 @@ pub async fn run(
     let mut session = Session {
         model,
         clients: connect(&config.parameter_servers, &config.transport)?,
+        rows: config
+            .parameter_servers
+            .iter()
+            .map(|address| RowClient::new(address, &config.transport))
+            .collect(),
         config,
         params: vec![0.0; model.layout().len()],
     };
@@ -402,7 +401,7 @@ pub async fn run(
             let calls = session.clients.iter().enumerate().map(|(shard, client)| {
                 retry(shard, config.retry_for, move || {
                     let mut client = client.clone();
-                    async move { client.report(report).await }
+                    async move { client.report(report).await.map(tonic::Response::into_inner) }
                 })
             });
             let responses = try_join_all(calls).await?;

@@ -1,6 +1,9 @@
 //! `geoml bench`: push+apply and pull throughput of a parameter-server
 //! shard, dense and sparse, next to raw loopback TCP measured in the same run.
 //!
+//! Pushes and pulls go over the row transport, as a worker's do
+//! ([`geoml_dataplane::ps::rows`]).
+//!
 //! Every timed loop does what a worker does per message: pack its `f32`
 //! gradient (and keys) into the request, and copy pulled values into its
 //! `f32` parameters. Nothing is prepared outside the timed section except
@@ -19,13 +22,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use geoml_dataplane::data::Examples;
 use geoml_dataplane::model::{Layout, Model, TensorShape, Update, WorkingSet};
+use geoml_dataplane::ps::rows::RowClient;
 use geoml_dataplane::ps::shard::Consistency;
 use geoml_dataplane::ps::stopping::StoppingRule;
 use geoml_dataplane::ps::{self, PsConfig};
 use geoml_dataplane::tls::Transport;
-use geoml_dataplane::worker::connect;
-use geoml_proto as pb;
-use geoml_proto::rows::{Values, pack_keys, values_bytes};
+use geoml_proto::rows::Values;
 
 /// A model that is only a layout: the benchmark pushes synthetic gradients.
 struct Synthetic(Layout);
@@ -168,7 +170,9 @@ async fn raw_tcp_once(bytes: usize, messages: usize) -> std::io::Result<f64> {
 
 /// What the benchmark measures, once set up.
 struct Bench {
-    client: pb::parameter_server_client::ParameterServerClient<tonic::transport::Channel>,
+    /// The shard's address.
+    address: String,
+    client: RowClient,
     width: usize,
     messages: usize,
     /// Clock of every benchmark worker.
@@ -182,7 +186,7 @@ type BenchError = Box<dyn std::error::Error>;
 
 impl Bench {
     /// A push of `gradient` for `keys` (`None`: all rows) as `worker`'s
-    /// next clock, packed here as a worker packs it.
+    /// next clock, sent as a worker with one shard sends it.
     async fn push(
         &mut self,
         worker: u32,
@@ -192,34 +196,14 @@ impl Bench {
         let clock = &mut self.clocks[worker as usize];
         *clock += 1;
         self.client
-            .push(pb::PushRequest {
-                worker,
-                clock: *clock,
-                gradient: Some(pb::Rows {
-                    keys: keys.map(|k| pack_keys(k).into()).unwrap_or_default(),
-                    values: values_bytes(gradient),
-                    all: keys.is_none(),
-                }),
-            })
+            .push(worker, *clock, keys, Values::of(gradient))
             .await?;
         Ok(())
     }
 
     /// Pulls `keys` (`None`: all rows) into the parameters.
     async fn pull(&mut self, keys: Option<&[u32]>) -> Result<(), BenchError> {
-        let response = self
-            .client
-            .pull(pb::PullRequest {
-                worker: 0,
-                clock: self.clocks[0],
-                rows: Some(pb::Rows {
-                    keys: keys.map(|k| pack_keys(k).into()).unwrap_or_default(),
-                    all: keys.is_none(),
-                    ..pb::Rows::default()
-                }),
-            })
-            .await?
-            .into_inner();
+        let response = self.client.pull(0, self.clocks[0], keys).await?;
         let rows = response.rows.unwrap_or_default();
         let values = Values::new(&rows.values)?;
         let copied = match keys {
@@ -288,7 +272,7 @@ impl Bench {
         Ok(best)
     }
 
-    /// Dense pushes from `workers` workers at once (one connection, their
+    /// Dense pushes from `workers` workers at once (a connection each, their
     /// requests in flight together), `messages` in all; MB/s of payload,
     /// the best of [`REPEATS`].
     async fn concurrent_pushes(
@@ -302,21 +286,13 @@ impl Bench {
             let started = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
             for worker in 0..workers {
-                let mut client = self.client.clone();
+                let client = RowClient::new(&self.address, &Transport::Plaintext);
                 let first = self.clocks[worker as usize];
                 let gradient = gradient.to_vec();
                 tasks.spawn(async move {
                     for clock in first + 1..=first + each as u64 {
                         client
-                            .push(pb::PushRequest {
-                                worker,
-                                clock,
-                                gradient: Some(pb::Rows {
-                                    values: values_bytes(&gradient),
-                                    all: true,
-                                    ..pb::Rows::default()
-                                }),
-                            })
+                            .push(worker, clock, None, Values::of(&gradient))
                             .await?;
                     }
                     Ok::<_, tonic::Status>(())
@@ -367,7 +343,7 @@ fn shard_config() -> PsConfig {
         exit_when_done: false,
         drain_timeout: std::time::Duration::ZERO,
         manifest: None,
-        // Measures gRPC itself against raw TCP: no TLS on either side.
+        // Measures the transport itself against raw TCP: no TLS on either side.
         transport: Transport::Plaintext,
     }
 }
@@ -392,7 +368,8 @@ pub async fn run(rows: usize, width: usize, messages: usize) -> Result<BenchRepo
         .await
     });
     let mut bench = Bench {
-        client: connect(&[address], &Transport::Plaintext)?.remove(0),
+        client: RowClient::new(&address, &Transport::Plaintext),
+        address,
         width,
         messages,
         clocks: vec![0; CONCURRENT_WORKERS as usize],
@@ -405,7 +382,7 @@ pub async fn run(rows: usize, width: usize, messages: usize) -> Result<BenchRepo
     let dense_bytes = 4 * dense.len();
     let sparse_bytes = 4 * (sparse.len() + sparse_keys.len());
 
-    // One unmeasured round trip: the connection is dialled lazily.
+    // One unmeasured round trip: the connection is dialled at the first call.
     bench.pull(Some(&sparse_keys)).await?;
     let (n, dense_2) = (messages, 2 * dense_bytes);
     // Arguments run in order: raw TCP first, then the pattern.

@@ -1,12 +1,14 @@
 //! The geoml gRPC protocols: generated tonic/prost code for the parameter
 //! server (`ps.proto`, at the crate root), Gaia's mirror sync
 //! ([`mirror`]) and Cartel's registry and model exchange ([`cartel`]), plus
-//! the packed form rows take on the wire ([`rows`]) and the transport
-//! limits both ends of a connection agree on.
+//! the packed form rows take on the wire ([`rows`]), the frames of the lean
+//! row transport ([`frame`]) and the transport limits both ends of a
+//! connection agree on.
 //!
 //! The data plane decodes bytes only through this crate; nothing here knows
 //! about shards, workers or the launcher.
 
+pub mod frame;
 pub mod rows;
 
 /// Generated code, linted as little as any generated file.

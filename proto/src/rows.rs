@@ -54,6 +54,12 @@ pub fn pack_keys(keys: &[u32]) -> Vec<u8> {
     bytemuck::cast_slice(keys).to_vec()
 }
 
+/// `keys` seen as their little-endian bytes (no copy).
+#[must_use]
+pub fn keys_bytes(keys: &[u32]) -> &[u8] {
+    bytemuck::cast_slice(keys)
+}
+
 /// Sorted, unique `indexes` as LEB128 varints of their gaps (the first
 /// counted from −1): about one byte each when indexes are dense.
 #[must_use]
@@ -123,6 +129,12 @@ impl<'a> Values<'a> {
     #[must_use]
     pub fn of(values: &'a [f32]) -> Self {
         Self(bytemuck::cast_slice(values))
+    }
+
+    /// The packed bytes.
+    #[must_use]
+    pub fn bytes(&self) -> &'a [u8] {
+        self.0
     }
 
     /// Number of values.

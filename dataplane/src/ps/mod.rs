@@ -1,9 +1,11 @@
 //! Parameter servers: a model's rows sharded over processes, consistency
-//! models, the stopping rule, checkpoints, and the gRPC server.
+//! models, the stopping rule, checkpoints, and the gRPC server with the row
+//! transport beside it on the same port.
 
 pub mod durability;
 pub mod optimizer;
 pub mod policy;
+pub mod rows;
 pub mod service;
 pub mod shard;
 pub mod stopping;
@@ -393,7 +395,7 @@ pub async fn serve(
         .set(i64::try_from(state.shard.min_clock()).unwrap_or(i64::MAX));
     let state = Arc::new(Mutex::new(state));
     let progress = Arc::new(watch::Sender::new(Progress::default()));
-    let service = ShardService::new(
+    let service = Arc::new(ShardService::new(
         state.clone(),
         progress.clone(),
         links.clone(),
@@ -401,7 +403,7 @@ pub async fn serve(
         config.stopping,
         metrics.clone(),
         config.local_workers.clone(),
-    );
+    ));
     let metrics_for_links = metrics.clone();
     let watcher = config
         .manifest
@@ -416,14 +418,15 @@ pub async fn serve(
         .then(|| training_done(state.clone(), links, config.drain_timeout));
     let shutdown = first_of(shutdown, done);
     // Megabyte pushes must not wait for 64 KiB flow-control windows.
-    let incoming = config.transport.incoming(listener);
-    tonic::transport::Server::builder()
+    let (incoming, row_connections) = config.transport.incoming_with_rows(listener);
+    let row_transport = tokio::spawn(rows::serve(service.clone(), row_connections));
+    let served = tonic::transport::Server::builder()
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(2 * WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .layer(MapResponseLayer::new(too_large_is_resource_exhausted))
         .add_service(
-            ParameterServerServer::new(service)
+            ParameterServerServer::from_arc(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -433,7 +436,12 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .await;
+    // Closes every row-transport connection: no request is served after
+    // the final checkpoint.
+    row_transport.abort();
+    let _ = row_transport.await;
+    served?;
     if let Some(watcher) = watcher {
         watcher.abort();
     }

@@ -1,5 +1,6 @@
 //! The gRPC face of a parameter-server shard: decodes requests at the edge,
-//! gates reads by the consistency model, logs and applies pushes.
+//! gates reads by the consistency model, logs and applies pushes (for the
+//! row transport, [`super::rows`], as well).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
+use geoml_proto::frame;
 use geoml_proto::rows::{Values, unpack_keys};
 
 use super::durability::Durability;
@@ -68,7 +70,8 @@ impl ShardService {
         }
     }
 
-    fn reject(&self, reason: &str, status: Status) -> Status {
+    /// Counts and logs a refused request.
+    pub(crate) fn reject(&self, reason: &str, status: Status) -> Status {
         self.metrics.rejected.with_label_values(&[reason]).inc();
         warn!(reason, message = status.message(), "request rejected");
         status
@@ -185,15 +188,47 @@ fn requested_keys(rows: Option<&pb::Rows>) -> Result<Option<Vec<u32>>, Status> {
     Ok(Some(unpack_keys(&rows.keys)?))
 }
 
-#[tonic::async_trait]
-impl ParameterServer for ShardService {
-    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
-    async fn pull(
+/// The transport a request came over, which decides what its reply's bytes
+/// count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// gRPC: the encoded message.
+    Grpc,
+    /// The row transport: the frame ([`geoml_proto::frame`]).
+    Rows,
+}
+
+impl Wire {
+    fn pull_reply_bytes(self, response: &pb::PullResponse) -> usize {
+        match self {
+            Wire::Grpc => response.encoded_len(),
+            Wire::Rows => {
+                frame::HEADER_BYTES
+                    + response
+                        .rows
+                        .as_ref()
+                        .map_or(0, |r| r.keys.len() + r.values.len())
+            }
+        }
+    }
+
+    fn push_reply_bytes(self, response: &pb::PushResponse) -> usize {
+        match self {
+            Wire::Grpc => response.encoded_len(),
+            Wire::Rows => frame::HEADER_BYTES,
+        }
+    }
+}
+
+impl ShardService {
+    /// Answers a pull of `received` bytes that came over `wire`, once the
+    /// consistency model (and the mirrors) let the worker read.
+    pub(crate) async fn pull_rows(
         &self,
-        request: Request<pb::PullRequest>,
-    ) -> Result<Response<pb::PullResponse>, Status> {
-        let received = request.get_ref().encoded_len();
-        let req = request.into_inner();
+        req: pb::PullRequest,
+        received: usize,
+        wire: Wire,
+    ) -> Result<pb::PullResponse, Status> {
         let keys = requested_keys(req.rows.as_ref()).map_err(|s| self.reject("malformed", s))?;
         if req.rows.as_ref().is_some_and(|r| !r.values.is_empty()) {
             return Err(self.reject(
@@ -254,17 +289,19 @@ impl ParameterServer for ShardService {
             min_clock: state.shard.min_clock(),
             stop: state.stopped.is_some(),
         };
-        self.count(&mut state, req.worker, received, response.encoded_len());
-        Ok(Response::new(response))
+        let sent = wire.pull_reply_bytes(&response);
+        self.count(&mut state, req.worker, received, sent);
+        Ok(response)
     }
 
-    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
-    async fn push(
+    /// Checks, logs and applies a push of `received` bytes that came over
+    /// `wire`; acknowledged only once it is in the write-ahead log.
+    pub(crate) fn push_rows(
         &self,
-        request: Request<pb::PushRequest>,
-    ) -> Result<Response<pb::PushResponse>, Status> {
-        let received = request.get_ref().encoded_len();
-        let req = request.into_inner();
+        req: &pb::PushRequest,
+        received: usize,
+        wire: Wire,
+    ) -> Result<pb::PushResponse, Status> {
         let keys =
             requested_keys(req.gradient.as_ref()).map_err(|s| self.reject("malformed", s))?;
         // Read in place from the received buffer, never unpacked.
@@ -319,8 +356,33 @@ impl ParameterServer for ShardService {
             min_clock: state.shard.min_clock(),
             stop: state.stopped.is_some(),
         };
-        self.count(&mut state, req.worker, received, response.encoded_len());
-        Ok(Response::new(response))
+        let sent = wire.push_reply_bytes(&response);
+        self.count(&mut state, req.worker, received, sent);
+        Ok(response)
+    }
+}
+
+#[tonic::async_trait]
+impl ParameterServer for ShardService {
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let received = request.get_ref().encoded_len();
+        self.pull_rows(request.into_inner(), received, Wire::Grpc)
+            .await
+            .map(Response::new)
+    }
+
+    #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let received = request.get_ref().encoded_len();
+        self.push_rows(request.get_ref(), received, Wire::Grpc)
+            .map(Response::new)
     }
 
     #[instrument(skip_all, fields(worker = request.get_ref().worker, clock = request.get_ref().clock))]
