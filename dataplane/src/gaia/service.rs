@@ -332,11 +332,7 @@ async fn carry_updates(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
     loop {
         let next = {
             let mut guard = lock(&state);
-            let Some(record) = guard
-                .mirror
-                .as_ref()
-                .map(|m| m.form(p, guard.shard.values()))
-            else {
+            let Some(record) = guard.mirror.as_ref().map(|m| m.form(p)) else {
                 return;
             };
             if let Some(record) = record

@@ -37,11 +37,6 @@ type Stamp = (u64, u64);
 /// measured without counting as piling up.
 const UNMEASURED_BACKLOG: Duration = Duration::from_millis(500);
 
-/// How long the bandwidth-budget schedule measures a link's rate before it
-/// steers the link's threshold: several WAN round trips (a link carries one
-/// update per round trip at most), so that a window holds several updates.
-const CONTROL_WINDOW: Duration = Duration::from_millis(500);
-
 /// How the datacenters exchange updates.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Exchange {
@@ -81,12 +76,6 @@ pub struct MirrorConfig {
     pub bound: u64,
     /// The significance filter (ASP).
     pub filter: Filter,
-    /// Per peer, the bandwidth of the WAN link to it in Mbit/s, if shaped
-    /// (`geoml_crds::datacenter::link_bandwidth_mbps`): what the
-    /// bandwidth-budget schedule budgets.
-    pub link_mbps: Vec<Option<f64>>,
-    /// Parameter servers of this datacenter: they share each link's budget.
-    pub shards: usize,
     /// A peer silent this long stops counting for the mirror-clock bound
     /// (and its announcements expire) until it is heard again; `None`:
     /// never.
@@ -178,12 +167,8 @@ struct Peer {
     sent_bytes: u64,
     /// Of those, bytes the peer acknowledged.
     delivered_bytes: u64,
-    /// Bytes handed to the link since the control window started
-    /// (bandwidth budget).
+    /// Bytes handed to the link since the last mirror clock (bandwidth budget).
     window_bytes: u64,
-    /// The link's significance threshold: the filter's, or steered toward
-    /// the link's budget.
-    threshold: f64,
     outbox: Outbox,
 }
 
@@ -262,7 +247,6 @@ impl MirrorState {
             .map(|name| Peer {
                 name: name.clone(),
                 reachable: true,
-                threshold: config.filter.threshold(),
                 outbox: Outbox {
                     next_seq: 1,
                     ..Outbox::default()
@@ -388,7 +372,6 @@ impl MirrorState {
         self.checked_clock = min_clock;
         let data_busy = self.piling_up(backlog);
         self.config.filter.on_clock(min_clock);
-        self.steer(Instant::now());
         let mut queued = None;
         match self.config.exchange {
             Exchange::Asp {
@@ -428,36 +411,20 @@ impl MirrorState {
         if mirror_clock > self.mirror_clock || (stopped && !self.stopped) {
             self.mirror_clock = mirror_clock;
             self.stopped = stopped;
-        }
-        queued
-    }
-
-    /// Each link's threshold at `now`: the filter's, or, with a link
-    /// budget, steered toward it once a control window has passed, from the
-    /// bytes the link carried in that window (updates, announcements and
-    /// ticks, as encoded). A peer that is not training or not reachable
-    /// receives nothing to measure; its threshold stays.
-    fn steer(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.window_start);
-        let window_over = elapsed >= CONTROL_WINDOW;
-        for (p, peer) in self.peers.iter_mut().enumerate() {
-            let link = self.config.link_mbps.get(p).copied().flatten();
-            match self.config.filter.link_budget(link, self.config.shards) {
-                None => peer.threshold = self.config.filter.threshold(),
-                Some(budget) if window_over && peer.reachable && !peer.stopped => {
-                    #[allow(clippy::cast_precision_loss)] // byte counts are far below 2^52
-                    let rate = peer.window_bytes as f64 / elapsed.as_secs_f64();
-                    peer.threshold = super::significance::steer(peer.threshold, rate, budget);
-                }
-                Some(_) => {}
+            let elapsed = self.window_start.elapsed().as_secs_f64();
+            let busiest = self.peers.iter().map(|p| p.window_bytes).max();
+            if elapsed > 0.0
+                && let Some(bytes) = busiest
+            {
+                #[allow(clippy::cast_precision_loss)] // byte counts are far below 2^52
+                self.config.filter.on_rate(bytes as f64 / elapsed);
             }
-            if window_over {
+            for peer in &mut self.peers {
                 peer.window_bytes = 0;
             }
+            self.window_start = Instant::now();
         }
-        if window_over {
-            self.window_start = now;
-        }
+        queued
     }
 
     /// The record that queues `deltas` at `indexes` (of `round`) for every
@@ -478,13 +445,8 @@ impl MirrorState {
     /// may have moved).
     pub fn reconfigure(&mut self, change: &crate::ps::policy::PolicyChange) {
         if let Some(filter) = &change.filter {
-            if self.config.filter.reconfigure(filter) {
-                self.config.filter.on_clock(self.checked_clock);
-                for peer in &mut self.peers {
-                    peer.threshold = self.config.filter.threshold();
-                }
-            }
-            self.steer(Instant::now());
+            self.config.filter.reconfigure(filter);
+            self.config.filter.on_clock(self.checked_clock);
         }
         if let (
             Some(on),
@@ -504,35 +466,20 @@ impl MirrorState {
         self.epoch += 1;
     }
 
-    /// The current significance threshold: the lowest of the links' (what
-    /// takes an accumulated update off the accumulators).
+    /// The current significance threshold.
     #[must_use]
     pub fn threshold(&self) -> f64 {
-        self.peers
-            .iter()
-            .map(|p| p.threshold)
-            .reduce(f64::min)
-            .unwrap_or_else(|| self.config.filter.threshold())
-    }
-
-    /// The significance threshold of the link to peer `p`.
-    #[must_use]
-    pub fn link_threshold(&self, p: usize) -> Option<f64> {
-        self.peers.get(p).map(|peer| peer.threshold)
+        self.config.filter.threshold()
     }
 
     /// The significant accumulated updates (everything when `flush`), left
-    /// in place (queuing them takes them, see [`Self::apply`]): those above
-    /// the lowest link threshold; a link whose own threshold is higher
-    /// holds them in its queue until they are significant there
-    /// ([`Self::form`]).
+    /// in place (queuing them takes them, see [`Self::apply`]).
     fn significant(&self, values: &[f32], flush: bool) -> (Vec<u32>, Vec<f32>) {
         let filter = &self.config.filter;
-        let threshold = self.threshold();
         let mut indexes = Vec::new();
         let mut deltas = Vec::new();
         for (i, (&acc, value)) in self.changes.accumulated.iter().zip(values).enumerate() {
-            if acc != 0.0 && (flush || filter.significance(acc, *value) > threshold) {
+            if acc != 0.0 && (flush || filter.significant(acc, *value)) {
                 indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
                 deltas.push(acc);
             }
@@ -583,63 +530,36 @@ impl MirrorState {
 
     /// The record that makes what is queued for peer `p` the update in
     /// flight on its link, if the link is idle and something is queued: to
-    /// append to the write-ahead log, then [`Self::apply`]. With `values`
-    /// the shard's current values: a link whose threshold is above the
-    /// lowest (bandwidth budget) holds back the queued elements not
-    /// significant at its own threshold (their queued and carried deltas
-    /// together), unless training stopped; an update announced to the peer
-    /// goes even if all of it is held (its announcement blocks reads there).
+    /// append to the write-ahead log, then [`Self::apply`].
     #[must_use]
-    pub fn form(&self, p: usize, values: &[f32]) -> Option<MirrorLogRecord> {
+    pub fn form(&self, p: usize) -> Option<MirrorLogRecord> {
         use crate::pb::mirror::mirror_log_record::Record;
-        let peer = self.peers.get(p)?;
-        let outbox = &peer.outbox;
+        let outbox = &self.peers.get(p)?.outbox;
         let carried = self.stopped && !outbox.carried.is_empty();
         if outbox.in_flight.is_some()
             || (outbox.queued.is_empty() && outbox.rounds.is_empty() && !carried)
         {
             return None;
         }
-        let announced = outbox.announced && outbox.rounds.is_empty();
-        let mut held = Vec::new();
-        if outbox.rounds.is_empty() && !self.stopped && peer.threshold > self.threshold() {
-            let filter = &self.config.filter;
-            held = outbox
-                .queued
-                .iter()
-                .filter(|&(&i, &d)| {
-                    let pending = d + outbox.carried.get(&i).copied().unwrap_or(0.0);
-                    let value = values.get(i as usize).copied().unwrap_or(0.0);
-                    filter.significance(pending, value) <= peer.threshold
-                })
-                .map(|(&i, _)| i)
-                .collect();
-            if held.len() == outbox.queued.len() && !announced {
-                return None;
-            }
-        }
         Some(MirrorLogRecord {
             record: Some(Record::Formed(crate::pb::mirror::Formed {
                 peer: u32::try_from(p).unwrap_or(u32::MAX),
                 epoch: self.sender_epoch,
                 seq: outbox.next_seq,
-                announced,
+                announced: outbox.announced && outbox.rounds.is_empty(),
                 exact: self.stopped,
-                held: geoml_proto::rows::pack_indexes(&held),
             })),
         })
     }
 
     /// Makes the queue of peer `p` the update `stamp` in flight, its values
-    /// coded as the SyncPolicy says, or `exact`ly; the `held` elements stay
-    /// queued.
+    /// coded as the SyncPolicy says, or `exact`ly.
     fn formed(
         &mut self,
         p: usize,
         stamp: Stamp,
         announced: bool,
         exact: bool,
-        held: &[u32],
     ) -> Result<(), MirrorError> {
         let datacenter = self.config.datacenter.clone();
         let peer = self
@@ -663,11 +583,6 @@ impl MirrorState {
             round
         } else {
             let mut queued = std::mem::take(&mut outbox.queued);
-            for i in held {
-                if let Some(d) = queued.remove(i) {
-                    outbox.queued.insert(*i, d);
-                }
-            }
             // What earlier updates rounded off goes with its element's next
             // delta; once stopped, all of it goes.
             if exact {
@@ -786,7 +701,6 @@ impl MirrorState {
         if let Some(peer) = self.peers.get_mut(p) {
             peer.rtt = Some(rtt);
             peer.sent_bytes += bytes as u64;
-            peer.window_bytes += bytes as u64;
             peer.delivered_bytes += bytes as u64;
             self.stats.bytes_sent += bytes as u64;
         }

@@ -45,14 +45,9 @@ fn mirror_named(
                 threshold: 0.1,
                 ..Significance::default()
             },
-            geoml_crds::sync_policy::WanBudget {
-                mbps: None,
-                share: geoml_crds::sync_policy::DEFAULT_WAN_BUDGET_SHARE,
-            },
+            None,
             1,
         ),
-        link_mbps: vec![None; peers.len()],
-        shards: 1,
         peer_timeout: Some(Duration::from_secs(10)),
     };
     MirrorState::new(config, 8, 4)
@@ -91,7 +86,7 @@ fn clock(
 /// Forms the next update on link `p` if the link is idle (carrying out the
 /// record) and returns the update in flight.
 fn in_flight(s: &mut Shard, m: &mut MirrorState, p: usize) -> Option<MirrorUpdate> {
-    if let Some(record) = m.form(p, s.values()) {
+    if let Some(record) = m.form(p) {
         m.apply(&record, s).unwrap();
     }
     m.in_flight(p).cloned()
@@ -261,7 +256,7 @@ fn a_restarted_sender_continues_its_links_and_nothing_is_applied_twice() {
     let queued = m.on_clock(s.values(), c, false, &IDLE).unwrap();
     m.apply(&queued, &mut s).unwrap();
     log.push(queued);
-    let formed = m.form(0, s.values()).unwrap();
+    let formed = m.form(0).unwrap();
     m.apply(&formed, &mut s).unwrap();
     log.push(formed);
     let two = m.in_flight(0).cloned().unwrap();
@@ -718,58 +713,4 @@ fn compact_coding_carries_what_it_rounds_off_and_loses_nothing() {
         }
         assert!(m.drained());
     }
-}
-
-#[test]
-fn a_link_above_the_lowest_threshold_holds_back_what_is_not_significant_there() {
-    let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-    m.config.filter = Filter::new(
-        &Significance {
-            threshold: 0.1,
-            schedule: geoml_crds::sync_policy::ThresholdSchedule::BandwidthBudget,
-            ..Significance::default()
-        },
-        geoml_crds::sync_policy::WanBudget {
-            mbps: Some(1.0),
-            share: 1.0,
-        },
-        1,
-    );
-    // No control window ends in this test: the thresholds stay as set.
-    m.window_start = Instant::now() + Duration::from_secs(3600);
-    // The link to b steered up to 0.5; c's at 0.1.
-    m.peers[0].threshold = 0.5;
-    assert_eq!(m.threshold(), 0.1);
-    let mut g = [0.0; 8];
-    g[2] = 0.3;
-    let c = push(&mut s, &mut m, &g);
-    clock(&mut s, &mut m, c, false, &IDLE).unwrap();
-    // Value 0.7, change −0.3: significant at c's 0.1, not at b's 0.5.
-    assert_eq!(
-        contents(&in_flight(&mut s, &mut m, 1).unwrap()),
-        (vec![2], vec![-0.3])
-    );
-    assert_eq!(in_flight(&mut s, &mut m, 0), None);
-    // Again: value 0.4, b's queue holds −0.6, now significant there too.
-    let c = push(&mut s, &mut m, &g);
-    clock(&mut s, &mut m, c, false, &IDLE).unwrap();
-    let to_b = in_flight(&mut s, &mut m, 0).unwrap();
-    let (indexes, deltas) = contents(&to_b);
-    assert_eq!(indexes, vec![2]);
-    assert!((deltas[0] + 0.6).abs() < 1e-6);
-    // A held element is in the Formed record, so a replay holds it too.
-    ack(&mut m, 0, &to_b);
-    g[2] = 0.01;
-    g[5] = 0.6;
-    let c = push(&mut s, &mut m, &g);
-    m.peers[1].threshold = 0.001;
-    let queued = m.on_clock(s.values(), c, false, &IDLE).unwrap();
-    m.apply(&queued, &mut s).unwrap();
-    let formed = m.form(0, s.values()).unwrap();
-    let Some(crate::pb::mirror::mirror_log_record::Record::Formed(record)) = &formed.record else {
-        panic!("not a Formed record: {formed:?}");
-    };
-    assert_eq!(unpack_indexes(&record.held).unwrap(), vec![2]);
-    m.apply(&formed, &mut s).unwrap();
-    assert_eq!(contents(m.in_flight(0).unwrap()).0, vec![5]);
 }

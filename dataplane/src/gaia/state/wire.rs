@@ -167,7 +167,6 @@ impl MirrorState {
                 (formed.epoch, formed.seq),
                 formed.announced,
                 formed.exact,
-                &unpack_indexes(&formed.held)?,
             ),
             None => Err(MirrorError::Durable("an empty log record".into())),
         }
