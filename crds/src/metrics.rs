@@ -20,6 +20,10 @@ pub const PS_CLOCK: &str = "geoml_ps_clock";
 /// worker reported to the shard.
 pub const PS_METRIC: &str = "geoml_ps_metric";
 
+/// Gauge: the clock of the evaluation in [`PS_METRIC`]; 0 until the shard
+/// hears one (a restarted shard until the next evaluation).
+pub const PS_METRIC_CLOCK: &str = "geoml_ps_metric_clock";
+
 /// Counter: bytes of mirror messages (updates, announcements, clock ticks)
 /// a shard sent to its mirrors in other datacenters, summed over peers. Only
 /// the modes with mirrors (Gaia's ASP, federated averaging) send any.
@@ -73,9 +77,10 @@ pub const MIRROR_PEER_QUEUED_ELEMENTS: &str = "geoml_mirror_peer_queued_elements
 /// The series the operator reads for a job's progress: from a running
 /// parameter server's `/metrics`, and from a finished one's termination
 /// message, which holds their final values in the same text format.
-pub const PROGRESS: [&str; 10] = [
+pub const PROGRESS: [&str; 11] = [
     PS_CLOCK,
     PS_METRIC,
+    PS_METRIC_CLOCK,
     MIRROR_SENT_BYTES,
     PS_WAN_BYTES,
     MIRROR_ELEMENTS_UPDATED,

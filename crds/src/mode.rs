@@ -36,11 +36,6 @@ pub enum Mode {
     Cartel,
 }
 
-/// A name that is no [`Mode`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown mode {0:?}; modes are {modes}", modes = Mode::names(Mode::value_variants()))]
-pub struct UnknownMode(pub String);
-
 impl Mode {
     /// The modes `geoml compare` runs by default, in its order (every mode
     /// with parameter servers).
@@ -69,25 +64,6 @@ impl Mode {
             Mode::Isolated => "isolated",
             Mode::Cartel => "cartel",
         }
-    }
-
-    /// The names of `modes`, comma-separated.
-    #[must_use]
-    pub fn names(modes: &[Mode]) -> String {
-        modes
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// The mode called `name`.
-    pub fn parse(name: &str) -> Result<Mode, UnknownMode> {
-        Mode::value_variants()
-            .iter()
-            .copied()
-            .find(|m| m.name() == name)
-            .ok_or_else(|| UnknownMode(name.to_owned()))
     }
 
     /// The SyncPolicy model the mode runs.
@@ -194,12 +170,10 @@ mod tests {
     #[test]
     fn names_round_trip_and_match_clap() {
         for &mode in Mode::value_variants() {
-            assert_eq!(Mode::parse(mode.name()), Ok(mode));
             assert_eq!(Mode::from(mode.model()), mode);
             let clap_name = mode.to_possible_value().map(|v| v.get_name().to_owned());
             assert_eq!(clap_name.as_deref(), Some(mode.name()));
         }
-        assert!(Mode::parse("asp").is_err());
         for &mode in CollaborativeMode::value_variants() {
             assert_eq!(CollaborativeMode::from_name(mode.name()), Some(mode));
             let clap_name = mode.to_possible_value().map(|v| v.get_name().to_owned());

@@ -523,7 +523,8 @@ pub struct TrainingJobStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric_name: Option<String>,
 
-    /// Latest value of the evaluation metric on held-out data.
+    /// Latest value of the evaluation metric on held-out data: each
+    /// datacenter's latest evaluation, averaged over the datacenters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<f64>,
 

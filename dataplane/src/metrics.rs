@@ -35,6 +35,8 @@ pub struct PsMetrics {
     pub read_wait_seconds: Counter,
     /// Latest evaluation reported ([`names::PS_METRIC`]).
     pub metric: Gauge,
+    /// The clock of that evaluation ([`names::PS_METRIC_CLOCK`]).
+    pub metric_clock: IntGauge,
     /// Mirror synchronisation (`geoml_mirror_*`).
     pub mirror: MirrorMetrics,
 }
@@ -278,6 +280,10 @@ impl PsMetrics {
                 names::PS_METRIC,
                 "Latest evaluation metric the evaluating worker reported",
             ))?,
+            metric_clock: IntGauge::with_opts(opts(
+                names::PS_METRIC_CLOCK,
+                "Clock of the latest evaluation reported (0: none yet)",
+            ))?,
             mirror: MirrorMetrics::new(&opts)?,
         };
         registry.register(Box::new(metrics.clock.clone()))?;
@@ -289,6 +295,7 @@ impl PsMetrics {
         registry.register(Box::new(metrics.rejected.clone()))?;
         registry.register(Box::new(metrics.read_wait_seconds.clone()))?;
         registry.register(Box::new(metrics.metric.clone()))?;
+        registry.register(Box::new(metrics.metric_clock.clone()))?;
         metrics.mirror.register(registry)?;
         Ok(metrics)
     }

@@ -27,14 +27,7 @@ use crate::report::{Report, human_bytes, table};
 
 /// The modes `geoml benchmark` runs by default: the ideal, naive WAN
 /// synchronisation, Gaia and the averaging methods.
-pub const MODES: [Mode; 6] = [
-    Mode::Lan,
-    Mode::BspWan,
-    Mode::SspWan,
-    Mode::Gaia,
-    Mode::Fedavg,
-    Mode::Diloco,
-];
+pub const MODES: &[Mode] = Mode::COMPARED.split_at(6).0;
 
 /// One model family of the suite: what replaces a topology manifest's job.
 #[derive(Clone, Debug, Deserialize, Serialize)]

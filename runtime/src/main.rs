@@ -161,10 +161,9 @@ struct RunJobArgs {
 struct CompareArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// Modes to run, comma-separated: lan, bsp-wan, ssp-wan, gaia, fedavg,
-    /// diloco, centralized, isolated (ratios are against the first).
-    #[arg(long, value_delimiter = ',', default_values_t = Mode::COMPARED.map(|m| m.name().to_owned()))]
-    modes: Vec<String>,
+    /// Modes to run, comma-separated (ratios are against the first).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::COMPARED)]
+    modes: Vec<Mode>,
     /// Write an SVG plot of the metric over time per mode to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -189,8 +188,8 @@ struct BenchmarkArgs {
     #[arg(long, default_value = "manifests/benchmark/models.yaml")]
     suite: PathBuf,
     /// Modes to run, comma-separated, LAN first.
-    #[arg(long, value_delimiter = ',', default_values_t = geoml_launcher::benchmark::MODES.map(|m| m.name().to_owned()))]
-    modes: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = geoml_launcher::benchmark::MODES)]
+    modes: Vec<Mode>,
     /// LAN runs per workload and topology (seeds 42, 43, ...): the
     /// run-to-run spread the other modes' final metrics are read against.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
@@ -393,16 +392,11 @@ impl RunArgs {
 }
 
 async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
-    let modes = args
-        .modes
-        .iter()
-        .map(|m| Mode::parse(m))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
     let temp = tempfile::Builder::new()
         .prefix("geoml-compare-")
         .tempdir()?;
-    let comparison = compare::compare(&args.run.options(&temp)?, &modes, args.full_budget).await?;
+    let comparison =
+        compare::compare(&args.run.options(&temp)?, &args.modes, args.full_budget).await?;
     print!("{}", comparison.table());
     if let Some(path) = &args.run.json {
         comparison.write_json(path)?;
@@ -416,12 +410,6 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
 
 async fn run_benchmark(args: BenchmarkArgs) -> anyhow::Result<()> {
     use geoml_launcher::benchmark::{BenchmarkOptions, Suite, benchmark};
-    let modes = args
-        .modes
-        .iter()
-        .map(|m| Mode::parse(m))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("--modes: {e}"))?;
     let codings = args
         .codings
         .iter()
@@ -452,7 +440,7 @@ async fn run_benchmark(args: BenchmarkArgs) -> anyhow::Result<()> {
         run,
         topologies: args.topologies,
         suite: Suite::load(&args.suite)?,
-        modes,
+        modes: args.modes,
         seeds: if args.quick { 1 } else { args.seeds },
         codings,
         quick: args.quick,

@@ -400,6 +400,9 @@ impl ParameterServer for ShardService {
             .check_worker(req.worker)
             .map_err(|e| self.reject("unknown_worker", e.into()))?;
         self.metrics.metric.set(req.metric);
+        self.metrics
+            .metric_clock
+            .set(i64::try_from(req.clock).unwrap_or(i64::MAX));
         state.history.push(pb::MetricPoint {
             unix_seconds: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -124,7 +124,7 @@ pub(super) fn observe(
 
 /// Progress read from every running parameter server: each datacenter's
 /// clock (its slowest shard), the job's clock (the slowest datacenter), the
-/// mean of the shards' metrics, the WAN bytes sent and the traffic per link.
+/// mean over datacenters of their latest evaluation, the WAN bytes sent and the traffic per link.
 pub(super) async fn read_progress(
     view: &JobView,
     clusters: &[Result<Cluster, Unavailable>],
@@ -178,7 +178,15 @@ pub(super) async fn read_progress(
             let sent: f64 = shards.iter().filter_map(|s| s.elements_sent).sum();
             progress.updates_sent_fraction = Some(sent / updated);
         }
-        metrics.extend(shards.iter().filter_map(|s| s.metric));
+        // Every shard of a datacenter hears the same evaluations: the
+        // latest one is the datacenter's.
+        if let Some((_, metric)) = shards
+            .iter()
+            .filter_map(ShardProgress::evaluation)
+            .max_by_key(|&(clock, _)| clock)
+        {
+            metrics.push(metric);
+        }
     }
     if let Some(clock) = out
         .status

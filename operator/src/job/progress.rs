@@ -24,6 +24,8 @@ pub struct ShardProgress {
     pub clock: Option<i64>,
     /// `geoml_ps_metric`: the latest evaluated metric.
     pub metric: Option<f64>,
+    /// `geoml_ps_metric_clock`: the clock of that evaluation (0: none yet).
+    pub metric_clock: Option<i64>,
     /// `geoml_mirror_sent_bytes_total`: bytes queued for its mirrors in
     /// other datacenters (ASP, FedAvg, DiLoCo), summed over peers.
     pub mirror_sent_bytes: Option<i64>,
@@ -52,6 +54,14 @@ pub struct LinkSample {
 }
 
 impl ShardProgress {
+    /// The latest evaluation this shard heard, with its clock; None before
+    /// the first (a restarted shard shows 0 until the next evaluation).
+    #[must_use]
+    pub fn evaluation(&self) -> Option<(i64, f64)> {
+        let clock = self.metric_clock.filter(|&c| c > 0)?;
+        Some((clock, self.metric?))
+    }
+
     /// Bytes this shard's datacenter sent over the WAN through it: what its
     /// links delivered (what was only queued when they have not reported
     /// yet) plus the traffic of other datacenters' workers.
@@ -125,6 +135,7 @@ pub fn parse(text: &str) -> ShardProgress {
         match sample.metric.as_str() {
             names::PS_CLOCK => progress.clock = Some(whole),
             names::PS_METRIC => progress.metric = Some(value),
+            names::PS_METRIC_CLOCK => progress.metric_clock = Some(whole),
             names::MIRROR_SENT_BYTES => {
                 progress.mirror_sent_bytes = add(progress.mirror_sent_bytes);
             }
@@ -156,6 +167,7 @@ mod tests {
     fn parses_clock_metric_and_mirror_bytes() {
         let text = "# HELP geoml_ps_clock Clock.\n# TYPE geoml_ps_clock gauge\ngeoml_ps_clock 42\n\
                     geoml_ps_metric 0.81\n\
+                    geoml_ps_metric_clock 40\n\
                     geoml_mirror_sent_bytes_total{datacenter=\"us-east\",shard=\"0\"} 3024\n\
                     geoml_ps_clock_other 7\n";
         assert_eq!(
@@ -163,11 +175,18 @@ mod tests {
             ShardProgress {
                 clock: Some(42),
                 metric: Some(0.81),
+                metric_clock: Some(40),
                 mirror_sent_bytes: Some(3024),
                 ..ShardProgress::default()
             }
         );
         assert_eq!(parse(text).wan_bytes(), Some(3024));
+        assert_eq!(parse(text).evaluation(), Some((40, 0.81)));
+        // A shard that has not heard an evaluation yet shows none.
+        assert_eq!(
+            parse("geoml_ps_metric 0\ngeoml_ps_metric_clock 0\n").evaluation(),
+            None
+        );
         assert_eq!(parse("garbage"), ShardProgress::default());
     }
 
