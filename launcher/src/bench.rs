@@ -7,8 +7,10 @@
 //! Every timed loop does what a worker does per message: pack its `f32`
 //! gradient (and keys) into the request, and copy pulled values into its
 //! `f32` parameters. Nothing is prepared outside the timed section except
-//! the gradient itself. Each pattern is paired with raw TCP carrying
-//! messages of the same size, measured right before it: on a shared
+//! the gradient itself. Each pattern is paired with raw TCP carrying the
+//! same exchanges (a push: its bytes out, one byte back; a pull: one byte
+//! out, its bytes back; a clock: a pull, then a push), measured right
+//! before it: on a shared
 //! machine raw loopback speed drifts by 2× within a run. Both are the best
 //! of [`REPEATS`] back-to-back measurements, so a moment of contention
 //! from other processes counts against neither.
@@ -132,39 +134,56 @@ fn rate(bytes: usize, messages: usize, elapsed: Duration) -> f64 {
     total / elapsed.as_secs_f64() / 1e6
 }
 
-/// Raw TCP request/response with `bytes` messages, the best of [`REPEATS`].
-async fn raw_tcp(bytes: usize, messages: usize) -> std::io::Result<f64> {
+/// A push: `bytes` out, one byte back, like a unary RPC.
+fn push(bytes: usize) -> (usize, usize) {
+    (bytes, 1)
+}
+
+/// A pull: one byte out, `bytes` back.
+fn pull(bytes: usize) -> (usize, usize) {
+    (1, bytes)
+}
+
+/// Raw TCP carrying `exchanges` (request and response sizes, in order)
+/// `messages` times, the best of [`REPEATS`]; MB/s of all their bytes.
+async fn raw_tcp(exchanges: &[(usize, usize)], messages: usize) -> std::io::Result<f64> {
     let mut best = 0.0_f64;
     for _ in 0..REPEATS {
-        best = best.max(raw_tcp_once(bytes, messages).await?);
+        best = best.max(raw_tcp_once(exchanges, messages).await?);
     }
     Ok(best)
 }
 
-/// Request/response over raw TCP: `bytes` out, one byte back, like a unary RPC.
-async fn raw_tcp_once(bytes: usize, messages: usize) -> std::io::Result<f64> {
+async fn raw_tcp_once(exchanges: &[(usize, usize)], messages: usize) -> std::io::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let largest = exchanges.iter().map(|&(a, b)| a.max(b)).max().unwrap_or(0);
+    let answers = exchanges.to_vec();
     let server = tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await?;
-        let mut buffer = vec![0; bytes];
+        socket.set_nodelay(true)?;
+        let (mut buffer, payload) = (vec![0; largest], vec![1_u8; largest]);
         for _ in 0..messages {
-            socket.read_exact(&mut buffer).await?;
-            socket.write_all(&[1]).await?;
+            for &(request, response) in &answers {
+                socket.read_exact(&mut buffer[..request]).await?;
+                socket.write_all(&payload[..response]).await?;
+            }
         }
         std::io::Result::Ok(())
     });
     let mut socket = TcpStream::connect(addr).await?;
     socket.set_nodelay(true)?;
-    let payload = vec![7_u8; bytes];
-    let mut ack = [0];
+    let (mut buffer, payload) = (vec![0; largest], vec![7_u8; largest]);
     let started = Instant::now();
     for _ in 0..messages {
-        socket.write_all(&payload).await?;
-        socket.read_exact(&mut ack).await?;
+        for &(request, response) in exchanges {
+            socket.write_all(&payload[..request]).await?;
+            socket.read_exact(&mut buffer[..response]).await?;
+        }
     }
     let elapsed = started.elapsed();
     server.await.map_err(std::io::Error::other)??;
+    let bytes = exchanges.iter().map(|&(a, b)| a.max(b)).sum();
     Ok(rate(bytes, messages, elapsed))
 }
 
@@ -391,35 +410,35 @@ pub async fn run(rows: usize, width: usize, messages: usize) -> Result<BenchRepo
             "push+apply, dense (all rows)",
             dense_bytes,
             n,
-            raw_tcp(dense_bytes, n).await?,
+            raw_tcp(&[push(dense_bytes)], n).await?,
             bench.pushes(None, &dense).await?,
         ),
         Throughput::new(
             "push+apply, sparse (every 10th row)",
             sparse_bytes,
             n,
-            raw_tcp(sparse_bytes, n).await?,
+            raw_tcp(&[push(sparse_bytes)], n).await?,
             bench.pushes(Some(&sparse_keys), &sparse).await?,
         ),
         Throughput::new(
             "pull, dense (all rows)",
             dense_bytes,
             n,
-            raw_tcp(dense_bytes, n).await?,
+            raw_tcp(&[pull(dense_bytes)], n).await?,
             bench.pulls(None).await?,
         ),
         Throughput::new(
             "pull, sparse (every 10th row)",
             sparse_bytes,
             n,
-            raw_tcp(sparse_bytes, n).await?,
+            raw_tcp(&[pull(sparse_bytes)], n).await?,
             bench.pulls(Some(&sparse_keys)).await?,
         ),
         Throughput::new(
             "push+pull per clock, dense",
             dense_2,
             n,
-            raw_tcp(dense_2, n).await?,
+            raw_tcp(&[pull(dense_bytes), push(dense_bytes)], n).await?,
             bench.clocks(&dense).await?,
         ),
     ];
@@ -428,7 +447,7 @@ pub async fn run(rows: usize, width: usize, messages: usize) -> Result<BenchRepo
         "push+apply, dense, 4 workers in flight",
         dense_bytes,
         each * CONCURRENT_WORKERS as usize,
-        raw_tcp(dense_bytes, n).await?,
+        raw_tcp(&[push(dense_bytes)], n).await?,
         bench.concurrent_pushes(CONCURRENT_WORKERS, &dense).await?,
     ));
     let _ = stop.send(());
