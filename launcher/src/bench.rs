@@ -10,10 +10,9 @@
 //! the gradient itself. Each pattern is paired with raw TCP carrying the
 //! same exchanges (a push: its bytes out, one byte back; a pull: one byte
 //! out, its bytes back; a clock: a pull, then a push), measured right
-//! before it: on a shared
-//! machine raw loopback speed drifts by 2× within a run. Both are the best
-//! of [`REPEATS`] back-to-back measurements, so a moment of contention
-//! from other processes counts against neither.
+//! before it: on a shared machine raw loopback speed drifts by 2× within a
+//! run. Both are the best of [`REPEATS`] back-to-back measurements, so a
+//! moment of contention from other processes counts against neither.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
