@@ -71,8 +71,8 @@ pub struct Throughput {
     pub messages: usize,
     /// Payload megabytes per second.
     pub mb_per_second: f64,
-    /// Raw TCP request/ack with messages of the same size, measured right
-    /// before, in megabytes per second.
+    /// Raw TCP carrying the same exchanges, measured right before, in
+    /// megabytes per second.
     pub raw_mb_per_second: f64,
     /// `mb_per_second / raw_mb_per_second`.
     pub ratio_to_raw: f64,

@@ -2,7 +2,7 @@
 //! loopback TCP: pushes and pulls give what the same gRPC calls give,
 //! refusals carry the gRPC path's codes and messages, a malformed frame is
 //! answered and closes only its own connection, and a shard with mTLS
-//! serves rows only over mTLS.
+//! serves rows only over mTLS. `geoml bench` measures over it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
@@ -396,4 +396,47 @@ async fn a_shard_with_mtls_serves_rows_only_over_mtls() {
         .unwrap()
         .into_inner();
     assert_eq!(status.worker_clocks, [1, 0]);
+}
+
+/// `geoml bench` measures every pattern over the row transport next to raw
+/// TCP, prints them and writes the same figures as JSON.
+#[tokio::test]
+async fn geoml_bench_prints_and_writes_every_pattern_against_raw_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args([
+            "bench",
+            "--rows",
+            "64",
+            "--width",
+            "8",
+            "--messages",
+            "8",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 6, "{table}");
+    for result in results {
+        let name = result["name"].as_str().unwrap();
+        assert!(table.contains(name), "{name} is not in\n{table}");
+        let figure = |field: &str| result[field].as_f64().unwrap();
+        let (rate, raw) = (figure("mb_per_second"), figure("raw_mb_per_second"));
+        assert!(rate > 0.0 && raw > 0.0, "{result}");
+        assert!(
+            (figure("ratio_to_raw") - rate / raw).abs() < 1e-9,
+            "{result}"
+        );
+    }
 }
