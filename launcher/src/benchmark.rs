@@ -26,7 +26,8 @@ use crate::options::RunOptions;
 use crate::report::{Report, human_bytes, table};
 
 /// The modes `geoml benchmark` runs by default: the ideal, naive WAN
-/// synchronisation, Gaia and the averaging methods.
+/// synchronisation, Gaia and the averaging methods (what `geoml compare`
+/// runs, without Centralized and Isolated at its end).
 pub const MODES: &[Mode] = Mode::COMPARED.split_at(6).0;
 
 /// One model family of the suite: what replaces a topology manifest's job.

@@ -124,7 +124,8 @@ pub(super) fn observe(
 
 /// Progress read from every running parameter server: each datacenter's
 /// clock (its slowest shard), the job's clock (the slowest datacenter), the
-/// mean over datacenters of their latest evaluation, the WAN bytes sent and the traffic per link.
+/// mean over datacenters of their latest evaluation, the WAN bytes sent and
+/// the traffic per link.
 pub(super) async fn read_progress(
     view: &JobView,
     clusters: &[Result<Cluster, Unavailable>],
