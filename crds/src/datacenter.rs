@@ -124,6 +124,18 @@ fn default_kubeconfig_key() -> String {
     "kubeconfig".to_owned()
 }
 
+/// The bandwidth, in megabits per second, of the WAN link between two
+/// datacenters that offer `a` and `b` (their `wan.bandwidthMbps`): the
+/// smaller of the two, or the one given; `None` (unshaped) when neither is.
+/// The WAN emulator shapes links by it and the bandwidth budget divides it.
+#[must_use]
+pub fn link_bandwidth_mbps(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
 /// The WAN link a datacenter offers: its bandwidth, latency and egress price.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.significance.schedule != 'BandwidthBudget' || has(self.wanBudgetMbps)")
-    .message("significance schedule BandwidthBudget needs wanBudgetMbps")
-    .field_path(".wanBudgetMbps"))]
+#[x_kube(validation = Rule::new("!has(self.wanBudgetMbps) || !has(self.wanBudgetShare)")
+    .message("set at most one of wanBudgetMbps and wanBudgetShare")
+    .field_path(".wanBudgetShare"))]
 pub struct SyncPolicySpec {
     /// Consistency among the workers and parameter servers of one datacenter.
     #[serde(default)]
@@ -61,11 +61,23 @@ pub struct SyncPolicySpec {
     #[schemars(range(min = 1, max = 1_000_000))]
     pub mirror_clock_period: i32,
 
-    /// WAN bandwidth each link may use for model updates, in megabits per
-    /// second. Required by the `BandwidthBudget` threshold schedule.
+    /// WAN bandwidth each link (one datacenter to another) may use for
+    /// mirror messages under the `BandwidthBudget` threshold schedule, in
+    /// megabits per second on the wire (framing included), split evenly
+    /// among the sending datacenter's parameter servers. Unset:
+    /// `wanBudgetShare` of the link's bandwidth. At most one of the two.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0.0").message("must be greater than 0"))]
     pub wan_budget_mbps: Option<f64>,
+
+    /// Share of each link's bandwidth, in (0, 1], that mirror updates may
+    /// use under the `BandwidthBudget` threshold schedule, when
+    /// `wanBudgetMbps` is unset. A link's bandwidth is the smaller
+    /// `wan.bandwidthMbps` of its two Datacenters (a link neither sets has no
+    /// budget: it sends whatever is significant). Default 0.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("must be in (0, 1]"))]
+    pub wan_budget_share: Option<f64>,
 
     /// How the values of ASP mirror updates travel: `Float32` (exact;
     /// default), `BFloat16` (2 bytes a value) or `Int8` (1 byte a value and
@@ -185,6 +197,9 @@ pub struct InterDatacenterSync {
 /// `interDatacenter.peerTimeoutSeconds` when a SyncPolicy gives none.
 pub const DEFAULT_PEER_TIMEOUT_SECONDS: i32 = 30;
 
+/// `wanBudgetShare` when a SyncPolicy gives neither it nor `wanBudgetMbps`.
+pub const DEFAULT_WAN_BUDGET_SHARE: f64 = 0.1;
+
 /// How datacenters exchange what they learn.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InterDatacenterModel {
@@ -249,6 +264,39 @@ impl SyncPolicySpec {
             fields.push("collaborative");
         }
         fields
+    }
+}
+
+impl SyncPolicySpec {
+    /// The policy's WAN budget (`wanBudgetMbps`, `wanBudgetShare`).
+    #[must_use]
+    pub fn wan_budget(&self) -> WanBudget {
+        WanBudget {
+            mbps: self.wan_budget_mbps,
+            share: self.wan_budget_share.unwrap_or(DEFAULT_WAN_BUDGET_SHARE),
+        }
+    }
+}
+
+/// What WAN bandwidth mirror updates may use under the `BandwidthBudget`
+/// schedule: an absolute rate per link, or a share of each link.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WanBudget {
+    /// `wanBudgetMbps`.
+    pub mbps: Option<f64>,
+    /// `wanBudgetShare`, or its default.
+    pub share: f64,
+}
+
+impl WanBudget {
+    /// The budget, in megabits per second, of a WAN link whose bandwidth is
+    /// `link_mbps` (see [`crate::datacenter::link_bandwidth_mbps`]), for all
+    /// the sending datacenter's parameter servers together: the absolute
+    /// rate, or the share of the link. `None` when the link has no
+    /// bandwidth and no absolute rate is set.
+    #[must_use]
+    pub fn of_link(self, link_mbps: Option<f64>) -> Option<f64> {
+        self.mbps.or_else(|| link_mbps.map(|m| m * self.share))
     }
 }
 
@@ -344,8 +392,11 @@ pub struct Significance {
 
     /// How the threshold changes over clocks t: `Constant` (default),
     /// `InverseSqrt` (`threshold / sqrt(t)`), `LinearToFloor` (linear from
-    /// `threshold` to `floor` over `decayClocks`) or `BandwidthBudget` (nudged
-    /// up or down to keep each link near `wanBudgetMbps`).
+    /// `threshold` to `floor` over `decayClocks`) or `BandwidthBudget`
+    /// (what is significant at `threshold` is queued for every WAN link, and
+    /// each link sends, whenever it is free, the most significant of its
+    /// queue that its budget allows: `wanBudgetMbps`, or `wanBudgetShare` of
+    /// its bandwidth; the rest keeps accumulating in the queue).
     #[serde(default)]
     pub schedule: ThresholdSchedule,
 
@@ -396,7 +447,8 @@ pub enum ThresholdSchedule {
     InverseSqrt,
     /// Linear from `threshold` to `floor` over `decayClocks`.
     LinearToFloor,
-    /// Adapted to keep each WAN link near `wanBudgetMbps`.
+    /// Each WAN link sends the most significant of what is queued for it
+    /// that its budget (`wanBudgetMbps` or `wanBudgetShare`) allows.
     BandwidthBudget,
 }
 
@@ -412,6 +464,18 @@ pub enum ValueCoding {
     /// One signed byte per value times one float scale per update (the
     /// largest magnitude over 127); values that round to 0 wait.
     Int8,
+}
+
+impl ValueCoding {
+    /// Bytes a value takes on the wire in this coding.
+    #[must_use]
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            Self::Float32 => 4,
+            Self::BFloat16 => 2,
+            Self::Int8 => 1,
+        }
+    }
 }
 
 /// Averaging rounds (federated averaging and DiLoCo).
@@ -578,5 +642,19 @@ mod tests {
                 momentum: 0.9
             })
         );
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // exact products
+    fn a_link_budget_is_an_absolute_rate_or_a_share_of_the_link() {
+        let mut spec: SyncPolicySpec = crate::yaml::from_str("{}").unwrap();
+        assert_eq!(spec.wan_budget().of_link(None), None);
+        assert_eq!(spec.wan_budget().of_link(Some(20.0)), Some(2.0));
+        spec.wan_budget_share = Some(0.5);
+        assert_eq!(spec.wan_budget().of_link(Some(20.0)), Some(10.0));
+        spec.wan_budget_share = None;
+        spec.wan_budget_mbps = Some(3.0);
+        assert_eq!(spec.wan_budget().of_link(Some(20.0)), Some(3.0));
+        assert_eq!(spec.wan_budget().of_link(None), Some(3.0));
     }
 }

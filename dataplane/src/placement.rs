@@ -9,6 +9,7 @@
 //! and shard i mirrors shard i of the other datacenters.
 
 use geoml_crds::Topology;
+use geoml_crds::datacenter::link_bandwidth_mbps;
 use geoml_crds::sync_policy::InterDatacenterModel;
 
 use crate::gaia::significance::Filter;
@@ -121,6 +122,13 @@ fn mirror_config(
             mode: geoml_crds::mode::Mode::from(model).name(),
         });
     }
+    // The Datacenters are in the job's order, as the plan's are.
+    let bandwidth = |d: usize| {
+        job.datacenters
+            .get(d)
+            .and_then(|d| d.spec.wan.as_ref())
+            .map(|w| w.bandwidth_mbps)
+    };
     Ok(Some(MirrorConfig {
         datacenter: dc.name.clone(),
         peers: datacenters
@@ -133,9 +141,14 @@ fn mirror_config(
         bound: numbers.mirror_clock_bound,
         filter: Filter::new(
             &policy.significance,
-            policy.wan_budget_mbps,
+            policy.wan_budget(),
             numbers.decay_clocks,
         ),
+        link_mbps: (0..datacenters.len())
+            .filter(|&d| d != here)
+            .map(|d| link_bandwidth_mbps(bandwidth(here), bandwidth(d)))
+            .collect(),
+        shards: dc.shards,
         peer_timeout: Some(std::time::Duration::from_secs(numbers.peer_timeout_seconds)),
     }))
 }

@@ -563,6 +563,7 @@ mod tests {
             lan_bytes_total: 0,
             wan_bytes_total: wan,
             wan_links: Vec::new(),
+            wan_link_rates: Vec::new(),
             mirrors: MirrorTotals::default(),
             shipping_seconds: None,
             parameter_servers: 3,

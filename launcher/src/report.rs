@@ -31,6 +31,66 @@ pub struct LinkBytes {
     pub bytes: u64,
 }
 
+/// The rate one emulated WAN link carried once the run settled.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LinkRate {
+    /// Sending datacenter.
+    pub from: String,
+    /// Receiving datacenter.
+    pub to: String,
+    /// TCP payload bytes per second (as [`LinkBytes::bytes`]) from
+    /// [`SETTLED_AFTER`] of the training time to its end.
+    pub settled_bytes_per_second: f64,
+    /// The link's budget under the `BandwidthBudget` threshold schedule,
+    /// for all the sending datacenter's parameter servers together.
+    pub budget_bytes_per_second: Option<f64>,
+}
+
+/// The share of a run's training time after which its links count as
+/// settled ([`LinkRate`]).
+pub const SETTLED_AFTER: f64 = 0.2;
+
+/// Each link's rate from [`SETTLED_AFTER`] of `samples` (seconds since
+/// training started, and the bytes per link by then; oldest first, taken
+/// while training ran) to the last sample, with its budget from `budget`
+/// (bytes per second, by sending and receiving datacenter). Empty with
+/// fewer than two samples in that span.
+#[must_use]
+pub fn settled_rates(
+    samples: &[(f64, Vec<LinkBytes>)],
+    budget: impl Fn(&str, &str) -> Option<f64>,
+) -> Vec<LinkRate> {
+    let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+        return Vec::new();
+    };
+    let settled = first.0 + SETTLED_AFTER * (last.0 - first.0);
+    let Some(start) = samples.iter().find(|s| s.0 >= settled) else {
+        return Vec::new();
+    };
+    let seconds = last.0 - start.0;
+    if seconds <= 0.0 {
+        return Vec::new();
+    }
+    last.1
+        .iter()
+        .map(|link| {
+            let before = start
+                .1
+                .iter()
+                .find(|l| l.from == link.from && l.to == link.to)
+                .map_or(0, |l| l.bytes);
+            #[allow(clippy::cast_precision_loss)] // byte counts are far below 2^52
+            let bytes = link.bytes.saturating_sub(before) as f64;
+            LinkRate {
+                from: link.from.clone(),
+                to: link.to.clone(),
+                settled_bytes_per_second: bytes / seconds,
+                budget_bytes_per_second: budget(&link.from, &link.to),
+            }
+        })
+        .collect()
+}
+
 /// How one datacenter's model fared.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct DatacenterReport {
@@ -112,6 +172,8 @@ pub struct Report {
     pub wan_bytes_total: u64,
     /// Bytes per directed WAN link.
     pub wan_links: Vec<LinkBytes>,
+    /// Per directed WAN link, its rate once settled, and its budget.
+    pub wan_link_rates: Vec<LinkRate>,
     /// Mirror synchronisation, summed over shards.
     #[serde(flatten)]
     pub mirrors: MirrorTotals,
@@ -169,6 +231,22 @@ impl Report {
                 t,
                 "clock bound  {} reads held, {:.1} s, max skew {}",
                 m.clock_blocks, m.clock_wait_seconds, m.max_mirror_skew
+            );
+        }
+        for link in &self.wan_link_rates {
+            let budget = link.budget_bytes_per_second.map_or(String::new(), |b| {
+                format!(
+                    " (budget {:.2} Mbit/s, {:+.0}%)",
+                    b * 8.0 / 1e6,
+                    100.0 * (link.settled_bytes_per_second / b - 1.0)
+                )
+            });
+            let _ = writeln!(
+                t,
+                "WAN link     {} → {}: {:.2} Mbit/s once settled{budget}",
+                link.from,
+                link.to,
+                link.settled_bytes_per_second * 8.0 / 1e6
             );
         }
         if let Some(s) = self.shipping_seconds {
@@ -237,4 +315,40 @@ pub struct CollaborativeTotals {
     /// Seconds spent training.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub training_seconds: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(from: &str, to: &str, bytes: u64) -> LinkBytes {
+        LinkBytes {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            bytes,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::float_cmp)] // exact binary fractions
+    fn settled_rates_leave_out_the_first_fifth_of_training() {
+        let samples = vec![
+            (0.0, vec![link("a", "b", 0)]),
+            (1.0, vec![link("a", "b", 1000)]),
+            (2.0, vec![link("a", "b", 1500)]),
+            (5.0, vec![link("a", "b", 3000)]),
+        ];
+        // Settled from 1 s (a fifth of 5 s): 2000 bytes in 4 s.
+        let rates = settled_rates(&samples, |_, _| Some(400.0));
+        assert_eq!(
+            rates,
+            vec![LinkRate {
+                from: "a".into(),
+                to: "b".into(),
+                settled_bytes_per_second: 500.0,
+                budget_bytes_per_second: Some(400.0),
+            }]
+        );
+        assert!(settled_rates(&samples[..1], |_, _| None).is_empty());
+    }
 }

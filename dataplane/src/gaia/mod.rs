@@ -3,10 +3,13 @@
 //!
 //! - [`significance`]: which accumulated updates are worth the WAN, and the
 //!   threshold schedules.
+//! - [`budget`]: what each WAN link may carry under the bandwidth-budget
+//!   schedule.
 //! - [`state`]: accumulators, the selective barrier, mirror clocks and
 //!   averaging rounds, as pure state.
 //! - [`service`]: the `Mirror` gRPC service and the links to the peers.
 
+pub mod budget;
 pub mod service;
 pub mod significance;
 pub mod state;

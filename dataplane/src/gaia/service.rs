@@ -330,9 +330,14 @@ fn unreachable_or_internal(status: &Status) -> bool {
 async fn carry_updates(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
     let link = &links.peers[p];
     loop {
-        let next = {
+        let now = Instant::now();
+        let (next, budget_wait) = {
             let mut guard = lock(&state);
-            let Some(record) = guard.mirror.as_ref().map(|m| m.form(p)) else {
+            let Some(record) = guard
+                .mirror
+                .as_ref()
+                .map(|m| m.form(p, guard.shard.values(), now))
+            else {
                 return;
             };
             if let Some(record) = record
@@ -340,10 +345,18 @@ async fn carry_updates(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
             {
                 error!(peer = p, "could not form the next mirror update: {e}");
             }
-            guard.mirror.as_ref().and_then(|m| m.in_flight(p).cloned())
+            let m = guard.mirror.as_ref();
+            (
+                m.and_then(|m| m.in_flight(p).cloned()),
+                m.and_then(|m| m.budget_wait(p, now)),
+            )
         };
         let Some(update) = next else {
-            let _ = tokio::time::timeout(links.heartbeat, link.data_wake.notified()).await;
+            // Woken when something is queued, or when the budget has room.
+            let wait = budget_wait
+                .filter(|w| !w.is_zero())
+                .map_or(links.heartbeat, |w| w.min(links.heartbeat));
+            let _ = tokio::time::timeout(wait, link.data_wake.notified()).await;
             continue;
         };
         let sent = Instant::now();
@@ -367,7 +380,7 @@ async fn carry_updates(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
         if let Some(m) = lock(&state).mirror.as_mut() {
             // Refused for good, it would block the link forever: it is
             // dropped (and the refusal logged by `deliver`).
-            m.acknowledged(p, (update.epoch, update.seq));
+            m.acknowledged(p, (update.epoch, update.seq), Instant::now());
             if delivered {
                 m.record_transfer(p, bytes, sent.elapsed());
             }
@@ -396,7 +409,7 @@ async fn carry_control(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
             match link.control.clone().announce(announce).await {
                 Ok(_) => {
                     if let Some(m) = lock(&state).mirror.as_mut() {
-                        m.announcement_sent(p, seq, bytes);
+                        m.announcement_sent(p, seq, bytes, Instant::now());
                     }
                 }
                 Err(status) => debug!(%status, "announcement not taken"),
@@ -411,7 +424,7 @@ async fn carry_control(links: Arc<Links>, p: usize, state: Arc<Mutex<State>>) {
             match link.control.clone().tick(tick.clone()).await {
                 Ok(_) => {
                     if let Some(m) = lock(&state).mirror.as_mut() {
-                        m.tick_sent(p, bytes, sent.elapsed());
+                        m.tick_sent(p, bytes, sent.elapsed(), Instant::now());
                     }
                     last = Some((tick, sent));
                 }

@@ -1,13 +1,8 @@
 //! Gaia's significance filter: which accumulated updates are worth sending
-//! to the mirrors, and how the threshold changes over time.
+//! to the mirrors, how the threshold changes over time, and what each WAN
+//! link may carry under the bandwidth-budget schedule.
 
-use geoml_crds::sync_policy::{Significance, SignificanceFunction, ThresholdSchedule};
-
-/// Lowest threshold the bandwidth-budget schedule goes down to.
-const MIN_THRESHOLD: f64 = 1e-4;
-
-/// Factor by which the bandwidth-budget schedule nudges the threshold.
-const NUDGE: f64 = 1.25;
+use geoml_crds::sync_policy::{Significance, SignificanceFunction, ThresholdSchedule, WanBudget};
 
 /// A significance function and its threshold schedule.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,16 +12,17 @@ pub struct Filter {
     initial: f64,
     floor: f64,
     decay_clocks: f64,
-    /// Bytes per second each link may carry (`BandwidthBudget`).
-    budget: Option<f64>,
+    /// What each link may carry (`BandwidthBudget`).
+    budget: WanBudget,
     threshold: f64,
 }
 
 impl Filter {
-    /// The filter a SyncPolicy describes; `budget_mbps` is its
-    /// `wanBudgetMbps`, `decay_clocks` its checked `significance.decayClocks`.
+    /// The filter a SyncPolicy describes: its `significance`, its WAN
+    /// budget ([`geoml_crds::SyncPolicySpec::wan_budget`]) and its checked
+    /// `significance.decayClocks`.
     #[must_use]
-    pub fn new(spec: &Significance, budget_mbps: Option<f64>, decay_clocks: u64) -> Self {
+    pub fn new(spec: &Significance, budget: WanBudget, decay_clocks: u64) -> Self {
         Self {
             function: spec.function,
             schedule: spec.schedule,
@@ -34,7 +30,7 @@ impl Filter {
             floor: spec.floor.unwrap_or(0.0),
             #[allow(clippy::cast_precision_loss)] // clock counts are far below 2^52
             decay_clocks: decay_clocks as f64,
-            budget: budget_mbps.map(|mbps| mbps * 1e6 / 8.0),
+            budget,
             threshold: spec.threshold,
         }
     }
@@ -43,7 +39,7 @@ impl Filter {
     /// threshold restarts from the new initial one when that or the
     /// schedule changed (time-based schedules then place it at the current
     /// clock on their next [`Self::on_clock`]); otherwise it stays where the
-    /// schedule had moved it, so a new WAN budget nudges from there.
+    /// schedule had moved it.
     pub fn reconfigure(&mut self, new: &Self) {
         #[allow(clippy::float_cmp)] // did the spec's number change, not a computed one
         let restart = new.initial != self.initial || new.schedule != self.schedule;
@@ -54,26 +50,35 @@ impl Filter {
         }
     }
 
-    /// The current threshold.
+    /// The current threshold: what is more significant leaves the
+    /// accumulators for the links' queues (with `BandwidthBudget`, each link
+    /// then sends the most significant of its queue that its budget allows,
+    /// see [`super::budget`]).
     #[must_use]
     pub fn threshold(&self) -> f64 {
         self.threshold
     }
 
-    /// Whether an accumulated update is significant against the current value.
-    /// Relative change is always significant when the value is 0 (and
-    /// something accumulated); nothing accumulated is never significant.
+    /// How significant an accumulated update is against the current value:
+    /// relative change is infinitely significant when the value is 0 (and
+    /// something accumulated); nothing accumulated has significance 0.
+    #[must_use]
+    pub fn significance(&self, accumulated: f32, value: f32) -> f64 {
+        if accumulated == 0.0 {
+            return 0.0;
+        }
+        match self.function {
+            SignificanceFunction::AbsoluteChange => f64::from(accumulated.abs()),
+            SignificanceFunction::RelativeChange if value == 0.0 => f64::INFINITY,
+            SignificanceFunction::RelativeChange => f64::from((accumulated / value).abs()),
+        }
+    }
+
+    /// Whether an accumulated update is significant against the current
+    /// value at the schedule's threshold.
     #[must_use]
     pub fn significant(&self, accumulated: f32, value: f32) -> bool {
-        if accumulated == 0.0 {
-            return false;
-        }
-        let significance = match self.function {
-            SignificanceFunction::AbsoluteChange => f64::from(accumulated.abs()),
-            SignificanceFunction::RelativeChange if value == 0.0 => return true,
-            SignificanceFunction::RelativeChange => f64::from((accumulated / value).abs()),
-        };
-        significance > self.threshold
+        self.significance(accumulated, value) > self.threshold
     }
 
     /// Moves the threshold to clock `clock` (time-based schedules).
@@ -90,18 +95,20 @@ impl Filter {
         }
     }
 
-    /// Nudges the threshold (`BandwidthBudget`) after the busiest link carried
-    /// `bytes_per_second`: up when above 1.1× the budget, down when below 0.9×.
-    pub fn on_rate(&mut self, bytes_per_second: f64) {
-        let (ThresholdSchedule::BandwidthBudget, Some(budget)) = (self.schedule, self.budget)
-        else {
-            return;
-        };
-        if bytes_per_second > 1.1 * budget {
-            self.threshold = (self.threshold * NUDGE).min(1.0);
-        } else if bytes_per_second < 0.9 * budget {
-            self.threshold = (self.threshold / NUDGE).max(MIN_THRESHOLD);
+    /// With the `BandwidthBudget` schedule, the bytes per second a link of
+    /// `link_mbps` (its bandwidth, if shaped) may carry from one of the
+    /// sending datacenter's `shards` parameter servers: its share of the
+    /// link's budget. `None` with other schedules, or when the link has no
+    /// budget.
+    #[must_use]
+    pub fn link_budget(&self, link_mbps: Option<f64>, shards: usize) -> Option<f64> {
+        if self.schedule != ThresholdSchedule::BandwidthBudget {
+            return None;
         }
+        #[allow(clippy::cast_precision_loss)] // a handful of shards
+        self.budget
+            .of_link(link_mbps)
+            .map(|mbps| mbps * 1e6 / 8.0 / shards.max(1) as f64)
     }
 }
 
@@ -109,6 +116,11 @@ impl Filter {
 #[allow(clippy::float_cmp)] // thresholds are computed exactly
 mod tests {
     use super::*;
+
+    const EIGHT_MBPS: WanBudget = WanBudget {
+        mbps: Some(8.0),
+        share: 0.1,
+    };
 
     fn filter(schedule: ThresholdSchedule, floor: Option<f64>, decay: Option<i64>) -> Filter {
         let spec = Significance {
@@ -119,7 +131,7 @@ mod tests {
             decay_clocks: decay,
         };
         let decay = decay.map_or(1, |d| u64::try_from(d).unwrap());
-        Filter::new(&spec, Some(8.0), decay)
+        Filter::new(&spec, EIGHT_MBPS, decay)
     }
 
     #[test]
@@ -142,17 +154,17 @@ mod tests {
             threshold: 0.04,
             ..Significance::default()
         };
-        let f = Filter::new(&spec, None, 1);
+        let f = Filter::new(&spec, EIGHT_MBPS, 1);
         assert!(f.significant(0.05, 100.0));
         assert!(!f.significant(0.03, 0.0));
     }
 
     #[test]
-    fn constant_stays_put() {
+    fn constant_stays_put_and_has_no_link_budget() {
         let mut f = filter(ThresholdSchedule::Constant, None, None);
         f.on_clock(10_000);
-        f.on_rate(1e12);
         assert_eq!(f.threshold(), 0.04);
+        assert_eq!(f.link_budget(Some(20.0), 1), None);
     }
 
     #[test]
@@ -180,10 +192,6 @@ mod tests {
     #[test]
     fn reconfiguring_restarts_the_threshold_only_when_it_or_the_schedule_changed() {
         let mut f = filter(ThresholdSchedule::BandwidthBudget, None, None);
-        f.on_rate(2e6);
-        let nudged = f.threshold();
-        assert!(nudged > 0.04);
-        // A new budget only: the nudged threshold stays, the budget is new.
         let spec = Significance {
             function: SignificanceFunction::RelativeChange,
             threshold: 0.04,
@@ -191,44 +199,43 @@ mod tests {
             floor: None,
             decay_clocks: None,
         };
-        f.reconfigure(&Filter::new(&spec, Some(80.0), 1));
-        assert_eq!(f.threshold(), nudged);
-        f.on_rate(2e6); // below 0.9× the new 10 MB/s
-        assert!(f.threshold() < nudged);
+        // A new budget only: no restart, the new budget counts.
+        let share = WanBudget {
+            mbps: None,
+            share: 0.5,
+        };
+        f.reconfigure(&Filter::new(&spec, share, 1));
+        assert_eq!(
+            f.link_budget(Some(16.0), 2),
+            Some(16.0 * 0.5 * 1e6 / 8.0 / 2.0)
+        );
         // A new threshold: it starts from there.
-        f.reconfigure(&Filter::new(
-            &Significance {
-                threshold: 0.3,
-                schedule: ThresholdSchedule::Constant,
-                ..spec
-            },
-            None,
-            1,
-        ));
+        let changed = Significance {
+            threshold: 0.3,
+            schedule: ThresholdSchedule::Constant,
+            ..spec
+        };
+        f.reconfigure(&Filter::new(&changed, share, 1));
         assert_eq!(f.threshold(), 0.3);
         assert!(!f.significant(0.2, 1.0));
         assert!(f.significant(0.31, 1.0));
     }
 
     #[test]
-    fn bandwidth_budget_nudges_toward_the_budget() {
-        // 8 Mbit/s is 1 MB/s.
-        let mut f = filter(ThresholdSchedule::BandwidthBudget, None, None);
-        f.on_rate(2e6);
-        assert!(f.threshold() > 0.04);
-        let raised = f.threshold();
-        f.on_rate(1e6); // within 0.9–1.1×: unchanged
-        assert_eq!(f.threshold(), raised);
-        for _ in 0..200 {
-            f.on_rate(0.0);
-        }
-        assert_eq!(f.threshold(), MIN_THRESHOLD);
-        for _ in 0..200 {
-            f.on_rate(1e9);
-        }
-        assert_eq!(f.threshold(), 1.0);
-        // Time does not move it.
-        f.on_clock(1_000_000);
-        assert_eq!(f.threshold(), 1.0);
+    fn a_link_budget_is_shared_by_the_shards() {
+        let f = filter(ThresholdSchedule::BandwidthBudget, None, None);
+        // 8 Mbit/s is 1 MB/s, for two shards 0.5 MB/s each, whatever the link.
+        assert_eq!(f.link_budget(Some(100.0), 2), Some(5e5));
+        let share = WanBudget {
+            mbps: None,
+            share: 0.25,
+        };
+        let spec = Significance {
+            schedule: ThresholdSchedule::BandwidthBudget,
+            ..Significance::default()
+        };
+        let f = Filter::new(&spec, share, 1);
+        assert_eq!(f.link_budget(Some(8.0), 1), Some(2.5e5));
+        assert_eq!(f.link_budget(None, 1), None);
     }
 }

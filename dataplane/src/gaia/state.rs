@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use geoml_crds::sync_policy::{OuterStep, ValueCoding};
 use prost::Message;
 
+use super::budget::{self, Allowance};
 use super::significance::Filter;
 use crate::pb::mirror::{Announcement, ClockTick, MirrorLogRecord, MirrorUpdate};
 use crate::ps::shard::{Changes, Shard, ShardError};
@@ -76,10 +77,25 @@ pub struct MirrorConfig {
     pub bound: u64,
     /// The significance filter (ASP).
     pub filter: Filter,
+    /// Per peer, the bandwidth of the WAN link to it in Mbit/s, if shaped
+    /// (`geoml_crds::datacenter::link_bandwidth_mbps`): what the
+    /// bandwidth-budget schedule budgets.
+    pub link_mbps: Vec<Option<f64>>,
+    /// Parameter servers of this datacenter: they share each link's budget.
+    pub shards: usize,
     /// A peer silent this long stops counting for the mirror-clock bound
     /// (and its announcements expire) until it is heard again; `None`:
     /// never.
     pub peer_timeout: Option<Duration>,
+}
+
+impl MirrorConfig {
+    /// Bytes per second this shard may put on the link to peer `p`
+    /// (`BandwidthBudget`): its share of the link's budget.
+    fn link_budget(&self, p: usize) -> Option<f64> {
+        let link = self.link_mbps.get(p).copied().flatten();
+        self.filter.link_budget(link, self.shards)
+    }
 }
 
 /// Why a mirror message is refused.
@@ -167,8 +183,8 @@ struct Peer {
     sent_bytes: u64,
     /// Of those, bytes the peer acknowledged.
     delivered_bytes: u64,
-    /// Bytes handed to the link since the last mirror clock (bandwidth budget).
-    window_bytes: u64,
+    /// What the link may still carry (`BandwidthBudget`; `None`: no budget).
+    allowance: Option<Allowance>,
     outbox: Outbox,
 }
 
@@ -232,7 +248,6 @@ pub struct MirrorState {
     /// Rounds: the outer step's momentum buffer, per element (in terms of
     /// the averaged change; empty until the first round completes).
     velocity: Vec<f32>,
-    window_start: Instant,
     /// Counters.
     pub stats: Stats,
 }
@@ -241,12 +256,15 @@ impl MirrorState {
     /// Mirror state of a shard with `elements` values in `rows` rows.
     #[must_use]
     pub fn new(config: MirrorConfig, elements: usize, rows: usize) -> Self {
+        let now = Instant::now();
         let peers = config
             .peers
             .iter()
-            .map(|name| Peer {
+            .enumerate()
+            .map(|(p, name)| Peer {
                 name: name.clone(),
                 reachable: true,
+                allowance: config.link_budget(p).map(|rate| Allowance::new(rate, now)),
                 outbox: Outbox {
                     next_seq: 1,
                     ..Outbox::default()
@@ -271,7 +289,6 @@ impl MirrorState {
             completed_round: 0,
             received: BTreeMap::new(),
             velocity: Vec::new(),
-            window_start: Instant::now(),
             stats: Stats::default(),
         }
     }
@@ -411,18 +428,6 @@ impl MirrorState {
         if mirror_clock > self.mirror_clock || (stopped && !self.stopped) {
             self.mirror_clock = mirror_clock;
             self.stopped = stopped;
-            let elapsed = self.window_start.elapsed().as_secs_f64();
-            let busiest = self.peers.iter().map(|p| p.window_bytes).max();
-            if elapsed > 0.0
-                && let Some(bytes) = busiest
-            {
-                #[allow(clippy::cast_precision_loss)] // byte counts are far below 2^52
-                self.config.filter.on_rate(bytes as f64 / elapsed);
-            }
-            for peer in &mut self.peers {
-                peer.window_bytes = 0;
-            }
-            self.window_start = Instant::now();
         }
         queued
     }
@@ -447,6 +452,15 @@ impl MirrorState {
         if let Some(filter) = &change.filter {
             self.config.filter.reconfigure(filter);
             self.config.filter.on_clock(self.checked_clock);
+            let now = Instant::now();
+            for p in 0..self.peers.len() {
+                let rate = self.config.link_budget(p);
+                let allowance = &mut self.peers[p].allowance;
+                match (rate, allowance.as_mut()) {
+                    (Some(rate), Some(a)) => a.set_rate(rate, now),
+                    (rate, _) => *allowance = rate.map(|r| Allowance::new(r, now)),
+                }
+            }
         }
         if let (
             Some(on),
@@ -530,38 +544,103 @@ impl MirrorState {
 
     /// The record that makes what is queued for peer `p` the update in
     /// flight on its link, if the link is idle and something is queued: to
-    /// append to the write-ahead log, then [`Self::apply`].
+    /// append to the write-ahead log, then [`Self::apply`]. A link with a
+    /// budget sends, while training runs, only the most significant queued
+    /// elements (their queued and carried deltas together, against the
+    /// shard's current `values`) that its allowance pays for at `now`, and
+    /// holds back the rest; nothing, until the allowance has room for one,
+    /// unless the update was announced to the peer (its announcement blocks
+    /// reads there: it goes even if all of it is held).
     #[must_use]
-    pub fn form(&self, p: usize) -> Option<MirrorLogRecord> {
+    pub fn form(&self, p: usize, values: &[f32], now: Instant) -> Option<MirrorLogRecord> {
         use crate::pb::mirror::mirror_log_record::Record;
-        let outbox = &self.peers.get(p)?.outbox;
+        let peer = self.peers.get(p)?;
+        let outbox = &peer.outbox;
         let carried = self.stopped && !outbox.carried.is_empty();
         if outbox.in_flight.is_some()
             || (outbox.queued.is_empty() && outbox.rounds.is_empty() && !carried)
         {
             return None;
         }
+        let announced = outbox.announced && outbox.rounds.is_empty();
+        let mut held = Vec::new();
+        if let Some(allowance) = &peer.allowance
+            && outbox.rounds.is_empty()
+            && !self.stopped
+        {
+            let room = allowance.elements(now, self.coding());
+            if room == 0 && !announced {
+                return None;
+            }
+            let filter = &self.config.filter;
+            let ranked = outbox
+                .queued
+                .iter()
+                .map(|(&i, &d)| {
+                    let pending = d + outbox.carried.get(&i).copied().unwrap_or(0.0);
+                    let value = values.get(i as usize).copied().unwrap_or(0.0);
+                    (filter.significance(pending, value), i)
+                })
+                .collect();
+            held = budget::held_back(ranked, room);
+        }
         Some(MirrorLogRecord {
             record: Some(Record::Formed(crate::pb::mirror::Formed {
                 peer: u32::try_from(p).unwrap_or(u32::MAX),
                 epoch: self.sender_epoch,
                 seq: outbox.next_seq,
-                announced: outbox.announced && outbox.rounds.is_empty(),
+                announced,
                 exact: self.stopped,
+                held: geoml_proto::rows::pack_indexes(&held),
             })),
         })
     }
 
+    /// How long from `now` until the link to peer `p` may form its next
+    /// update, as far as its budget goes (`None`: no budget).
+    #[must_use]
+    pub fn budget_wait(&self, p: usize, now: Instant) -> Option<Duration> {
+        let allowance = self.peers.get(p)?.allowance.as_ref()?;
+        Some(allowance.wait(now, self.coding()))
+    }
+
+    /// The link to peer `p` carried a message of `bytes` (framing added
+    /// here) at `now`: its budget pays for it.
+    fn spend(&mut self, p: usize, bytes: u64, now: Instant) {
+        if let Some(allowance) = self
+            .peers
+            .get_mut(p)
+            .and_then(|peer| peer.allowance.as_mut())
+        {
+            allowance.spend(bytes + budget::CALL_BYTES, now);
+        }
+    }
+
+    /// How ASP updates code their values while training runs.
+    fn coding(&self) -> ValueCoding {
+        match self.config.exchange {
+            Exchange::Asp { coding, .. } => coding,
+            Exchange::Rounds { .. } => ValueCoding::Float32,
+        }
+    }
+
     /// Makes the queue of peer `p` the update `stamp` in flight, its values
-    /// coded as the SyncPolicy says, or `exact`ly.
+    /// coded as the SyncPolicy says, or `exact`ly; the `held` elements stay
+    /// queued.
     fn formed(
         &mut self,
         p: usize,
         stamp: Stamp,
         announced: bool,
         exact: bool,
+        held: &[u32],
     ) -> Result<(), MirrorError> {
         let datacenter = self.config.datacenter.clone();
+        let coding = if exact {
+            ValueCoding::Float32
+        } else {
+            self.coding()
+        };
         let peer = self
             .peers
             .get_mut(p)
@@ -583,6 +662,11 @@ impl MirrorState {
             round
         } else {
             let mut queued = std::mem::take(&mut outbox.queued);
+            for i in held {
+                if let Some(d) = queued.remove(i) {
+                    outbox.queued.insert(*i, d);
+                }
+            }
             // What earlier updates rounded off goes with its element's next
             // delta; once stopped, all of it goes.
             if exact {
@@ -595,10 +679,6 @@ impl MirrorState {
                 }
             }
             let (indexes, deltas): (Vec<u32>, Vec<f32>) = queued.into_iter().unzip();
-            let coding = match self.config.exchange {
-                Exchange::Asp { coding, .. } if !exact => coding,
-                _ => ValueCoding::Float32,
-            };
             // What the coding rounds off stays with this peer's link.
             let (mut update, kept) = wire::coded_update(&indexes, &deltas, coding);
             outbox.carried.extend(kept);
@@ -615,7 +695,6 @@ impl MirrorState {
         let bytes = update.encoded_len() as u64;
         outbox.in_flight = Some(update);
         peer.sent_bytes += bytes;
-        peer.window_bytes += bytes;
         self.stats.updates_sent += 1;
         self.stats.bytes_sent += bytes;
         Ok(())
@@ -627,8 +706,9 @@ impl MirrorState {
         self.peers.get(p)?.outbox.in_flight.as_ref()
     }
 
-    /// Peer `p` acknowledged update `stamp` of `bytes`: the link is idle.
-    pub fn acknowledged(&mut self, p: usize, stamp: Stamp) {
+    /// Peer `p` acknowledged update `stamp` at `now` (or refused it for
+    /// good): the link is idle.
+    pub fn acknowledged(&mut self, p: usize, stamp: Stamp, now: Instant) {
         if let Some(peer) = self.peers.get_mut(p)
             && peer
                 .outbox
@@ -637,9 +717,12 @@ impl MirrorState {
                 .is_some_and(|u| (u.epoch, u.seq) == stamp)
             && let Some(update) = peer.outbox.in_flight.take()
         {
-            peer.delivered_bytes += update.encoded_len() as u64;
+            let bytes = update.encoded_len() as u64;
+            peer.delivered_bytes += bytes;
             // Its announcement, if still unsent, would block nothing.
             peer.outbox.announce.retain(|&seq, _| seq > update.seq);
+            // Paid for now: the link forms nothing else until now.
+            self.spend(p, bytes, now);
         }
     }
 
@@ -673,15 +756,15 @@ impl MirrorState {
         })
     }
 
-    /// Peer `p` took the announcement of `seq`.
-    pub fn announcement_sent(&mut self, p: usize, seq: u64, bytes: usize) {
+    /// Peer `p` took the announcement of `seq`, of `bytes`, at `now`.
+    pub fn announcement_sent(&mut self, p: usize, seq: u64, bytes: usize, now: Instant) {
         if let Some(peer) = self.peers.get_mut(p) {
             peer.outbox.announce.remove(&seq);
             peer.sent_bytes += bytes as u64;
             peer.delivered_bytes += bytes as u64;
-            peer.window_bytes += bytes as u64;
             self.stats.bytes_sent += bytes as u64;
         }
+        self.spend(p, bytes as u64, now);
     }
 
     /// This shard's clock tick, as every peer should hear it now.
@@ -696,14 +779,15 @@ impl MirrorState {
         }
     }
 
-    /// Peer `p` took a tick of `bytes` after `rtt`.
-    pub fn tick_sent(&mut self, p: usize, bytes: usize, rtt: Duration) {
+    /// Peer `p` took a tick of `bytes` after `rtt`, at `now`.
+    pub fn tick_sent(&mut self, p: usize, bytes: usize, rtt: Duration, now: Instant) {
         if let Some(peer) = self.peers.get_mut(p) {
             peer.rtt = Some(rtt);
             peer.sent_bytes += bytes as u64;
             peer.delivered_bytes += bytes as u64;
             self.stats.bytes_sent += bytes as u64;
         }
+        self.spend(p, bytes as u64, now);
     }
 
     fn peer(&self, name: &str) -> Result<usize, MirrorError> {
@@ -716,6 +800,7 @@ impl MirrorState {
     /// Peer `datacenter` spoke at `now` in `epoch`: it counts again if it
     /// had gone silent (returns `Some(true)` then), and announcements from
     /// its earlier epochs are void (it restarted; it may never send them).
+    /// The reply to it travels on our link to it: the link's budget pays.
     pub fn heard(
         &mut self,
         datacenter: &str,
@@ -731,6 +816,7 @@ impl MirrorState {
             peer.epoch = epoch;
             self.release(|&(q, (e, _)), _| q == p && e < epoch);
         }
+        self.spend(p, 0, now);
         Ok(back.then_some(true))
     }
 

@@ -29,7 +29,7 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicyChange {
     /// The new significance filter, when it or the WAN budget
-    /// (`wanBudgetMbps`) changed.
+    /// (`wanBudgetMbps`, `wanBudgetShare`) changed.
     pub filter: Option<Filter>,
     /// The selective barrier switched on or off.
     pub selective_barrier: Option<bool>,
@@ -57,10 +57,10 @@ impl PolicyChange {
 #[must_use]
 pub fn diff(old: &SyncPolicySpec, new: &SyncPolicySpec, plan: &PolicyPlan) -> PolicyChange {
     let mut change = PolicyChange::default();
-    if old.significance != new.significance || old.wan_budget_mbps != new.wan_budget_mbps {
+    if old.significance != new.significance || old.wan_budget() != new.wan_budget() {
         change.filter = Some(Filter::new(
             &new.significance,
-            new.wan_budget_mbps,
+            new.wan_budget(),
             plan.decay_clocks,
         ));
     }
@@ -225,7 +225,10 @@ mod tests {
         new.mirror_clock_period = 7;
         let change = diff_of(&old, &new);
         assert!(change.is_live());
-        assert_eq!(change.filter, Some(Filter::new(&new.significance, None, 1)));
+        assert_eq!(
+            change.filter,
+            Some(Filter::new(&new.significance, new.wan_budget(), 1))
+        );
         assert_eq!(change.selective_barrier, Some(new.selective_barrier));
         assert_eq!(change.mirror_clock_bound, Some(4));
         assert_eq!(change.mirror_clock_period, Some(7));
@@ -235,8 +238,11 @@ mod tests {
         budget.wan_budget_mbps = Some(50.0);
         assert_eq!(
             diff_of(&old, &budget).filter,
-            Some(Filter::new(&old.significance, Some(50.0), 1))
+            Some(Filter::new(&old.significance, budget.wan_budget(), 1))
         );
+        let mut share = spec();
+        share.wan_budget_share = Some(0.5);
+        assert!(diff_of(&old, &share).filter.is_some());
     }
 
     #[test]

@@ -225,6 +225,7 @@ impl CartelSummary {
             // Bytes are counted by message type at the application level,
             // not per link; see `CartelSummary::bytes_by_type`.
             wan_links: Vec::new(),
+            wan_link_rates: Vec::new(),
             mirrors: MirrorTotals::default(),
             shipping_seconds: None,
             parameter_servers: 0,

@@ -46,6 +46,9 @@ pub struct LocalRun {
     metrics: Vec<SocketAddr>,
     /// When the workers started (Unix seconds).
     pub(super) started: f64,
+    /// Bytes per WAN link while training ran, with the seconds since
+    /// [`Self::started`], oldest first.
+    pub(super) link_samples: Vec<(f64, Vec<LinkBytes>)>,
 }
 
 impl LocalRun {
@@ -114,6 +117,7 @@ impl LocalRun {
             wan,
             metrics: Vec::new(),
             started: 0.0,
+            link_samples: Vec::new(),
         };
         let mut worker_offset = 0;
         for (d, dc) in job.plan.datacenters.iter().enumerate() {
@@ -328,6 +332,12 @@ impl LocalRun {
                     }
                     exited[index] = true;
                 }
+            }
+            if exited.iter().all(|e| !e)
+                && let Some(wan) = &self.wan
+                && let Ok(links) = wan.link_bytes().await
+            {
+                self.link_samples.push((unix_now() - self.started, links));
             }
             for (site, bar) in self.sites.iter().zip(&site_bars) {
                 if let Some((clock, metric)) = self.site_progress(site).await {

@@ -17,11 +17,12 @@ mod wan_proxy;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use geoml_crds::datacenter::link_bandwidth_mbps;
 use geoml_crds::identity::Identity;
-use geoml_crds::manifest::Manifest;
+use geoml_crds::manifest::{Manifest, ResolvedJob};
 use geoml_crds::mode::{CollaborativeMode, Mode};
 use geoml_crds::roles::JobRoleArgs;
-use geoml_crds::sync_policy::InterDatacenterModel;
+use geoml_crds::sync_policy::{InterDatacenterModel, ThresholdSchedule};
 use geoml_dataplane::worker::connect;
 use geoml_proto as pb;
 use kube::ResourceExt;
@@ -34,7 +35,7 @@ pub use crate::options::RunOptions;
 use crate::process::{Process, Supervisor, unused_port};
 pub use crate::report::{
     CollaborativeTotals, DatacenterReport, LinkBytes, MetricSample, MirrorTotals, Report,
-    human_bytes,
+    human_bytes, settled_rates,
 };
 
 /// Seconds since the Unix epoch.
@@ -156,6 +157,9 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
         .map(|s| (s.name.clone(), s.shards.clone(), s.worker_offset, s.workers))
         .collect();
     let global = cluster.global;
+    let wan_link_rates = settled_rates(&cluster.link_samples, |from, to| {
+        link_budget(&job, from, to)
+    });
     let (statuses, mut links) = cluster.shutdown().await?;
     if let Some(s) = shipment {
         links.extend(s.finish(&processes).await?);
@@ -195,6 +199,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
             .sum(),
         wan_bytes_total: links.iter().map(|l| l.bytes).sum(),
         wan_links: links,
+        wan_link_rates,
         mirrors: MirrorTotals::of(&statuses),
         shipping_seconds,
         parameter_servers,
@@ -206,6 +211,26 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
         per_datacenter,
         collaborative: CollaborativeTotals::default(),
     })
+}
+
+/// The budget of the WAN link from datacenter `from` to `to`, in bytes per
+/// second, when `job` steers its thresholds toward one.
+fn link_budget(job: &ResolvedJob<'_>, from: &str, to: &str) -> Option<f64> {
+    let policy = &job.sync_policy.spec;
+    if policy.significance.schedule != ThresholdSchedule::BandwidthBudget {
+        return None;
+    }
+    let bandwidth = |name: &str| {
+        job.datacenters
+            .iter()
+            .find(|d| d.name_any() == name)
+            .and_then(|d| d.spec.wan.as_ref())
+            .map(|w| w.bandwidth_mbps)
+    };
+    policy
+        .wan_budget()
+        .of_link(link_bandwidth_mbps(bandwidth(from), bandwidth(to)))
+        .map(|mbps| mbps * 1e6 / 8.0)
 }
 
 /// How each site's model fared, from the final status of every shard.

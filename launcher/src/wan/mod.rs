@@ -92,10 +92,7 @@ impl WanConfig {
                         from: a.clone(),
                         to: b.clone(),
                         latency_ms: (la + lb) / 2.0,
-                        bandwidth_mbps: match (ba, bb) {
-                            (Some(x), Some(y)) => Some(x.min(*y)),
-                            (x, y) => x.or(*y),
-                        },
+                        bandwidth_mbps: geoml_crds::datacenter::link_bandwidth_mbps(*ba, *bb),
                     });
                 }
             }

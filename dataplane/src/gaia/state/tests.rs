@@ -45,9 +45,14 @@ fn mirror_named(
                 threshold: 0.1,
                 ..Significance::default()
             },
-            None,
+            geoml_crds::sync_policy::WanBudget {
+                mbps: None,
+                share: geoml_crds::sync_policy::DEFAULT_WAN_BUDGET_SHARE,
+            },
             1,
         ),
+        link_mbps: vec![None; peers.len()],
+        shards: 1,
         peer_timeout: Some(Duration::from_secs(10)),
     };
     MirrorState::new(config, 8, 4)
@@ -86,7 +91,7 @@ fn clock(
 /// Forms the next update on link `p` if the link is idle (carrying out the
 /// record) and returns the update in flight.
 fn in_flight(s: &mut Shard, m: &mut MirrorState, p: usize) -> Option<MirrorUpdate> {
-    if let Some(record) = m.form(p) {
+    if let Some(record) = m.form(p, s.values(), Instant::now()) {
         m.apply(&record, s).unwrap();
     }
     m.in_flight(p).cloned()
@@ -100,7 +105,7 @@ fn contents(update: &MirrorUpdate) -> (Vec<u32>, Vec<f32>) {
 }
 
 fn ack(m: &mut MirrorState, p: usize, update: &MirrorUpdate) {
-    m.acknowledged(p, (update.epoch, update.seq));
+    m.acknowledged(p, (update.epoch, update.seq), Instant::now());
 }
 
 const IDLE: [Duration; 2] = [Duration::ZERO; 2];
@@ -174,7 +179,7 @@ fn announces_when_updates_pile_up() {
         unpack_indexes(&announce.indexes).unwrap(),
         (0..8).collect::<Vec<_>>()
     );
-    m.announcement_sent(0, 2, announce.encoded_len());
+    m.announcement_sent(0, 2, announce.encoded_len(), Instant::now());
     assert!(m.announcement(0).is_none());
     ack(&mut m, 0, &first);
     let second = in_flight(&mut s, &mut m, 0).unwrap();
@@ -256,7 +261,7 @@ fn a_restarted_sender_continues_its_links_and_nothing_is_applied_twice() {
     let queued = m.on_clock(s.values(), c, false, &IDLE).unwrap();
     m.apply(&queued, &mut s).unwrap();
     log.push(queued);
-    let formed = m.form(0).unwrap();
+    let formed = m.form(0, s.values(), Instant::now()).unwrap();
     m.apply(&formed, &mut s).unwrap();
     log.push(formed);
     let two = m.in_flight(0).cloned().unwrap();
@@ -712,5 +717,182 @@ fn compact_coding_carries_what_it_rounds_off_and_loses_nothing() {
             }
         }
         assert!(m.drained());
+    }
+}
+
+/// `m` with the `BandwidthBudget` schedule at `threshold` (`function`)
+/// and a budget of all of each link's bandwidth, `link_mbps` per peer.
+fn budgeted(
+    m: &mut MirrorState,
+    function: geoml_crds::sync_policy::SignificanceFunction,
+    threshold: f64,
+    link_mbps: Vec<Option<f64>>,
+) {
+    m.config.link_mbps = link_mbps;
+    let filter = Filter::new(
+        &Significance {
+            function,
+            threshold,
+            schedule: geoml_crds::sync_policy::ThresholdSchedule::BandwidthBudget,
+            ..Significance::default()
+        },
+        geoml_crds::sync_policy::WanBudget {
+            mbps: None,
+            share: 1.0,
+        },
+        1,
+    );
+    m.reconfigure(&crate::ps::policy::PolicyChange {
+        filter: Some(filter),
+        ..Default::default()
+    });
+}
+
+#[test]
+fn a_budgeted_link_sends_the_most_significant_it_can_pay_for_and_holds_the_rest() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
+    // The link to b may carry 160 B/s and starts with half a second of
+    // it, 80 bytes: one call's 64 bytes of framing and two elements of 6.
+    // The link to c has no bandwidth, so no budget.
+    budgeted(
+        &mut m,
+        geoml_crds::sync_policy::SignificanceFunction::RelativeChange,
+        0.1,
+        vec![Some(160.0 * 8.0 / 1e6), None],
+    );
+    let t0 = Instant::now();
+    let mut g = [0.0; 8];
+    g[0] = 0.5;
+    g[3] = 0.3;
+    g[5] = 0.25;
+    let c = push(&mut s, &mut m, &g);
+    clock(&mut s, &mut m, c, false, &IDLE).unwrap();
+    // Significance 1.0, 0.43 and 0.33: b gets the first two, c all three.
+    let formed = m.form(0, s.values(), t0).unwrap();
+    let Some(crate::pb::mirror::mirror_log_record::Record::Formed(record)) = &formed.record else {
+        panic!("not a Formed record: {formed:?}");
+    };
+    // The held element is in the log record, so a replay holds it too.
+    assert_eq!(unpack_indexes(&record.held).unwrap(), vec![5]);
+    m.apply(&formed, &mut s).unwrap();
+    let to_b = m.in_flight(0).cloned().unwrap();
+    assert_eq!(contents(&to_b), (vec![0, 3], vec![-0.5, -0.3]));
+    assert_eq!(
+        contents(&in_flight(&mut s, &mut m, 1).unwrap()),
+        (vec![0, 3, 5], vec![-0.5, -0.3, -0.25])
+    );
+    // Acknowledged, the update is paid for: b's link owes, and forms
+    // nothing until the allowance has room again.
+    m.acknowledged(0, (to_b.epoch, to_b.seq), t0);
+    assert_eq!(m.form(0, s.values(), t0), None);
+    let wait = m.budget_wait(0, t0).unwrap();
+    assert!(wait > Duration::ZERO);
+    assert_eq!(m.budget_wait(1, t0), None);
+    let later = t0 + wait + Duration::from_millis(50);
+    let formed = m.form(0, s.values(), later).unwrap();
+    m.apply(&formed, &mut s).unwrap();
+    assert_eq!(contents(m.in_flight(0).unwrap()), (vec![5], vec![-0.25]));
+}
+
+#[test]
+fn a_budgeted_link_carries_its_budget_once_settled_and_loses_nothing() {
+    // 2000 elements, each moved every clock by a delta of its own size
+    // (1e-4 to 0.1): at an absolute threshold of 0.01 Gaia would send
+    // about 1 MB/s. The link's budget is 30 kB/s. A clock every 10 ms,
+    // an update acknowledged 100 ms after it is formed (the RTT); 30
+    // simulated seconds.
+    const ROWS: usize = 250;
+    const CLOCK: Duration = Duration::from_millis(10);
+    const RTT_CLOCKS: u64 = 10;
+    let layout = Layout::new(vec![TensorShape {
+        name: "w",
+        rows: ROWS,
+        cols: 8,
+    }]);
+    let mut s = Shard::new(&layout, 0, 1, 1, Optimizer::Sgd, 1.0, |_, out| {
+        out.fill(1.0);
+    });
+    let elements = ROWS * 8;
+    let config = mirror_named("a", &["b"], ASP, 1, 1).config;
+    let mut m = MirrorState::new(config, elements, ROWS);
+    let budget = 30_000.0;
+    budgeted(
+        &mut m,
+        geoml_crds::sync_policy::SignificanceFunction::AbsoluteChange,
+        0.01,
+        vec![Some(budget * 8.0 / 1e6)],
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let gradient: Vec<f32> = (0..elements)
+        .map(|i| 1e-4 * (1.0 + (i * 7919 % 1000) as f32))
+        .collect();
+    let t0 = Instant::now();
+    let mut sent = vec![0.0f32; elements];
+    let mut bytes_per_second = vec![0u64; 30];
+    let mut formed_at = None;
+    for clock in 1..=3000u64 {
+        let now = t0 + CLOCK * u32::try_from(clock).unwrap();
+        let c = push(&mut s, &mut m, &gradient);
+        assert_eq!(c, clock);
+        let queued = m.on_clock(s.values(), c, false, &IDLE);
+        if let Some(record) = queued {
+            m.apply(&record, &mut s).unwrap();
+        }
+        if let Some(at) = formed_at
+            && clock >= at + RTT_CLOCKS
+        {
+            let update = m.in_flight(0).cloned().unwrap();
+            let (indexes, deltas) = contents(&update);
+            for (i, d) in indexes.into_iter().zip(deltas) {
+                sent[i as usize] += d;
+            }
+            bytes_per_second[usize::try_from(clock / 100).unwrap().min(29)] +=
+                update.encoded_len() as u64 + super::budget::CALL_BYTES;
+            m.acknowledged(0, (update.epoch, update.seq), now);
+            formed_at = None;
+        }
+        if formed_at.is_none()
+            && let Some(record) = m.form(0, s.values(), now)
+        {
+            m.apply(&record, &mut s).unwrap();
+            formed_at = Some(clock);
+        }
+    }
+    // Settled after the first 5 s: every second within ±15% of the budget.
+    for (second, &bytes) in bytes_per_second.iter().enumerate().skip(5).take(24) {
+        #[allow(clippy::cast_precision_loss)]
+        let rate = bytes as f64;
+        assert!(
+            (rate / budget - 1.0).abs() <= 0.15,
+            "second {second}: {rate} B/s against {budget}: {bytes_per_second:?}"
+        );
+    }
+    // Stopped, what was held back goes too: b has every change.
+    let queued = m.on_clock(s.values(), 3000, true, &IDLE);
+    if let Some(record) = queued {
+        m.apply(&record, &mut s).unwrap();
+    }
+    if let Some(update) = m.in_flight(0).cloned() {
+        let (indexes, deltas) = contents(&update);
+        for (i, d) in indexes.into_iter().zip(deltas) {
+            sent[i as usize] += d;
+        }
+        m.acknowledged(0, (update.epoch, update.seq), t0);
+    }
+    while let Some(record) = m.form(0, s.values(), t0) {
+        m.apply(&record, &mut s).unwrap();
+        let update = m.in_flight(0).cloned().unwrap();
+        let (indexes, deltas) = contents(&update);
+        for (i, d) in indexes.into_iter().zip(deltas) {
+            sent[i as usize] += d;
+        }
+        m.acknowledged(0, (update.epoch, update.seq), t0);
+    }
+    for (i, (&d, &v)) in sent.iter().zip(s.values()).enumerate() {
+        assert!(
+            (d - (v - 1.0)).abs() < 1e-3,
+            "element {i}: sent {d}, changed {}",
+            v - 1.0
+        );
     }
 }

@@ -167,6 +167,7 @@ impl MirrorState {
                 (formed.epoch, formed.seq),
                 formed.announced,
                 formed.exact,
+                &unpack_indexes(&formed.held)?,
             ),
             None => Err(MirrorError::Durable("an empty log record".into())),
         }
