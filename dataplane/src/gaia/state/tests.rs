@@ -794,6 +794,14 @@ fn a_budgeted_link_sends_the_most_significant_it_can_pay_for_and_holds_the_rest(
     assert_eq!(contents(m.in_flight(0).unwrap()), (vec![5], vec![-0.25]));
 }
 
+/// Adds what `update` carries to `sent`, per element.
+fn add_sent(sent: &mut [f32], update: &MirrorUpdate) {
+    let (indexes, deltas) = contents(update);
+    for (i, d) in indexes.into_iter().zip(deltas) {
+        sent[i as usize] += d;
+    }
+}
+
 #[test]
 fn a_budgeted_link_carries_its_budget_once_settled_and_loses_nothing() {
     // 2000 elements, each moved every clock by a delta of its own size
@@ -842,10 +850,7 @@ fn a_budgeted_link_carries_its_budget_once_settled_and_loses_nothing() {
             && clock >= at + RTT_CLOCKS
         {
             let update = m.in_flight(0).cloned().unwrap();
-            let (indexes, deltas) = contents(&update);
-            for (i, d) in indexes.into_iter().zip(deltas) {
-                sent[i as usize] += d;
-            }
+            add_sent(&mut sent, &update);
             bytes_per_second[usize::try_from(clock / 100).unwrap().min(29)] +=
                 update.encoded_len() as u64 + super::budget::CALL_BYTES;
             m.acknowledged(0, (update.epoch, update.seq), now);
@@ -873,19 +878,13 @@ fn a_budgeted_link_carries_its_budget_once_settled_and_loses_nothing() {
         m.apply(&record, &mut s).unwrap();
     }
     if let Some(update) = m.in_flight(0).cloned() {
-        let (indexes, deltas) = contents(&update);
-        for (i, d) in indexes.into_iter().zip(deltas) {
-            sent[i as usize] += d;
-        }
+        add_sent(&mut sent, &update);
         m.acknowledged(0, (update.epoch, update.seq), t0);
     }
     while let Some(record) = m.form(0, s.values(), t0) {
         m.apply(&record, &mut s).unwrap();
         let update = m.in_flight(0).cloned().unwrap();
-        let (indexes, deltas) = contents(&update);
-        for (i, d) in indexes.into_iter().zip(deltas) {
-            sent[i as usize] += d;
-        }
+        add_sent(&mut sent, &update);
         m.acknowledged(0, (update.epoch, update.seq), t0);
     }
     for (i, (&d, &v)) in sent.iter().zip(s.values()).enumerate() {
