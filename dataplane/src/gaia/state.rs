@@ -721,7 +721,8 @@ impl MirrorState {
             peer.delivered_bytes += bytes;
             // Its announcement, if still unsent, would block nothing.
             peer.outbox.announce.retain(|&seq, _| seq > update.seq);
-            // Paid for now: the link forms nothing else until now.
+            // Charged on acknowledgement: the link forms nothing else
+            // while it is in flight.
             self.spend(p, bytes, now);
         }
     }
