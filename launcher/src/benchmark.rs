@@ -6,8 +6,8 @@
 //! A topology manifest (`gaia-3dc.yaml`, `gaia-5dc.yaml`) gives the
 //! Datacenters, the SyncPolicy and the job's placement; a workload of the
 //! suite (`manifests/benchmark/models.yaml`) replaces the job's model, data
-//! set and stopping rule and the policy's significance filter. Each run is a
-//! `geoml compare` run of that job under one mode.
+//! set and stopping rule and the policy's significance filter and value
+//! coding. Each run is a `geoml compare` run of that job under one mode.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -42,6 +42,10 @@ pub struct Workload {
     pub dataset: DatasetSpec,
     /// The SyncPolicy's `spec.significance` (Gaia's filter).
     pub significance: Significance,
+    /// The SyncPolicy's `spec.valueCoding` in every mode's run (Gaia's
+    /// updates; `Float32` if unset). `--codings` runs Gaia with others too.
+    #[serde(default)]
+    pub value_coding: ValueCoding,
     /// The TrainingJob's `spec.stopping`.
     pub stopping: StoppingRule,
     /// The stopping rule of `--quick`.
@@ -105,6 +109,8 @@ pub struct WorkloadRuns {
     pub workload: String,
     /// Gaia's significance threshold.
     pub threshold: f64,
+    /// Gaia's value coding.
+    pub value_coding: ValueCoding,
     /// Each mode's report, in the order they ran.
     pub modes: Vec<Report>,
     /// LAN with every seed (the first is the LAN run of `modes`).
@@ -229,7 +235,7 @@ pub async fn benchmark(options: &BenchmarkOptions) -> Result<Benchmark, RunError
             workloads: Vec::new(),
         };
         for workload in &options.suite.workloads {
-            let text = job_manifest(&topology, workload, options.quick, ValueCoding::Float32)?;
+            let text = job_manifest(&topology, workload, options.quick, workload.value_coding)?;
             let dir = options.run.work_dir.join(format!("{t}-{}", workload.name));
             create_dir(&dir)?;
             let run = RunOptions {
@@ -277,6 +283,7 @@ pub async fn benchmark(options: &BenchmarkOptions) -> Result<Benchmark, RunError
             runs.workloads.push(WorkloadRuns {
                 workload: workload.name.clone(),
                 threshold: workload.significance.threshold,
+                value_coding: workload.value_coding,
                 modes,
                 lan_seeds,
             });
@@ -456,7 +463,13 @@ impl Benchmark {
                 table(header, rows)
             );
             for w in &t.workloads {
-                let _ = writeln!(out, "{} (gaia threshold {})", w.spread(), w.threshold);
+                let _ = writeln!(
+                    out,
+                    "{} (gaia threshold {}, {:?})",
+                    w.spread(),
+                    w.threshold,
+                    w.value_coding
+                );
             }
             out.push('\n');
         }
@@ -583,6 +596,7 @@ mod tests {
         let runs = WorkloadRuns {
             workload: "mf".into(),
             threshold: 0.2,
+            value_coding: ValueCoding::Int8,
             modes: vec![
                 report(Mode::Lan, Some(4.0), 4.0, 0.95, 0),
                 report(Mode::BspWan, Some(80.0), 80.0, 0.949, 100_000_000),
@@ -645,7 +659,7 @@ mod tests {
         };
         let tables = benchmark.tables();
         assert!(tables.contains("gaia-3dc.yaml (3 datacenters)"), "{tables}");
-        assert!(tables.contains("(gaia threshold 0.2)"), "{tables}");
+        assert!(tables.contains("(gaia threshold 0.2, Int8)"), "{tables}");
         assert!(
             tables.contains("| mf    |    Int8 |    2.0 MB |     0.50 |"),
             "{tables}"
