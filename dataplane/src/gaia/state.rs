@@ -417,10 +417,8 @@ impl MirrorState {
                     .as_ref()
                     .map_or(self.completed_round, |r| r.0);
                 if !stopped && round > sent {
-                    let own = self.changes.accumulated.clone();
-                    let (indexes, deltas) = nonzero(&own);
+                    let (indexes, deltas) = nonzero(&self.changes.accumulated);
                     queued = Some(self.queued(round, &indexes, &deltas));
-                    self.own_round = Some((round, own));
                 }
             }
         }
@@ -503,8 +501,9 @@ impl MirrorState {
 
     /// Own deltas (record `seq`) taken from the accumulated changes and
     /// queued for every peer: ASP deltas are added into each link's queue, a
-    /// round waits as its own message. A record taken before (a log replayed
-    /// over the checkpoint that already holds it) changes nothing.
+    /// round waits as its own message and becomes our open round. A record
+    /// taken before (a log replayed over the checkpoint that already holds
+    /// it) changes nothing.
     fn take(
         &mut self,
         seq: u64,
@@ -527,6 +526,12 @@ impl MirrorState {
         }
         if round == 0 {
             self.stats.elements_sent += indexes.len() as u64;
+        } else {
+            let mut own = vec![0.0; elements];
+            for (&i, &d) in indexes.iter().zip(deltas) {
+                own[i as usize] = d;
+            }
+            self.own_round = Some((round, own));
         }
         for peer in &mut self.peers {
             if round > 0 {

@@ -1,14 +1,17 @@
 //! What of [`MirrorState`] a checkpoint keeps: the epoch, accumulated and
-//! generated changes, the outer optimizer's momentum, and per peer the link's queue, update in flight and
-//! next seq, what the value coding rounded off, and the last update applied from the peer. The write-ahead log
-//! records the changes since ([`MirrorState::apply`] replays them).
+//! generated changes, the averaging rounds (the outer optimizer's momentum,
+//! the round completed last, our open round and the peers' deltas received),
+//! and per peer the link's queue, update in flight and next seq, what the
+//! value coding rounded off, and the last update applied from the peer. The
+//! write-ahead log records the changes since ([`MirrorState::apply`]
+//! replays them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use geoml_proto::rows::{pack_indexes, pack_values, unpack_indexes, unpack_values};
 
 use super::{MirrorError, MirrorState};
-use crate::pb::mirror::{MirrorCheckpoint, PeerCheckpoint};
+use crate::pb::mirror::{MirrorCheckpoint, PeerCheckpoint, RoundReceived};
 
 fn pack_f64(values: &[f64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -36,6 +39,22 @@ impl MirrorState {
             checked_clock: self.checked_clock,
             queued_count: self.queued_count,
             velocity: pack_values(&self.velocity),
+            completed_round: self.completed_round,
+            own_round: self.own_round.as_ref().map_or(0, |r| r.0),
+            own_delta: self
+                .own_round
+                .as_ref()
+                .map(|r| pack_values(&r.1))
+                .unwrap_or_default(),
+            received: self
+                .received
+                .iter()
+                .map(|(&round, (sum, from))| RoundReceived {
+                    round,
+                    sum: pack_values(sum),
+                    from: from.iter().map(|&p| self.peers[p].name.clone()).collect(),
+                })
+                .collect(),
             peers: self
                 .peers
                 .iter()
@@ -71,11 +90,26 @@ impl MirrorState {
         let accumulated = unpack_values(&checkpoint.accumulated)?;
         let generated = unpack_f64(&checkpoint.generated).unwrap_or_default();
         let velocity = unpack_values(&checkpoint.velocity)?;
+        let own_delta = unpack_values(&checkpoint.own_delta)?;
         if accumulated.len() != elements
             || generated.len() != elements
             || !(velocity.is_empty() || velocity.len() == elements)
+            || (checkpoint.own_round > 0 && own_delta.len() != elements)
         {
             return Err(misfit("its changes have another shape"));
+        }
+        let mut received = BTreeMap::new();
+        for r in &checkpoint.received {
+            let sum = unpack_values(&r.sum)?;
+            if sum.len() != elements {
+                return Err(misfit("a round's deltas have another shape"));
+            }
+            let from = r
+                .from
+                .iter()
+                .map(|name| self.peer(name))
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            received.insert(r.round, (sum, from));
         }
         let mut peers = self.peers.clone();
         for saved in &checkpoint.peers {
@@ -113,6 +147,9 @@ impl MirrorState {
         self.checked_clock = checkpoint.checked_clock;
         self.queued_count = checkpoint.queued_count;
         self.velocity = velocity;
+        self.completed_round = checkpoint.completed_round;
+        self.own_round = (checkpoint.own_round > 0).then_some((checkpoint.own_round, own_delta));
+        self.received = received;
         Ok(())
     }
 }

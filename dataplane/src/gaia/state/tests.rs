@@ -641,6 +641,63 @@ fn diloco_takes_an_outer_nesterov_step_on_the_averaged_change() {
     assert_eq!(m.read_limit(), 5);
 }
 
+/// Two clocks of gradient 0.25 from worker 0, then our delta goes as the
+/// next averaging round.
+fn round(s: &mut Shard, m: &mut MirrorState) {
+    push(s, m, &[0.25; 8]);
+    let c = push(s, m, &[0.25; 8]);
+    clock(s, m, c, false, &IDLE);
+}
+
+/// A shard restarted mid-round (its checkpoint taken with round 2 sent and
+/// b's delta in, c's delta in the log after it) closes the round as the
+/// shard that did not crash did, and takes the next round's outer step
+/// the same way (the momentum, the open round and what peers sent are
+/// restored, not started over).
+#[test]
+fn a_restarted_shard_closes_its_averaging_rounds_as_before() {
+    let rounds = Exchange::Rounds {
+        round_clocks: 2,
+        outer: OuterStep {
+            learning_rate: 0.5,
+            momentum: 0.5,
+        },
+    };
+    let (mut s, mut m) = (shard(), mirror(rounds, 1, 1));
+    m.start_epoch(1);
+    round(&mut s, &mut m);
+    for dc in ["b", "c"] {
+        m.on_update(&round_update(dc, 1, 1, -1.0), &mut s).unwrap();
+    }
+    round(&mut s, &mut m);
+    m.on_update(&round_update("b", 2, 2, -0.5), &mut s).unwrap();
+    let (shard_checkpoint, mirror_checkpoint) = (s.checkpoint(), m.checkpoint());
+    let log = m
+        .accept_update(&round_update("c", 2, 2, 0.5), &s)
+        .unwrap()
+        .unwrap();
+    m.apply(&log, &mut s).unwrap();
+    assert_eq!(m.read_limit(), 5, "round 2 closed");
+
+    let (mut s2, mut m2) = (shard(), mirror(rounds, 1, 1));
+    s2.restore(&shard_checkpoint).unwrap();
+    m2.restore(&mirror_checkpoint).unwrap();
+    assert_eq!(m2.read_limit(), 3, "round 2 open, as checkpointed");
+    m2.apply(&log, &mut s2).unwrap();
+    assert_eq!(m2.read_limit(), 5, "round 2 closed on replay");
+    assert_eq!(s2.values(), s.values());
+    assert_eq!(m2.checkpoint(), m.checkpoint());
+
+    for (s, m) in [(&mut s, &mut m), (&mut s2, &mut m2)] {
+        round(s, m);
+        for dc in ["b", "c"] {
+            m.on_update(&round_update(dc, 3, 3, -0.25), s).unwrap();
+        }
+        assert_eq!(m.read_limit(), 7);
+    }
+    assert_eq!(s2.values(), s.values());
+}
+
 /// Receives the update in flight on link `p` (decoded into `received`),
 /// acknowledges it, and returns it.
 fn deliver(
