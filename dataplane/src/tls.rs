@@ -676,6 +676,47 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Connections of the row transport for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use geoml_crds::pki::CertificateAuthority;
+    use tokio::io::DuplexStream;
+
+    use super::*;
+
+    /// A worker's and a shard's ends of a row-transport connection with
+    /// mTLS, handshake done, over an in-memory pipe that holds `capacity`
+    /// bytes each way (a socket buffer as small as wanted).
+    pub(crate) async fn rows_pair(
+        capacity: usize,
+    ) -> (
+        tokio_rustls::client::TlsStream<DuplexStream>,
+        TlsStream<DuplexStream>,
+    ) {
+        let ca = CertificateAuthority::new("test").unwrap();
+        let dir = |role| {
+            let dir = tempfile::tempdir().unwrap();
+            ca.write_dir(&Identity::new("dc", role), dir.path())
+                .unwrap();
+            dir
+        };
+        let (ps_dir, worker_dir) = (dir(Role::ParameterServer), dir(Role::Worker));
+        let (Transport::Mtls(ps), Transport::Mtls(worker)) = (
+            Transport::mtls(ps_dir.path()).unwrap(),
+            Transport::mtls(worker_dir.path()).unwrap(),
+        ) else {
+            unreachable!("mtls() makes mutual TLS");
+        };
+        let (client, server) = tokio::io::duplex(capacity);
+        let name = ServerName::try_from(SERVER_NAME).unwrap();
+        let (client, server) = tokio::join!(
+            TlsConnector::from(worker.rows_client.clone()).connect(name, client),
+            TlsAcceptor::from(ps.server.clone()).accept(server),
+        );
+        (client.unwrap(), server.unwrap())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use geoml_crds::identity::Role;

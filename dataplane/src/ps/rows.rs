@@ -168,8 +168,8 @@ async fn refuse(conn: &mut Conn, id: u32, error: FrameError) -> End {
 
 /// Writes the reply to request `id`: the rows pulled (none for a push), or
 /// the refusal's code and message.
-async fn write_reply(
-    conn: &mut Conn,
+async fn write_reply<W: AsyncWrite + Unpin>(
+    conn: &mut W,
     id: u32,
     reply: Result<pb::PullResponse, Status>,
 ) -> std::io::Result<()> {
@@ -188,7 +188,7 @@ async fn write_reply(
             };
             let header = header.encode();
             let mut out = Buf::chain(&header[..], rows.keys).chain(rows.values);
-            conn.write_all_buf(&mut out).await
+            conn.write_all_buf(&mut out).await?;
         }
         Err(status) => {
             let header = Reply::refusal(id, &status);
@@ -196,9 +196,12 @@ async fn write_reply(
             let message = &message[..header.message_len as usize];
             let header = header.encode();
             let mut out = Buf::chain(&header[..], message);
-            conn.write_all_buf(&mut out).await
+            conn.write_all_buf(&mut out).await?;
         }
     }
+    // Over TLS the last bytes may still be in the session, not the socket:
+    // the worker would wait for them forever.
+    conn.flush().await
 }
 
 /// `len` as a frame's length field.
@@ -341,6 +344,7 @@ impl RowClient {
         .await
         .map_err(|_| std::io::Error::new(ErrorKind::TimedOut, "connecting timed out"))??;
         conn.write_all(&MAGIC).await?;
+        conn.flush().await?;
         Ok(conn)
     }
 }
@@ -356,6 +360,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let header = request.encode();
     let mut out = Buf::chain(&header[..], keys).chain(values);
     conn.write_all_buf(&mut out).await?;
+    // Over TLS the last bytes may still be in the session, not the socket.
+    conn.flush().await?;
     let mut header = [0; HEADER_BYTES];
     conn.read_exact(&mut header).await?;
     let invalid = |what: String| std::io::Error::new(ErrorKind::InvalidData, what);
@@ -382,4 +388,57 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         min_clock: reply.min_clock,
         stop: reply.stop,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use geoml_proto::rows::pack_values;
+
+    use super::*;
+    use crate::tls::testing::rows_pair;
+
+    /// Over TLS a write can end with bytes still in the TLS session (the
+    /// socket was full): they leave only when flushed. A request and its
+    /// reply larger than the socket buffer must still arrive whole, or a
+    /// worker and its shard wait for each other forever.
+    #[tokio::test]
+    async fn a_request_and_reply_larger_than_the_socket_buffer_arrive_over_tls() {
+        let (mut worker, mut shard) = rows_pair(4096).await;
+        let values = pack_values(&vec![0.5; 16_000]);
+        let request = Request {
+            op: Op::Push,
+            id: 7,
+            clock: 3,
+            worker: 1,
+            all: true,
+            keys_len: 0,
+            values_len: u32::try_from(values.len()).unwrap(),
+        };
+        let serve = async {
+            let mut header = [0; HEADER_BYTES];
+            shard.read_exact(&mut header).await.unwrap();
+            let got = Request::decode(&header).unwrap();
+            let keys = read_payload(&mut shard, got.keys_len).await.unwrap();
+            let pushed = read_payload(&mut shard, got.values_len).await.unwrap();
+            assert_eq!((got.id, keys.len(), pushed.len()), (7, 0, values.len()));
+            let reply = pb::PullResponse {
+                rows: Some(pb::Rows {
+                    keys: Bytes::new(),
+                    values: pushed,
+                    all: true,
+                }),
+                min_clock: 3,
+                stop: false,
+            };
+            write_reply(&mut shard, got.id, Ok(reply)).await.unwrap();
+        };
+        let call = exchange(&mut worker, &request, &[], &values);
+        let (reply, ()) =
+            tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(call, serve) })
+                .await
+                .expect("the worker and the shard wait for each other");
+        let reply = reply.unwrap().unwrap();
+        assert_eq!(reply.min_clock, 3);
+        assert_eq!(reply.rows.unwrap().values, values);
+    }
 }
