@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, options, set, write};
+use common::{ONE_RUN_AT_A_TIME, doc, example, free_port, geoml, options, set, write};
 use geoml_crds::identity::Role;
 use geoml_crds::manifest::Manifest;
 use geoml_dataplane::tls::{Expect, Transport};
@@ -846,23 +846,17 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
     );
     let manifest = write(dir.path(), &docs);
     let (json, svg) = (dir.path().join("out.json"), dir.path().join("out.svg"));
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
-        .arg("compare")
-        .arg(&manifest)
-        .arg("--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,diloco,centralized,isolated")
-        .arg(format!("--json={}", json.display()))
-        .arg(format!("--plot={}", svg.display()))
-        .arg(format!("--work-dir={}", dir.path().join("runs").display()))
-        .arg("--eval-every=10")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, stdout, stderr) = geoml(&[
+        "compare",
+        manifest.to_str().unwrap(),
+        "--modes=lan,bsp-wan,ssp-wan,gaia,fedavg,diloco,centralized,isolated",
+        &format!("--json={}", json.display()),
+        &format!("--plot={}", svg.display()),
+        &format!("--work-dir={}", dir.path().join("runs").display()),
+        "--eval-every=10",
+    ])
+    .await;
+    assert!(ok, "{stdout}\n{stderr}");
     let comparison: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let modes = [

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{doc, example, free_port, set, write};
+use common::{doc, example, free_port, geoml, set, write};
 use geoml_crds::identity::{Identity, Role};
 use geoml_crds::pki::CertificateAuthority;
 use geoml_dataplane::ps::rows::RowClient;
@@ -404,27 +404,19 @@ async fn a_shard_with_mtls_serves_rows_only_over_mtls() {
 async fn geoml_bench_prints_and_writes_every_pattern_against_raw_tcp() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
-        .args([
-            "bench",
-            "--rows",
-            "64",
-            "--width",
-            "8",
-            "--messages",
-            "8",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .await
-        .unwrap();
-    let table = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, table, stderr) = geoml(&[
+        "bench",
+        "--rows",
+        "64",
+        "--width",
+        "8",
+        "--messages",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    assert!(ok, "{table}{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 6, "{table}");

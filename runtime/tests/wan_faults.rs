@@ -8,10 +8,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::free_port;
+use common::{free_port, geoml};
 use geoml_launcher::wan::control;
 use geoml_launcher::wan::{FaultOp, FaultState, Link, Route, Scope, WanConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -419,21 +418,6 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_forwarding() {
     assert_eq!(state.links.len(), 6);
     assert!(state.links.iter().all(|l| !l.fault.cut));
     echoes(&mut open, b"still forwarding").await;
-}
-
-/// Runs `geoml ARGS`; returns whether it succeeded, its stdout and stderr.
-async fn geoml(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_geoml"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
 }
 
 #[tokio::test]

@@ -48,6 +48,22 @@ pub fn write(dir: &Path, docs: &[Value]) -> PathBuf {
     path
 }
 
+/// Runs the `geoml` binary under test with `args` to its end; returns
+/// whether it succeeded, its stdout and its stderr.
+pub async fn geoml(args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_geoml"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
 /// Options for running `manifest` with the `geoml` binary under test.
 pub fn options(manifest: PathBuf, work_dir: &Path) -> RunOptions {
     RunOptions {
