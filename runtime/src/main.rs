@@ -183,8 +183,8 @@ struct BenchmarkArgs {
         "manifests/examples/gaia-5dc.yaml",
     ])]
     topologies: Vec<PathBuf>,
-    /// The workloads: model, data set, stopping rule, quick stopping rule
-    /// and Gaia's significance filter of each.
+    /// The workloads: model, data set, stopping rule, quick stopping rule,
+    /// and Gaia's significance filter and value coding of each.
     #[arg(long, default_value = "manifests/benchmark/models.yaml")]
     suite: PathBuf,
     /// Modes to run, comma-separated, LAN first.
