@@ -684,6 +684,13 @@ pub(crate) mod testing {
 
     use super::*;
 
+    /// A directory with `identity`'s certificate and key, signed by `ca`.
+    pub(crate) fn tls_dir(ca: &CertificateAuthority, identity: &Identity) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        ca.write_dir(identity, dir.path()).unwrap();
+        dir
+    }
+
     /// A worker's and a shard's ends of a row-transport connection with
     /// mTLS, handshake done, over an in-memory pipe that holds `capacity`
     /// bytes each way (a socket buffer as small as wanted).
@@ -694,12 +701,7 @@ pub(crate) mod testing {
         TlsStream<DuplexStream>,
     ) {
         let ca = CertificateAuthority::new("test").unwrap();
-        let dir = |role| {
-            let dir = tempfile::tempdir().unwrap();
-            ca.write_dir(&Identity::new("dc", role), dir.path())
-                .unwrap();
-            dir
-        };
+        let dir = |role| tls_dir(&ca, &Identity::new("dc", role));
         let (ps_dir, worker_dir) = (dir(Role::ParameterServer), dir(Role::Worker));
         let (Transport::Mtls(ps), Transport::Mtls(worker)) = (
             Transport::mtls(ps_dir.path()).unwrap(),
@@ -722,13 +724,8 @@ mod tests {
     use geoml_crds::identity::Role;
     use geoml_crds::pki::CertificateAuthority;
 
+    use super::testing::tls_dir;
     use super::*;
-
-    fn tls_dir(ca: &CertificateAuthority, identity: &Identity) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
-        ca.write_dir(identity, dir.path()).unwrap();
-        dir
-    }
 
     #[test]
     fn the_identity_is_read_from_the_certificate() {
