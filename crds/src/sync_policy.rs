@@ -47,16 +47,18 @@ pub struct SyncPolicySpec {
     #[serde(default = "default_true")]
     pub selective_barrier: bool,
 
-    /// Mirror-clock bound DS: a datacenter more than this many clocks ahead of
-    /// the slowest one blocks its workers until it catches up.
+    /// Mirror-clock bound DS: a datacenter more than this many mirror clocks
+    /// ahead of the slowest one blocks its workers until it catches up. The
+    /// slowest one's mirror clock is the one it last told, plus the mirror
+    /// clocks this datacenter makes in one and a half WAN round trips to it
+    /// (the oldest a tick can be when it keeps pace).
     #[serde(default = "default_mirror_clock_bound")]
     #[schemars(range(min = 0, max = 1000))]
     pub mirror_clock_bound: i32,
 
     /// Clocks per mirror clock: a parameter server tells its mirrors its clock
     /// every this many of its own clocks, and `mirrorClockBound` counts in
-    /// these mirror clocks. Make a mirror clock last longer than a WAN round
-    /// trip, or the bound holds every datacenter to WAN speed. Default 20.
+    /// these mirror clocks. Default 20.
     #[serde(default = "default_mirror_clock_period")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub mirror_clock_period: i32,

@@ -123,7 +123,7 @@ impl MirrorMetrics {
             )?,
             skew: IntGauge::with_opts(opts(
                 "geoml_mirror_max_skew",
-                "Most mirror clocks this datacenter ran ahead of its slowest peer",
+                "Most mirror clocks this datacenter ran ahead of where its slowest peer may have been (what the mirror-clock bound counts)",
             ))?,
             rtt: GaugeVec::new(
                 opts(names::MIRROR_RTT, "Round-trip time to each peer"),

@@ -230,6 +230,11 @@ pub struct MirrorState {
     /// The clock significance was last checked at.
     checked_clock: u64,
     mirror_clock: u64,
+    /// When `mirror_clock` began, and how long a mirror clock lasts here
+    /// (a moving average): our pace, at which the mirror-clock bound reads
+    /// the peers' ticks.
+    mirror_clock_began: Option<Instant>,
+    pace: Option<Duration>,
     stopped: bool,
     /// Told every peer it is drained.
     drained_told: bool,
@@ -280,6 +285,8 @@ impl MirrorState {
             queued_count: 0,
             checked_clock: 0,
             mirror_clock: 0,
+            mirror_clock_began: None,
+            pace: None,
             stopped: false,
             drained_told: false,
             pending: HashMap::new(),
@@ -324,7 +331,7 @@ impl MirrorState {
     pub fn read_limit(&self) -> u64 {
         match self.config.exchange {
             Exchange::Asp { .. } => {
-                let Some(slowest) = self.active_peers().map(|p| p.mirror_clock).min() else {
+                let Some(slowest) = self.slowest() else {
                     return u64::MAX;
                 };
                 (slowest + self.config.bound + 1)
@@ -342,11 +349,38 @@ impl MirrorState {
         }
     }
 
-    /// Mirror clocks a worker at `clock` is ahead of the slowest peer.
+    /// The mirror clocks `peer` may have made since the tick we last heard
+    /// from it: the ones we make in one and a half round trips to it. A
+    /// tick takes half a round trip to arrive, and a peer sends its next one
+    /// once the last came back, so the one we hold left it at most one and a
+    /// half round trips ago. Gaia's DS counts from a peer's present mirror
+    /// clock; its clocks last seconds, so a tick is never old there. Ours
+    /// can last a few milliseconds, where counting from the tick last heard
+    /// would hold every datacenter to a few clocks per round trip. A peer
+    /// slower than us still holds us back: this adds that much, never more.
+    fn in_transit(&self, peer: &Peer) -> u64 {
+        match (peer.rtt, self.pace) {
+            (Some(rtt), Some(pace)) if !pace.is_zero() => {
+                u64::try_from((rtt * 3 / 2).as_nanos() / pace.as_nanos()).unwrap_or(u64::MAX)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Where the slowest peer that holds the bound may be now: the mirror
+    /// clock it told plus [`Self::in_transit`].
+    fn slowest(&self) -> Option<u64> {
+        self.active_peers()
+            .map(|p| p.mirror_clock + self.in_transit(p))
+            .min()
+    }
+
+    /// Mirror clocks a worker at `clock` is ahead of where the slowest peer
+    /// may be now (what the bound counts: at most DS at a granted read).
     #[must_use]
     pub fn skew(&self, clock: u64) -> u64 {
-        let slowest = self.active_peers().map(|p| p.mirror_clock).min();
-        slowest.map_or(0, |s| (clock / self.config.period).saturating_sub(s))
+        self.slowest()
+            .map_or(0, |s| (clock / self.config.period).saturating_sub(s))
     }
 
     /// Whether any of `rows` waits for announced data.
@@ -370,7 +404,8 @@ impl MirrorState {
     /// `min_clock` clocks, with the shard's current `values`; `stopped` once
     /// training stopped here (everything accumulated is then flushed).
     /// `backlog`: how long the update in flight has been on its way, per
-    /// peer. Significance is checked once per clock, and whenever stopped.
+    /// peer; `now`: the time, which measures our pace. Significance is
+    /// checked once per clock, and whenever stopped.
     ///
     /// Returns the record to append to the write-ahead log and then hand to
     /// [`Self::apply`], which queues it; with the selective barrier, when
@@ -382,6 +417,7 @@ impl MirrorState {
         min_clock: u64,
         stopped: bool,
         backlog: &[Duration],
+        now: Instant,
     ) -> Option<MirrorLogRecord> {
         if self.peers.is_empty() || (min_clock == self.checked_clock && !stopped) {
             return None;
@@ -424,6 +460,16 @@ impl MirrorState {
         }
         let mirror_clock = min_clock / self.config.period;
         if mirror_clock > self.mirror_clock || (stopped && !self.stopped) {
+            if let Some(began) = self.mirror_clock_began
+                && let Ok(made) = u32::try_from(mirror_clock - self.mirror_clock)
+                && made > 0
+            {
+                let last = now.saturating_duration_since(began) / made;
+                // Smoothed: a burst of clocks after reads were held is not
+                // our pace.
+                self.pace = Some(self.pace.map_or(last, |pace| (pace * 3 + last) / 4));
+            }
+            self.mirror_clock_began = Some(now);
             self.mirror_clock = mirror_clock;
             self.stopped = stopped;
         }

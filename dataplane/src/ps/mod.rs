@@ -249,7 +249,13 @@ async fn training_done(
                 },
             ) = (&links, &mut *guard)
         {
-            let record = mirror.on_clock(shard.values(), shard.min_clock(), true, &links.backlog());
+            let record = mirror.on_clock(
+                shard.values(),
+                shard.min_clock(),
+                true,
+                &links.backlog(),
+                Instant::now(),
+            );
             if let Some(record) = record
                 && let Err(e) = guard.mirror_step(&record)
             {

@@ -115,6 +115,7 @@ impl ShardService {
                 min_clock,
                 stopped.is_some(),
                 &links.backlog(),
+                Instant::now(),
             );
             if let Some(record) = record {
                 state.mirror_step(&record).map_err(Status::from)?;

@@ -81,7 +81,7 @@ fn clock(
     stopped: bool,
     backlog: &[Duration],
 ) -> Option<MirrorLogRecord> {
-    let record = m.on_clock(s.values(), clock, stopped, backlog);
+    let record = m.on_clock(s.values(), clock, stopped, backlog, Instant::now());
     if let Some(record) = &record {
         m.apply(record, s).unwrap();
     }
@@ -258,7 +258,9 @@ fn a_restarted_sender_continues_its_links_and_nothing_is_applied_twice() {
     let mut g = [0.0; 8];
     g[2] = 0.5;
     let c = push(&mut s, &mut m, &g);
-    let queued = m.on_clock(s.values(), c, false, &IDLE).unwrap();
+    let queued = m
+        .on_clock(s.values(), c, false, &IDLE, Instant::now())
+        .unwrap();
     m.apply(&queued, &mut s).unwrap();
     log.push(queued);
     let formed = m.form(0, s.values(), Instant::now()).unwrap();
@@ -544,6 +546,46 @@ fn mirror_clock_bound_limits_reads_to_ds_clocks_ahead() {
     assert_eq!(m.read_limit(), 49);
     m.on_tick(&tick("b", 3, true), &mut s).unwrap();
     assert_eq!(m.read_limit(), u64::MAX);
+}
+
+/// What a peer's tick says is up to one and a half round trips old; the
+/// bound counts from where the peer may be now, at our pace.
+#[test]
+fn the_bound_adds_the_mirror_clocks_a_round_trip_and_a_half_takes_at_our_pace() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 10, 1));
+    let t0 = Instant::now();
+    for dc in ["b", "c"] {
+        let tick = ClockTick {
+            datacenter: dc.into(),
+            mirror_clock: 2,
+            epoch: 1,
+            ..ClockTick::default()
+        };
+        m.on_tick(&tick, &mut s).unwrap();
+    }
+    assert_eq!(m.read_limit(), 39, "no pace or round trip known yet");
+    // A mirror clock (10 clocks) in 25 ms, a round trip of 100 ms to b and
+    // of 40 ms to c: c may have made two since its tick, b six.
+    m.on_clock(s.values(), 10, false, &IDLE, t0);
+    m.on_clock(s.values(), 20, false, &IDLE, t0 + Duration::from_millis(25));
+    m.tick_sent(0, 10, Duration::from_millis(100), t0);
+    assert_eq!(m.read_limit(), 39, "c's round trip is not known yet");
+    m.tick_sent(1, 10, Duration::from_millis(40), t0);
+    assert_eq!(m.read_limit(), (2 + 2 + 1 + 1) * 10 - 1, "c holds it");
+    // A mirror clock of 50 ms slows our pace (a moving average) to 31 ms:
+    // one mirror clock in c's round trip and a half.
+    m.on_clock(s.values(), 30, false, &IDLE, t0 + Duration::from_millis(75));
+    assert_eq!(m.read_limit(), (2 + 1 + 1 + 1) * 10 - 1);
+    // One of 25 ms: 30 ms. c, still at mirror clock 2, holds reads there
+    // however long it stays silent.
+    m.on_clock(
+        s.values(),
+        40,
+        false,
+        &IDLE,
+        t0 + Duration::from_millis(100),
+    );
+    assert_eq!(m.read_limit(), (2 + 2 + 1 + 1) * 10 - 1);
 }
 
 #[test]
@@ -899,7 +941,7 @@ fn a_budgeted_link_carries_its_budget_once_settled_and_loses_nothing() {
         let now = t0 + CLOCK * u32::try_from(clock).unwrap();
         let c = push(&mut s, &mut m, &gradient);
         assert_eq!(c, clock);
-        let queued = m.on_clock(s.values(), c, false, &IDLE);
+        let queued = m.on_clock(s.values(), c, false, &IDLE, Instant::now());
         if let Some(record) = queued {
             m.apply(&record, &mut s).unwrap();
         }
@@ -930,7 +972,7 @@ fn a_budgeted_link_carries_its_budget_once_settled_and_loses_nothing() {
         );
     }
     // Stopped, what was held back goes too: b has every change.
-    let queued = m.on_clock(s.values(), 3000, true, &IDLE);
+    let queued = m.on_clock(s.values(), 3000, true, &IDLE, Instant::now());
     if let Some(record) = queued {
         m.apply(&record, &mut s).unwrap();
     }
