@@ -52,6 +52,11 @@ pub struct Workload {
     pub quick: StoppingRule,
 }
 
+/// Clocks after which `--quick` stops naive WAN BSP and SSP (their time to
+/// target and bytes are then lower bounds): at a WAN round trip or more a
+/// clock, uncapped they took most of a 20-minute quick run.
+pub const QUICK_NAIVE_MAX_CLOCKS: u64 = 50;
+
 /// The suite file: the workloads, in the order they run.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -195,11 +195,14 @@ struct BenchmarkArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     seeds: u64,
     /// Value codings of Gaia's updates to measure on the first topology,
-    /// comma-separated (none with an empty value).
-    #[arg(long, value_delimiter = ',', default_values_t = ["Float32".to_owned(), "BFloat16".to_owned(), "Int8".to_owned()])]
-    codings: Vec<String>,
+    /// comma-separated (none with an empty value) [default: Float32,
+    /// BFloat16, Int8; none with --quick].
+    #[arg(long, value_delimiter = ',')]
+    codings: Option<Vec<String>>,
     /// The short version: each workload's quick stopping rule (a lower
-    /// target and fewer clocks) and one seed.
+    /// target and fewer clocks), one seed, naive WAN BSP and SSP stopped
+    /// early (lower bounds, marked `≥`; --naive-max-clocks sets where), and
+    /// no value codings measured apart (unless --codings names some).
     #[arg(long)]
     quick: bool,
     /// Stop naive WAN BSP and SSP after at most this many clocks; their time
@@ -409,9 +412,13 @@ async fn compare_modes(args: CompareArgs) -> anyhow::Result<()> {
 }
 
 async fn run_benchmark(args: BenchmarkArgs) -> anyhow::Result<()> {
-    use geoml_launcher::benchmark::{BenchmarkOptions, Suite, benchmark};
-    let codings = args
-        .codings
+    use geoml_launcher::benchmark::{BenchmarkOptions, QUICK_NAIVE_MAX_CLOCKS, Suite, benchmark};
+    let codings = match (&args.codings, args.quick) {
+        (Some(codings), _) => codings.clone(),
+        (None, true) => Vec::new(),
+        (None, false) => ["Float32", "BFloat16", "Int8"].map(String::from).to_vec(),
+    };
+    let codings = codings
         .iter()
         .filter(|c| !c.is_empty())
         .map(|c| serde_json::from_value(serde_json::Value::String(c.clone())))
@@ -444,7 +451,9 @@ async fn run_benchmark(args: BenchmarkArgs) -> anyhow::Result<()> {
         seeds: if args.quick { 1 } else { args.seeds },
         codings,
         quick: args.quick,
-        naive_max_clocks: args.naive_max_clocks,
+        naive_max_clocks: args
+            .naive_max_clocks
+            .or(args.quick.then_some(QUICK_NAIVE_MAX_CLOCKS)),
     };
     let result = benchmark(&options).await?;
     print!("{}", result.tables());
