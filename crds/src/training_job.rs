@@ -377,7 +377,10 @@ pub struct StoppingRule {
     pub max_clocks: Option<i64>,
 
     /// Stop once the evaluation metric reaches this value (accuracy: at or
-    /// above; RMSE: at or below).
+    /// above; RMSE: at or below). In a per-datacenter mode (`ASP`,
+    /// `FedAvg`, `DiLoCo`) a datacenter whose model reached it trains on
+    /// until every other datacenter's has too (or stopped, or went
+    /// unheard past the peer timeout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_metric: Option<f64>,
 

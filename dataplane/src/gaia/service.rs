@@ -31,6 +31,10 @@ use geoml_crds::identity::{Identity, Role};
 use geoml_proto::rows::pack_values;
 use geoml_proto::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 
+/// Why a datacenter that met the target stops once its peers have too
+/// (the one that met it last stops with the stopping rule's own reason).
+const TARGET_REACHED_EVERYWHERE: &str = "target metric reached here and by every peer";
+
 /// Longest a mirror call may take (a large update over a slow WAN link
 /// included) before it counts as lost and is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -148,9 +152,17 @@ impl Mirror for MirrorService {
         let tick = request.into_inner();
         let from = tick.datacenter.clone();
         self.with_mirror(Some((&from, tick.epoch)), |state| {
-            let State { shard, mirror, .. } = state;
+            let State {
+                shard,
+                mirror,
+                stopped,
+                ..
+            } = state;
             if let Some(m) = mirror.as_mut() {
                 m.on_tick(&tick, shard)?;
+                if stopped.is_none() && m.may_stop_on_target() {
+                    *stopped = Some(TARGET_REACHED_EVERYWHERE.to_owned());
+                }
             }
             Ok(tick)
         })

@@ -236,6 +236,10 @@ pub struct MirrorState {
     mirror_clock_began: Option<Instant>,
     pace: Option<Duration>,
     stopped: bool,
+    /// This datacenter met the target metric (its shard 0 heard so).
+    reached_target: bool,
+    /// The peers that said their datacenter met it.
+    peers_at_target: BTreeSet<usize>,
     /// Told every peer it is drained.
     drained_told: bool,
     /// Announced updates whose data has not arrived: (peer, stamp).
@@ -288,6 +292,8 @@ impl MirrorState {
             mirror_clock_began: None,
             pace: None,
             stopped: false,
+            reached_target: false,
+            peers_at_target: BTreeSet::new(),
             drained_told: false,
             pending: HashMap::new(),
             blocked_rows: vec![0; rows],
@@ -828,6 +834,7 @@ impl MirrorState {
             stopped: self.stopped,
             drained: self.drained_told,
             epoch: self.sender_epoch,
+            reached_target: self.reached_target,
         }
     }
 
@@ -916,6 +923,27 @@ impl MirrorState {
         changed
     }
 
+    /// This datacenter met the target metric: its ticks say so from now on.
+    /// Returns whether it may stop, that is whether every peer met it too,
+    /// stopped or cannot be heard; until then it trains on, so that no
+    /// datacenter is left training alone on its part of the data.
+    pub fn target_reached(&mut self) -> bool {
+        self.reached_target = true;
+        self.may_stop_on_target()
+    }
+
+    /// Whether this datacenter met the target and every peer met it too,
+    /// stopped or cannot be heard.
+    #[must_use]
+    pub fn may_stop_on_target(&self) -> bool {
+        self.reached_target
+            && self
+                .peers
+                .iter()
+                .enumerate()
+                .all(|(i, p)| self.peers_at_target.contains(&i) || p.stopped || !p.reachable)
+    }
+
     /// Peers that count for the mirror-clock bound: reachable and training.
     #[must_use]
     pub fn peers_reachable(&self) -> usize {
@@ -928,6 +956,9 @@ impl MirrorState {
         let peer = &mut self.peers[p];
         peer.mirror_clock = peer.mirror_clock.max(tick.mirror_clock);
         peer.drained |= tick.drained;
+        if tick.reached_target {
+            self.peers_at_target.insert(p);
+        }
         if (tick.stopped || tick.drained) && !peer.stopped {
             peer.stopped = true;
             self.epoch += 1;

@@ -414,6 +414,14 @@ impl ParameterServer for ShardService {
         });
         if state.stopped.is_none() {
             state.stopped = self.stopping.on_report(req.metric, req.model_change);
+            // A datacenter that met the target trains on until its peers have.
+            if state.stopped.is_some()
+                && self.stopping.reached_target(req.metric)
+                && let Some(m) = state.mirror.as_mut()
+                && !m.target_reached()
+            {
+                state.stopped = None;
+            }
             self.advance(&mut state)?;
         }
         Ok(Response::new(pb::ReportResponse {

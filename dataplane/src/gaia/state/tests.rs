@@ -387,9 +387,8 @@ fn a_silent_peer_stops_holding_the_bound_until_it_speaks_again() {
     let tick = |dc: &str, mirror_clock| ClockTick {
         datacenter: dc.into(),
         mirror_clock,
-        stopped: false,
-        drained: false,
         epoch: 1,
+        ..ClockTick::default()
     };
     m.refresh(t0);
     for (dc, c) in [("b", 3), ("c", 1)] {
@@ -450,6 +449,7 @@ fn only_a_peer_heard_lately_keeps_a_drained_shard_waiting() {
         stopped: true,
         drained: true,
         epoch: 1,
+        ..ClockTick::default()
     };
     m.on_tick(&drained, &mut s).unwrap();
     assert!(
@@ -533,8 +533,8 @@ fn mirror_clock_bound_limits_reads_to_ds_clocks_ahead() {
         datacenter: dc.into(),
         mirror_clock,
         stopped,
-        drained: false,
         epoch: 1,
+        ..ClockTick::default()
     };
     m.on_tick(&tick("b", 3, false), &mut s).unwrap();
     assert_eq!(m.read_limit(), 19, "c is still at 0");
@@ -586,6 +586,40 @@ fn the_bound_adds_the_mirror_clocks_a_round_trip_and_a_half_takes_at_our_pace() 
         t0 + Duration::from_millis(100),
     );
     assert_eq!(m.read_limit(), (2 + 2 + 1 + 1) * 10 - 1);
+}
+
+/// A datacenter that met the target trains on until every peer met it too,
+/// stopped or fell silent: none is left training alone.
+#[test]
+fn a_datacenter_that_met_the_target_stops_once_every_peer_has() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 10, 1));
+    let t0 = Instant::now();
+    let tick = |dc: &str, stopped, reached_target| ClockTick {
+        datacenter: dc.into(),
+        stopped,
+        reached_target,
+        epoch: 1,
+        ..ClockTick::default()
+    };
+    assert!(!m.may_stop_on_target(), "not met here");
+    m.on_tick(&tick("b", false, true), &mut s).unwrap();
+    assert!(!m.may_stop_on_target(), "met by b, not here");
+    assert!(!m.target_reached(), "c has not met it");
+    assert!(m.tick().reached_target, "our ticks say so");
+    m.on_tick(&tick("c", false, false), &mut s).unwrap();
+    assert!(!m.may_stop_on_target());
+    m.on_tick(&tick("c", false, true), &mut s).unwrap();
+    assert!(m.may_stop_on_target());
+
+    // A peer that stopped for another reason, or is not heard, holds
+    // nobody either.
+    let (mut s, mut m) = (shard(), mirror(ASP, 10, 1));
+    m.on_tick(&tick("b", true, false), &mut s).unwrap();
+    assert!(!m.target_reached(), "c is heard and has not met it");
+    m.refresh(t0);
+    m.heard("b", 1, t0).unwrap();
+    m.refresh(t0 + Duration::from_secs(60));
+    assert!(m.may_stop_on_target(), "c has not been heard for a minute");
 }
 
 #[test]
