@@ -70,11 +70,11 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     for d in docs.iter_mut().filter(|d| d["kind"] == "Datacenter") {
         set(d, "spec.wan.latencyMs", 10.into());
     }
-    set(
-        doc(&mut docs, "SyncPolicy"),
-        "spec.mirrorClockPeriod",
-        5.into(),
-    );
+    let policy = doc(&mut docs, "SyncPolicy");
+    let example_threshold = policy["spec"]["significance"]["threshold"]
+        .as_f64()
+        .unwrap();
+    set(policy, "spec.mirrorClockPeriod", 5.into());
     let job = doc(&mut docs, "TrainingJob");
     set(job, "spec.dataset.name", "Digits".into());
     set(job, "spec.model.learningRate", 0.1.into());
@@ -170,7 +170,9 @@ async fn prometheus_scrapes_wan_mirror_and_barrier_metrics_of_a_gaia_run() {
     );
     let threshold = query(prometheus, "geoml_mirror_threshold").await;
     assert!(
-        threshold.iter().all(|s| (value(s) - 0.2).abs() < 1e-9),
+        threshold
+            .iter()
+            .all(|s| (value(s) - example_threshold).abs() < 1e-9),
         "{threshold:?}"
     );
     // Mirror clocks per datacenter, and what each heard from its peers.

@@ -317,11 +317,14 @@ fn long_running(manifest: &str, name: &str, max_clocks: u64) -> String {
 /// every cluster, without restarting a pod.
 async fn threshold_edit_applies_live(clusters: &[Cluster]) {
     let hub = &clusters[0];
-    let manifest = long_running(
-        &spread_over(&example("gaia-3dc.yaml").unwrap(), clusters),
-        "gaia-live",
-        1_000_000,
-    );
+    let example = example("gaia-3dc.yaml").unwrap();
+    let threshold = yaml::documents(&example)
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "SyncPolicy")
+        .and_then(|d| d["spec"]["significance"]["threshold"].as_f64())
+        .unwrap();
+    let manifest = long_running(&spread_over(&example, clusters), "gaia-live", 1_000_000);
     apply(hub, &manifest);
     let mut before = Vec::new();
     for cluster in clusters {
@@ -339,9 +342,14 @@ async fn threshold_edit_applies_live(clusters: &[Cluster]) {
         .collect();
     for (i, pod) in &ps_pods {
         let cluster = &clusters[*i];
-        eventually_within(Duration::from_secs(60), "the threshold 0.2", || async {
-            (gauge(cluster, pod, "geoml_mirror_threshold").await == Some(0.2)).then_some(())
-        })
+        eventually_within(
+            Duration::from_secs(60),
+            &format!("the example's threshold {threshold}"),
+            || async {
+                (gauge(cluster, pod, "geoml_mirror_threshold").await == Some(threshold))
+                    .then_some(())
+            },
+        )
         .await;
     }
     run(
