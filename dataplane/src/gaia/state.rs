@@ -227,8 +227,9 @@ pub struct MirrorState {
     sender_epoch: u64,
     /// Records of own deltas queued for the peers so far.
     queued_count: u64,
-    /// The clock significance was last checked at.
+    /// The clock significance was last checked at, and the threshold then.
     checked_clock: u64,
+    checked_threshold: f64,
     mirror_clock: u64,
     /// When `mirror_clock` began, and how long a mirror clock lasts here
     /// (a moving average): our pace, at which the mirror-clock bound reads
@@ -288,6 +289,7 @@ impl MirrorState {
             sender_epoch: 0,
             queued_count: 0,
             checked_clock: 0,
+            checked_threshold: f64::NAN,
             mirror_clock: 0,
             mirror_clock_began: None,
             pace: None,
@@ -502,6 +504,7 @@ impl MirrorState {
         if let Some(filter) = &change.filter {
             self.config.filter.reconfigure(filter);
             self.config.filter.on_clock(self.checked_clock);
+            self.changes.touch_all();
             let now = Instant::now();
             for p in 0..self.peers.len() {
                 let rate = self.config.link_budget(p);
@@ -537,13 +540,22 @@ impl MirrorState {
     }
 
     /// The significant accumulated updates (everything when `flush`), left
-    /// in place (queuing them takes them, see [`Self::apply`]).
-    fn significant(&self, values: &[f32], flush: bool) -> (Vec<u32>, Vec<f32>) {
+    /// in place (queuing them takes them, see [`Self::apply`]). Only the
+    /// elements touched since the last check are looked at, or all of them
+    /// when the threshold moved: the others were not significant then and
+    /// neither their change nor their value moved since.
+    fn significant(&mut self, values: &[f32], flush: bool) -> (Vec<u32>, Vec<f32>) {
         let filter = &self.config.filter;
+        #[allow(clippy::float_cmp)] // did the threshold move at all
+        if flush || filter.threshold() != self.checked_threshold {
+            self.changes.touch_all();
+            self.checked_threshold = filter.threshold();
+        }
         let mut indexes = Vec::new();
         let mut deltas = Vec::new();
-        for (i, (&acc, value)) in self.changes.accumulated.iter().zip(values).enumerate() {
-            if acc != 0.0 && (flush || filter.significant(acc, *value)) {
+        for i in self.changes.take_touched() {
+            let acc = self.changes.accumulated[i];
+            if acc != 0.0 && (flush || filter.significant(acc, values[i])) {
                 indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
                 deltas.push(acc);
             }
@@ -1038,6 +1050,10 @@ impl MirrorState {
             self.complete_round(shard);
         } else {
             shard.add(indexes, deltas)?;
+            // A value that moved may make what we accumulated significant.
+            for &i in indexes {
+                self.changes.touch(i as usize);
+            }
         }
         let peer = &mut self.peers[p];
         peer.applied = update.stamp;

@@ -117,6 +117,9 @@ pub struct Changes {
     pub generated: Vec<f64>,
     /// Element changes made (non-zero ones).
     pub count: u64,
+    /// Elements whose change or value moved since [`Self::take_touched`],
+    /// one bit each: only these can have become significant.
+    touched: Vec<u64>,
 }
 
 impl Changes {
@@ -127,6 +130,7 @@ impl Changes {
             accumulated: vec![0.0; len],
             generated: vec![0.0; len],
             count: 0,
+            touched: vec![u64::MAX; len.div_ceil(64)],
         }
     }
 
@@ -137,8 +141,36 @@ impl Changes {
                 self.accumulated[start + j] += delta;
                 self.generated[start + j] += f64::from(delta);
                 self.count += 1;
+                self.touch(start + j);
             }
         }
+    }
+
+    /// Marks element `i` as moved (by a peer's update, say).
+    pub fn touch(&mut self, i: usize) {
+        self.touched[i / 64] |= 1 << (i % 64);
+    }
+
+    /// Marks every element as moved: the next check looks at all of them.
+    pub fn touch_all(&mut self) {
+        self.touched.fill(u64::MAX);
+    }
+
+    /// The elements marked since the last call, ascending; clears the marks.
+    pub fn take_touched(&mut self) -> Vec<usize> {
+        let len = self.accumulated.len();
+        let mut out = Vec::new();
+        for (w, word) in self.touched.iter_mut().enumerate() {
+            let mut bits = std::mem::take(word);
+            while bits != 0 {
+                let i = w * 64 + bits.trailing_zeros() as usize;
+                if i < len {
+                    out.push(i);
+                }
+                bits &= bits - 1;
+            }
+        }
+        out
     }
 }
 

@@ -141,6 +141,7 @@ impl MirrorState {
         self.peers = peers;
         self.sender_epoch = checkpoint.epoch;
         self.changes.accumulated = accumulated;
+        self.changes.touch_all();
         self.changes.generated = generated;
         self.changes.count = checkpoint.count;
         self.mirror_clock = checkpoint.mirror_clock;

@@ -143,6 +143,31 @@ fn sends_significant_updates_and_keeps_the_rest() {
 }
 
 #[test]
+fn a_peer_update_that_shrinks_a_value_makes_what_we_hold_significant() {
+    let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
+    m.start_epoch(1);
+    let mut g = [0.0; 8];
+    g[3] = 0.05; // 5% of 1: held back at 10%
+    let c = push(&mut s, &mut m, &g);
+    assert!(clock(&mut s, &mut m, c, false, &IDLE).is_none());
+    // Only a peer moves element 3 (1 − 0.05 → 0.25): our 0.05 is now 20% of it.
+    let update = MirrorUpdate {
+        datacenter: "b".into(),
+        seq: 1,
+        indexes: pack_indexes(&[3]),
+        deltas: pack_values(&[-0.7]),
+        epoch: 1,
+        ..MirrorUpdate::default()
+    };
+    assert!(m.on_update(&update, &mut s).unwrap());
+    assert!(clock(&mut s, &mut m, c + 1, false, &IDLE).is_some());
+    let sent = in_flight(&mut s, &mut m, 0).unwrap();
+    let (indexes, deltas) = contents(&sent);
+    assert_eq!(indexes, [3]);
+    assert!((deltas[0] + 0.05).abs() < 1e-6);
+}
+
+#[test]
 fn flushes_everything_when_stopped_and_is_then_drained() {
     let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
     let c = push(&mut s, &mut m, &[0.01; 8]);
