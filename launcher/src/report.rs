@@ -122,6 +122,12 @@ pub struct MirrorTotals {
     pub clock_wait_seconds: f64,
     /// Most mirror clocks any datacenter ran ahead of its slowest peer.
     pub max_mirror_skew: u64,
+    /// Bytes of the mirror messages the shards sent (gRPC payloads, summed
+    /// over peers): the WAN bytes less framing, TLS and connection set-up.
+    pub mirror_payload_bytes: u64,
+    /// Lowest and highest significance threshold the shards ended with
+    /// (Gaia; schedules move it).
+    pub final_thresholds: Option<(f64, f64)>,
 }
 
 impl MirrorTotals {
@@ -140,6 +146,11 @@ impl MirrorTotals {
             clock_blocks: mirrors.iter().map(|m| m.clock_blocks).sum(),
             clock_wait_seconds: mirrors.iter().map(|m| m.clock_wait_seconds).sum(),
             max_mirror_skew: mirrors.iter().map(|m| m.max_skew).max().unwrap_or(0),
+            mirror_payload_bytes: mirrors.iter().map(|m| m.bytes_sent).sum(),
+            final_thresholds: mirrors
+                .iter()
+                .map(|m| (m.threshold, m.threshold))
+                .reduce(|(lo, hi), (a, b)| (lo.min(a), hi.max(b))),
         }
     }
 }
