@@ -134,19 +134,16 @@ impl ShardService {
     async fn wait_for_mirrors(&self, clock: u64, rows: &[usize]) -> Result<(), Status> {
         let shutting_down = |_| Status::unavailable("parameter server is shutting down");
         let mut progress = self.progress.subscribe();
-        let waited = Instant::now();
-        if progress.borrow_and_update().read_limit < clock {
+        let started = Instant::now();
+        let held = progress.borrow_and_update().read_limit < clock;
+        if held {
             progress
                 .wait_for(|p| p.stopped || clock <= p.read_limit)
                 .await
                 .map_err(shutting_down)?;
-            if let Some(m) = lock(&self.state).mirror.as_mut() {
-                m.stats.clock_blocks += 1;
-                m.stats.clock_wait += waited.elapsed().as_secs_f64();
-            }
         }
-        let waited = Instant::now();
-        let mut blocked = false;
+        let (first, barrier) = (started.elapsed(), Instant::now());
+        let (mut held_again, mut blocked) = (false, false);
         loop {
             {
                 let mut state = lock(&self.state);
@@ -154,17 +151,27 @@ impl ShardService {
                 let Some(m) = state.mirror.as_mut() else {
                     return Ok(());
                 };
-                if stopped || !m.blocked(rows) {
+                // The limit may have fallen since it was published (a peer
+                // heard from again, a round trip measured): checked again
+                // here, so that no read goes past the bound.
+                let over = !stopped && clock > m.read_limit();
+                if !over && (stopped || !m.blocked(rows)) {
+                    if held || held_again {
+                        let waited = if held_again { started.elapsed() } else { first };
+                        m.stats.clock_blocks += 1;
+                        m.stats.clock_wait += waited.as_secs_f64();
+                    }
                     if blocked {
                         m.stats.barrier_blocks += 1;
-                        m.stats.barrier_wait += waited.elapsed().as_secs_f64();
+                        m.stats.barrier_wait += barrier.elapsed().as_secs_f64();
                     }
                     if !stopped {
                         m.stats.max_skew = m.stats.max_skew.max(m.skew(clock));
                     }
                     return Ok(());
                 }
-                blocked = true;
+                held_again |= over;
+                blocked |= !over;
             }
             progress.changed().await.map_err(shutting_down)?;
         }
