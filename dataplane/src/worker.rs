@@ -382,14 +382,22 @@ pub async fn run(
 
         if config.evaluates && (stop || clock % config.eval_every == 0) {
             stop |= session.pull(clock, &WorkingSet::All).await?;
+            let evaluating = Instant::now();
             let value = model.evaluate(&session.params, &data.test);
+            let seconds = evaluating.elapsed().as_secs_f64();
             let change = previous
                 .as_ref()
                 .map_or(f64::INFINITY, |p| relative_change(&session.params, p));
             previous = Some(session.params.clone());
             metric = Some(value);
             metrics.metric.set(value);
-            info!(clock, metric = value, model_change = change, "evaluated");
+            info!(
+                clock,
+                metric = value,
+                model_change = change,
+                seconds,
+                "evaluated"
+            );
             // Every shard applies the stopping rule, so all stop together and
             // no worker is left waiting on a shard that did not hear of it.
             let report = pb::ReportRequest {

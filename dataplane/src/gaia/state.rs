@@ -439,6 +439,13 @@ impl MirrorState {
                 selective_barrier, ..
             } => {
                 let (indexes, deltas) = self.significant(values, stopped);
+                if stopped && !self.stopped {
+                    tracing::info!(
+                        elements = indexes.len(),
+                        bytes_sent_before = self.stats.bytes_sent,
+                        "training stopped here: every accumulated change goes to the peers"
+                    );
+                }
                 if !indexes.is_empty() {
                     if selective_barrier && data_busy {
                         for peer in &mut self.peers {
