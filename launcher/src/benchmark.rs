@@ -354,20 +354,22 @@ fn range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 }
 
 impl WorkloadRuns {
-    /// Rows of the topology table: time to target against LAN, naive BSP's
-    /// time and WAN bytes against each mode's.
+    /// Rows of the topology table: time to target and CPU against LAN,
+    /// naive BSP's time and WAN bytes (to target, and of the whole run)
+    /// against each mode's.
     #[allow(clippy::cast_precision_loss)] // byte counts, for display
     fn rows(&self) -> Vec<Vec<String>> {
         let lan = self.modes.iter().find(|r| r.mode == Mode::Lan.name());
         let bsp = self.modes.iter().find(|r| r.mode == Mode::BspWan.name());
         let (lan_time, _) = lan.map_or((None, false), time_to_target);
         let (bsp_time, bsp_short) = bsp.map_or((None, false), time_to_target);
-        let bsp_bytes = bsp.map(|b| b.wan_bytes_total as f64);
+        // Without a target, the whole run: a lower bound for naive BSP.
+        let to_target = |r: &Report| r.wan_bytes_to_target.unwrap_or(r.wan_bytes_total) as f64;
         self.modes
             .iter()
             .map(|r| {
                 let reached = r.time_to_target_seconds;
-                let to_target = reached.map_or_else(
+                let time = reached.map_or_else(
                     || format!("> {:.1} s", time_to_target(r).0.unwrap_or(0.0)),
                     |s| format!("{s:.1} s"),
                 );
@@ -375,26 +377,29 @@ impl WorkloadRuns {
                     (Some(a), Some(b)) => format!("{:+.4}", a - b),
                     _ => "-".to_owned(),
                 };
-                let fewer = if r.wan_bytes_total == 0 {
-                    "-".to_owned()
-                } else {
-                    times(
-                        bsp_bytes,
-                        Some(r.wan_bytes_total as f64),
-                        bsp_short && reached.is_some(),
-                    )
+                let fewer = |of: &dyn Fn(&Report) -> f64| {
+                    if r.wan_bytes_total == 0 {
+                        "-".to_owned()
+                    } else {
+                        times(bsp.map(of), Some(of(r)), bsp_short && reached.is_some())
+                    }
                 };
                 vec![
                     self.workload.clone(),
                     r.mode.clone(),
-                    to_target,
+                    time,
                     times(reached, lan_time, false),
                     times(bsp_time, reached, bsp_short),
                     metric(r.final_metric),
                     delta,
                     r.clocks.to_string(),
+                    times(r.cpu_seconds, lan.and_then(|l| l.cpu_seconds), false),
+                    r.wan_bytes_to_target
+                        .filter(|_| r.wan_bytes_total > 0)
+                        .map_or("-".to_owned(), human_bytes),
+                    fewer(&to_target),
                     human_bytes(r.wan_bytes_total),
-                    fewer,
+                    fewer(&|r| r.wan_bytes_total as f64),
                     r.mirrors
                         .updates_sent_fraction
                         .map_or("-".to_owned(), |f| format!("{:.1}%", 100.0 * f)),
@@ -453,8 +458,11 @@ impl Benchmark {
                 "final",
                 "Δ vs lan",
                 "clocks",
-                "WAN bytes",
+                "CPU ÷lan",
+                "WAN bytes to target",
                 "bsp÷ (fewer bytes)",
+                "WAN bytes, whole run",
+                "bsp÷ (whole run)",
                 "sent",
             ]
             .map(str::to_owned)
@@ -568,6 +576,7 @@ mod tests {
     }
 
     fn report(mode: Mode, to_target: Option<f64>, last: f64, metric: f64, wan: u64) -> Report {
+        let cpu = if mode == Mode::Lan { 4.0 } else { 6.0 };
         Report {
             job: "mf-3dc".into(),
             mode: mode.name().into(),
@@ -580,6 +589,9 @@ mod tests {
             stop_reason: String::new(),
             lan_bytes_total: 0,
             wan_bytes_total: wan,
+            // The last fifth of the bytes is the final flush.
+            wan_bytes_to_target: to_target.map(|_| wan / 5 * 4),
+            cpu_seconds: Some(cpu),
             wan_links: Vec::new(),
             wan_link_rates: Vec::new(),
             mirrors: MirrorTotals::default(),
@@ -622,10 +634,14 @@ mod tests {
             ],
         };
         let rows = runs.rows();
-        // Gaia: 1.25× LAN's time, 16× sooner than BSP, 25× fewer bytes.
+        // Gaia: 1.25× LAN's time, 16× sooner than BSP, 1.5× its CPU, 25×
+        // fewer bytes to target and in the whole run.
         assert_eq!(rows[2][3], "1.25×");
         assert_eq!(rows[2][4], "16.00×");
-        assert_eq!(rows[2][9], "25.00×");
+        assert_eq!(rows[2][8], "1.50×");
+        assert_eq!(rows[2][9], "3.2 MB");
+        assert_eq!(rows[2][10], "25.00×");
+        assert_eq!(rows[2][12], "25.00×");
         assert_eq!(rows[2][6], "-0.0020");
         // FedAvg never reached the target.
         assert_eq!(rows[3][2], "> 30.0 s");
@@ -636,12 +652,14 @@ mod tests {
              to target 4.0–5.0 s (2 of 2 reached it)"
         );
 
-        // Naive BSP stopped short of the target: its ratios are lower bounds.
+        // Naive BSP stopped short of the target: its ratios are lower bounds,
+        // against its whole run.
         let mut capped = runs.clone();
         capped.modes[1] = report(Mode::BspWan, None, 60.0, 1.01, 50_000_000);
         let rows = capped.rows();
         assert_eq!(rows[2][4], "≥ 12.00×");
-        assert_eq!(rows[2][9], "≥ 12.50×");
+        assert_eq!(rows[2][10], "≥ 15.62×");
+        assert_eq!(rows[2][12], "≥ 12.50×");
 
         let benchmark = Benchmark {
             topologies: vec![TopologyRuns {

@@ -50,6 +50,34 @@ pub struct LinkRate {
 /// settled ([`LinkRate`]).
 pub const SETTLED_AFTER: f64 = 0.2;
 
+/// The WAN bytes on the wire `seconds` into training: interpolated between
+/// `samples` (seconds since training started, and the bytes per link by
+/// then, oldest first; none before 0 bytes at 0 s), or the run's total,
+/// `links`, past the last one.
+#[must_use]
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)] // byte counts are far below 2^52
+pub fn bytes_at(samples: &[(f64, Vec<LinkBytes>)], seconds: f64, links: &[LinkBytes]) -> u64 {
+    let sum = |links: &[LinkBytes]| links.iter().map(|l| l.bytes).sum::<u64>();
+    let mut before = (0.0, 0);
+    for (at, links) in samples {
+        let bytes = sum(links);
+        if *at >= seconds {
+            let share = if *at > before.0 {
+                (seconds - before.0) / (at - before.0)
+            } else {
+                1.0
+            };
+            return before.1 + (share * bytes.saturating_sub(before.1) as f64).round() as u64;
+        }
+        before = (*at, bytes);
+    }
+    sum(links)
+}
+
 /// Each link's rate from [`SETTLED_AFTER`] of `samples` (seconds since
 /// training started, and the bytes per link by then; oldest first, taken
 /// while training ran) to the last sample, with its budget from `budget`
@@ -104,6 +132,27 @@ pub struct DatacenterReport {
     pub time_to_target_seconds: Option<f64>,
     /// Every evaluation of that model, oldest first.
     pub metric_history: Vec<MetricSample>,
+}
+
+impl DatacenterReport {
+    /// When every one of `datacenters` met the target; `None` if one never
+    /// did.
+    #[must_use]
+    pub fn all_at_target(datacenters: &[Self]) -> Option<f64> {
+        datacenters
+            .iter()
+            .map(|d| d.time_to_target_seconds)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|t| t.into_iter().reduce(f64::max))
+    }
+
+    /// The mean of their final metrics, if any has one.
+    #[must_use]
+    pub fn mean_final(datacenters: &[Self]) -> Option<f64> {
+        let finals: Vec<f64> = datacenters.iter().filter_map(|d| d.final_metric).collect();
+        #[allow(clippy::cast_precision_loss)] // a handful of datacenters
+        (!finals.is_empty()).then(|| finals.iter().sum::<f64>() / finals.len() as f64)
+    }
 }
 
 /// Mirror synchronisation of a run, summed over every shard.
@@ -181,6 +230,16 @@ pub struct Report {
     pub lan_bytes_total: u64,
     /// Bytes between datacenters: everything the emulated WAN links carried.
     pub wan_bytes_total: u64,
+    /// Of those, the bytes on the wire by [`Self::time_to_target_seconds`]
+    /// ([`bytes_at`]): what it took until every datacenter's model met the
+    /// target; the rest is what followed (Gaia's final flush, which makes
+    /// every datacenter end with every update).
+    pub wan_bytes_to_target: Option<u64>,
+    /// CPU seconds (user and system) of the run's processes: parameter
+    /// servers, workers and the WAN emulator, not the launcher (collaborative
+    /// modes: not measured). On a machine with fewer cores than the roles
+    /// want, time follows it.
+    pub cpu_seconds: Option<f64>,
     /// Bytes per directed WAN link.
     pub wan_links: Vec<LinkBytes>,
     /// Per directed WAN link, its rate once settled, and its budget.
@@ -229,7 +288,17 @@ impl Report {
         let _ = writeln!(t, "{:<12} {metric}{target}", self.metric_name);
         let _ = writeln!(t, "wall time    {:.1} s", self.wall_seconds);
         let _ = writeln!(t, "LAN bytes    {}", human_bytes(self.lan_bytes_total));
-        let _ = writeln!(t, "WAN bytes    {}", human_bytes(self.wan_bytes_total));
+        let by_target = self.wan_bytes_to_target.map_or(String::new(), |b| {
+            format!(" ({} by the target)", human_bytes(b))
+        });
+        let _ = writeln!(
+            t,
+            "WAN bytes    {}{by_target}",
+            human_bytes(self.wan_bytes_total)
+        );
+        if let Some(cpu) = self.cpu_seconds {
+            let _ = writeln!(t, "CPU          {cpu:.1} s");
+        }
         let m = &self.mirrors;
         if let Some(fraction) = m.updates_sent_fraction {
             let _ = writeln!(t, "sent         {:.2}% of updates", 100.0 * fraction);
@@ -361,5 +430,19 @@ mod tests {
             }]
         );
         assert!(settled_rates(&samples[..1], |_, _| None).is_empty());
+    }
+
+    #[test]
+    fn bytes_at_interpolates_between_samples_and_takes_the_total_after_them() {
+        let samples = vec![
+            (1.0, vec![link("a", "b", 600), link("b", "a", 400)]),
+            (2.0, vec![link("a", "b", 1500), link("b", "a", 500)]),
+        ];
+        let total = [link("a", "b", 5000), link("b", "a", 4000)];
+        assert_eq!(bytes_at(&samples, 0.5, &total), 500);
+        assert_eq!(bytes_at(&samples, 1.0, &total), 1000);
+        assert_eq!(bytes_at(&samples, 1.25, &total), 1250);
+        assert_eq!(bytes_at(&samples, 2.5, &total), 9000);
+        assert_eq!(bytes_at(&[], 1.0, &total), 9000);
     }
 }

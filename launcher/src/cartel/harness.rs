@@ -222,6 +222,8 @@ impl CartelSummary {
             stop_reason: "end of every site's stream".to_owned(),
             lan_bytes_total: 0,
             wan_bytes_total: self.wan_bytes_total,
+            wan_bytes_to_target: None,
+            cpu_seconds: None,
             // Bytes are counted by message type at the application level,
             // not per link; see `CartelSummary::bytes_by_type`.
             wan_links: Vec::new(),

@@ -46,9 +46,11 @@ pub struct LocalRun {
     metrics: Vec<SocketAddr>,
     /// When the workers started (Unix seconds).
     pub(super) started: f64,
-    /// Bytes per WAN link while training ran, with the seconds since
+    /// Bytes per WAN link while a worker ran, with the seconds since
     /// [`Self::started`], oldest first.
     pub(super) link_samples: Vec<(f64, Vec<LinkBytes>)>,
+    /// How many of them were taken while every worker ran.
+    pub(super) samples_while_all_trained: usize,
 }
 
 impl LocalRun {
@@ -118,6 +120,7 @@ impl LocalRun {
             metrics: Vec::new(),
             started: 0.0,
             link_samples: Vec::new(),
+            samples_while_all_trained: 0,
         };
         let mut worker_offset = 0;
         for (d, dc) in job.plan.datacenters.iter().enumerate() {
@@ -333,11 +336,13 @@ impl LocalRun {
                     exited[index] = true;
                 }
             }
-            if exited.iter().all(|e| !e)
-                && let Some(wan) = &self.wan
+            if let Some(wan) = &self.wan
                 && let Ok(links) = wan.link_bytes().await
             {
                 self.link_samples.push((unix_now() - self.started, links));
+                if exited.iter().all(|e| !e) {
+                    self.samples_while_all_trained = self.link_samples.len();
+                }
             }
             for (site, bar) in self.sites.iter().zip(&site_bars) {
                 if let Some((clock, metric)) = self.site_progress(site).await {

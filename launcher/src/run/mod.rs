@@ -34,7 +34,7 @@ use crate::error::{RunError, io};
 pub use crate::options::RunOptions;
 use crate::process::{Process, Supervisor, unused_port};
 pub use crate::report::{
-    CollaborativeTotals, DatacenterReport, LinkBytes, MetricSample, MirrorTotals, Report,
+    CollaborativeTotals, DatacenterReport, LinkBytes, MetricSample, MirrorTotals, Report, bytes_at,
     human_bytes, settled_rates,
 };
 
@@ -125,6 +125,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
         == InterDatacenterModel::Centralized
         && spec.datacenters.len() > 1;
     let processes = Processes::new(options.clone())?;
+    let cpu_before = children_cpu_seconds();
 
     let mut shipment = None;
     let shipping_started = unix_now();
@@ -157,9 +158,11 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
         .map(|s| (s.name.clone(), s.shards.clone(), s.worker_offset, s.workers))
         .collect();
     let global = cluster.global;
-    let wan_link_rates = settled_rates(&cluster.link_samples, |from, to| {
-        link_budget(&job, from, to)
-    });
+    let link_samples = std::mem::take(&mut cluster.link_samples);
+    let wan_link_rates = settled_rates(
+        &link_samples[..cluster.samples_while_all_trained],
+        |from, to| link_budget(&job, from, to),
+    );
     let (statuses, mut links) = cluster.shutdown().await?;
     if let Some(s) = shipment {
         links.extend(s.finish(&processes).await?);
@@ -168,25 +171,16 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let higher = model.higher_is_better();
     let met = |m: f64| target.is_some_and(|t| if higher { m >= t } else { m <= t });
     let per_datacenter = datacenter_reports(&sites, &statuses, global, training_started, met);
-    let finals: Vec<f64> = per_datacenter
-        .iter()
-        .filter_map(|d| d.final_metric)
-        .collect();
-    #[allow(clippy::cast_precision_loss)] // a handful of datacenters
+    let time_to_target_seconds = DatacenterReport::all_at_target(&per_datacenter);
     Ok(Report {
         job: job.job.name_any(),
         mode: Mode::from(job.sync_policy.spec.inter_datacenter.model)
             .name()
             .to_owned(),
         metric_name: model.metric_name().to_owned(),
-        final_metric: (!finals.is_empty())
-            .then(|| finals.iter().sum::<f64>() / finals.len() as f64),
+        final_metric: DatacenterReport::mean_final(&per_datacenter),
         target_metric: target,
-        time_to_target_seconds: per_datacenter
-            .iter()
-            .map(|d| d.time_to_target_seconds)
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|t| t.into_iter().reduce(f64::max)),
+        time_to_target_seconds,
         wall_seconds: started.elapsed().as_secs_f64(),
         clocks: per_datacenter.iter().map(|d| d.clocks).min().unwrap_or(0),
         stop_reason: statuses
@@ -198,6 +192,8 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
             .map(|s| s.bytes_received + s.bytes_sent)
             .sum(),
         wan_bytes_total: links.iter().map(|l| l.bytes).sum(),
+        wan_bytes_to_target: time_to_target_seconds.map(|t| bytes_at(&link_samples, t, &links)),
+        cpu_seconds: Some(children_cpu_seconds() - cpu_before),
         wan_links: links,
         wan_link_rates,
         mirrors: MirrorTotals::of(&statuses),
@@ -210,6 +206,20 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
             .unwrap_or_default(),
         per_datacenter,
         collaborative: CollaborativeTotals::default(),
+    })
+}
+
+/// CPU seconds (user and system) of this process's children that have
+/// exited and been waited for.
+fn children_cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+        let seconds = |t: nix::sys::time::TimeVal| {
+            #[allow(clippy::cast_precision_loss)] // seconds of a run
+            let s = t.tv_sec() as f64;
+            s + f64::from(i32::try_from(t.tv_usec()).unwrap_or(0)) * 1e-6
+        };
+        seconds(u.user_time()) + seconds(u.system_time())
     })
 }
 
