@@ -171,7 +171,21 @@ struct Session<'a> {
     params: Vec<f32>,
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    fn connect(config: &'a WorkerConfig, model: &'a dyn Model) -> Result<Self, WorkerError> {
+        Ok(Session {
+            model,
+            clients: connect(&config.parameter_servers, &config.transport)?,
+            rows: config
+                .parameter_servers
+                .iter()
+                .map(|address| RowClient::new(address, &config.transport))
+                .collect(),
+            config,
+            params: vec![0.0; model.layout().len()],
+        })
+    }
+
     /// Pulls the rows of `working_set` at `clock` into `params`; true when
     /// training has stopped.
     async fn pull(&mut self, clock: u64, working_set: &WorkingSet) -> Result<bool, WorkerError> {
@@ -317,6 +331,29 @@ fn relative_change(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// The model that `parameter_servers` (one model's shards, in shard order)
+/// hold once training stopped, read as a worker reads it.
+pub async fn final_model(
+    parameter_servers: &[String],
+    transport: &Transport,
+    model: &dyn Model,
+) -> Result<Vec<f32>, WorkerError> {
+    let config = WorkerConfig {
+        index: 0,
+        evaluates: false,
+        parameter_servers: parameter_servers.to_vec(),
+        batch_size: 1,
+        seed: 0,
+        eval_every: 1,
+        retry_for: Duration::ZERO,
+        transport: transport.clone(),
+    };
+    let mut session = Session::connect(&config, model)?;
+    // Training has stopped, so any clock may read.
+    session.pull(u64::MAX, &WorkingSet::All).await?;
+    Ok(session.params)
+}
+
 /// Trains on the examples `partition` of `data.train` until a parameter
 /// server says training has stopped.
 pub async fn run(
@@ -329,17 +366,7 @@ pub async fn run(
     if partition.is_empty() {
         return Err(WorkerError::NoData(config.index));
     }
-    let mut session = Session {
-        model,
-        clients: connect(&config.parameter_servers, &config.transport)?,
-        rows: config
-            .parameter_servers
-            .iter()
-            .map(|address| RowClient::new(address, &config.transport))
-            .collect(),
-        config,
-        params: vec![0.0; model.layout().len()],
-    };
+    let mut session = Session::connect(config, model)?;
     let mut clock = session.resume_clock().await?;
     info!(
         worker = config.index,

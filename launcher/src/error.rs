@@ -66,6 +66,9 @@ pub enum RunError {
         /// Why.
         message: String,
     },
+    /// The final model could not be read from its parameter servers.
+    #[error("reading the final model: {0}")]
+    FinalModel(#[from] geoml_dataplane::worker::WorkerError),
     /// A site's report is not what `geoml site --report` writes.
     #[error("{}: {source}", .path.display())]
     SiteReport {

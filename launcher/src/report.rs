@@ -126,7 +126,9 @@ pub struct DatacenterReport {
     pub name: String,
     /// Clocks its slowest worker completed.
     pub clocks: u64,
-    /// Last evaluation of the model its workers read.
+    /// Its final model's metric: the model its parameter servers hold once
+    /// training stopped and (with mirrors) every update arrived, evaluated
+    /// on the held-out data by the launcher.
     pub final_metric: Option<f64>,
     /// When that model first met the target.
     pub time_to_target_seconds: Option<f64>,
@@ -213,7 +215,8 @@ pub struct Report {
     pub mode: String,
     /// `accuracy` or `rmse`.
     pub metric_name: String,
-    /// Last evaluation; with a model per datacenter, the mean over them.
+    /// The final model's metric ([`DatacenterReport::final_metric`]); with
+    /// a model per datacenter, the mean over them.
     pub final_metric: Option<f64>,
     /// The stopping rule's target, if any.
     pub target_metric: Option<f64>,

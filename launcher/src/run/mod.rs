@@ -23,7 +23,9 @@ use geoml_crds::manifest::{Manifest, ResolvedJob};
 use geoml_crds::mode::{CollaborativeMode, Mode};
 use geoml_crds::roles::JobRoleArgs;
 use geoml_crds::sync_policy::{InterDatacenterModel, ThresholdSchedule};
-use geoml_dataplane::worker::connect;
+use geoml_dataplane::data::Examples;
+use geoml_dataplane::model::Model;
+use geoml_dataplane::worker::{connect, final_model};
 use geoml_proto as pb;
 use kube::ResourceExt;
 use serde::Serialize;
@@ -141,6 +143,7 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
         cluster.started = shipping_started;
     }
     cluster.wait(max_clocks).await?;
+    let finals = final_metrics(&cluster, model.as_ref(), &data.test).await?;
     let mut model_bytes = Vec::new();
     if let Some(s) = &shipment {
         // The trained model, as the parameter servers hold it, goes back.
@@ -170,7 +173,8 @@ pub async fn run(options: RunOptions) -> Result<Report, RunError> {
     let target = spec.stopping.target_metric.or(target_override);
     let higher = model.higher_is_better();
     let met = |m: f64| target.is_some_and(|t| if higher { m >= t } else { m <= t });
-    let per_datacenter = datacenter_reports(&sites, &statuses, global, training_started, met);
+    let per_datacenter =
+        datacenter_reports(&sites, &statuses, &finals, global, training_started, met);
     let time_to_target_seconds = DatacenterReport::all_at_target(&per_datacenter);
     Ok(Report {
         job: job.job.name_any(),
@@ -247,13 +251,15 @@ fn link_budget(job: &ResolvedJob<'_>, from: &str, to: &str) -> Option<f64> {
 fn datacenter_reports(
     sites: &[(String, Vec<usize>, usize, usize)],
     statuses: &[pb::StatusResponse],
+    finals: &[f64],
     global: bool,
     training_started: f64,
     met: impl Fn(f64) -> bool,
 ) -> Vec<DatacenterReport> {
     sites
         .iter()
-        .map(|(name, shards, offset, workers)| {
+        .zip(finals)
+        .map(|((name, shards, offset, workers), &final_metric)| {
             // In the global modes one model, evaluated through shard 0.
             let evaluated = if global {
                 &statuses[0]
@@ -281,7 +287,7 @@ fn datacenter_reports(
             DatacenterReport {
                 name: name.clone(),
                 clocks,
-                final_metric: metric_history.last().map(|s| s.metric),
+                final_metric: Some(final_metric),
                 time_to_target_seconds: metric_history
                     .iter()
                     .find(|s| met(s.metric))
@@ -290,6 +296,33 @@ fn datacenter_reports(
             }
         })
         .collect()
+}
+
+/// Each site's final model (in the global modes, the one model) as its
+/// parameter servers hold it once training stopped and, with mirrors, every
+/// update arrived, evaluated on the held-out data.
+async fn final_metrics(
+    cluster: &LocalRun,
+    model: &dyn Model,
+    test: &Examples,
+) -> Result<Vec<f64>, RunError> {
+    let evaluate = async |shards: &[usize]| -> Result<f64, RunError> {
+        let addresses: Vec<String> = shards
+            .iter()
+            .map(|&s| cluster.ps_addresses[s].clone())
+            .collect();
+        let params = final_model(&addresses, cluster.transport(), model).await?;
+        Ok(model.evaluate(&params, test))
+    };
+    if cluster.global {
+        let all: Vec<usize> = (0..cluster.ps_addresses.len()).collect();
+        return Ok(vec![evaluate(&all).await?; cluster.sites.len()]);
+    }
+    let mut finals = Vec::new();
+    for site in &cluster.sites {
+        finals.push(evaluate(&site.shards).await?);
+    }
+    Ok(finals)
 }
 
 /// Every value parameter server `shard` holds, as packed bytes.
