@@ -32,6 +32,17 @@ pub enum RowsError {
     /// overflows.
     #[error("indexes: malformed varint at byte {0}")]
     Varint(usize),
+    /// A message carries its indexes both as varints and as a bitmap.
+    #[error("indexes as varints and as a bitmap: one form only")]
+    IndexForms,
+    /// An index bitmap is longer than a shard of this many elements needs.
+    #[error("index bitmap of {bytes} bytes is longer than a shard of {elements} elements needs")]
+    Bitmap {
+        /// Its length.
+        bytes: usize,
+        /// The shard's elements.
+        elements: usize,
+    },
 }
 
 /// Malformed rows are the caller's mistake.
@@ -86,6 +97,40 @@ pub fn unpack_indexes(bytes: &[u8]) -> Result<Vec<u32>, RowsError> {
         let index = index.ok_or(RowsError::Varint(at))?;
         out.push(index);
         next = u64::from(index) + 1;
+    }
+    Ok(out)
+}
+
+/// Sorted, unique `indexes` as a bitmap: bit `i % 8` (least significant
+/// first) of byte `i / 8` set for each index `i`, as long as the last index
+/// needs. An eighth of a byte an element, present or not: shorter than
+/// [`pack_indexes`] when more than about one element in eight is present.
+#[must_use]
+pub fn pack_bitmap(indexes: &[u32]) -> Vec<u8> {
+    let mut out = vec![0; indexes.last().map_or(0, |&last| last as usize / 8 + 1)];
+    for &i in indexes {
+        out[i as usize / 8] |= 1 << (i % 8);
+    }
+    out
+}
+
+/// The indexes of a bitmap packed by [`pack_bitmap`], ascending, for a
+/// shard of `elements` elements: a bitmap longer than it needs is refused
+/// before anything is allocated.
+pub fn unpack_bitmap(bytes: &[u8], elements: usize) -> Result<Vec<u32>, RowsError> {
+    if bytes.len() > elements.div_ceil(8) {
+        return Err(RowsError::Bitmap {
+            bytes: bytes.len(),
+            elements,
+        });
+    }
+    let mut out = Vec::new();
+    for (at, &byte) in (0_u32..).zip(bytes) {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                out.push(at * 8 + bit);
+            }
+        }
     }
     Ok(out)
 }
@@ -317,6 +362,25 @@ pub fn unpack_int8(bytes: &[u8], scale: f32) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn indexes_round_trip_as_a_bitmap_no_longer_than_the_shard_needs() {
+        let indexes = [0, 1, 7, 8, 130, 131];
+        let packed = pack_bitmap(&indexes);
+        assert_eq!(packed.len(), 17);
+        assert_eq!(&packed[..2], [0b1000_0011, 0b0000_0001]);
+        assert_eq!(unpack_bitmap(&packed, 132).unwrap(), indexes);
+        assert_eq!(unpack_bitmap(&packed, 136).unwrap(), indexes);
+        assert_eq!(
+            unpack_bitmap(&packed, 128),
+            Err(RowsError::Bitmap {
+                bytes: 17,
+                elements: 128
+            })
+        );
+        assert!(pack_bitmap(&[]).is_empty());
+        assert!(unpack_bitmap(&[], 0).unwrap().is_empty());
+    }
 
     #[test]
     fn indexes_round_trip_as_gap_varints() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut};
 use common::{doc, example, free_port, write};
 use geoml_proto as pb;
-use geoml_proto::rows::{pack_indexes, pack_keys, pack_values};
+use geoml_proto::rows::{pack_bitmap, pack_indexes, pack_keys, pack_values};
 use proptest::prelude::*;
 use prost::Message;
 use serde_json::json;
@@ -239,6 +239,17 @@ fn shard_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 datacenter: "ap-southeast".into(),
                 seq: 1,
                 indexes: pack_indexes(&[0, 7, 9]),
+                deltas: pack_values(&[0.1, -0.2, 0.3]),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (
+            "/geoml.mirror.v1.Mirror/Update",
+            pb::mirror::MirrorUpdate {
+                datacenter: "ap-southeast".into(),
+                seq: 2,
+                index_bitmap: pack_bitmap(&[0, 7, 9]),
                 deltas: pack_values(&[0.1, -0.2, 0.3]),
                 ..Default::default()
             }

@@ -812,9 +812,10 @@ impl MirrorState {
             outbox.queued.len()
                 + outbox.carried.len()
                 + outbox.rounds.iter().map(|r| r.indexes.len()).sum::<usize>()
-                + outbox.in_flight.as_ref().map_or(0, |u| {
-                    geoml_proto::rows::unpack_indexes(&u.indexes).map_or(0, |i| i.len())
-                })
+                + outbox
+                    .in_flight
+                    .as_ref()
+                    .map_or(0, |u| wire::indexes(u, usize::MAX).map_or(0, |i| i.len()))
         })
     }
 

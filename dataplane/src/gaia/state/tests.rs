@@ -99,7 +99,7 @@ fn in_flight(s: &mut Shard, m: &mut MirrorState, p: usize) -> Option<MirrorUpdat
 
 fn contents(update: &MirrorUpdate) -> (Vec<u32>, Vec<f32>) {
     (
-        unpack_indexes(&update.indexes).unwrap(),
+        wire::indexes(update, usize::MAX).unwrap(),
         unpack_values(&update.deltas).unwrap(),
     )
 }
@@ -546,7 +546,30 @@ fn rejects_strangers_and_malformed_updates_without_change() {
     assert!(m.on_update(&update, &mut s).is_err());
     update.indexes = vec![1, 2, 3];
     assert!(m.on_update(&update, &mut s).is_err());
+    // Indexes in both forms, or a bitmap longer than the shard's 8 elements.
+    update.indexes = pack_indexes(&[0]);
+    update.index_bitmap = vec![1];
+    assert!(m.on_update(&update, &mut s).is_err());
+    update.indexes = Vec::new();
+    update.index_bitmap = vec![1, 0];
+    assert!(m.on_update(&update, &mut s).is_err());
     assert_eq!(s.values(), before);
+    // As a bitmap, element 0.
+    update.index_bitmap = vec![1];
+    assert!(m.on_update(&update, &mut s).unwrap());
+    assert_eq!(s.values()[0], before[0] + 1.0);
+}
+
+#[test]
+fn an_update_covering_most_of_the_shard_carries_its_indexes_as_a_bitmap() {
+    let dense = wire::update_message(&[0, 1, 2, 3, 5, 6, 7], &[1.0; 7]);
+    assert!(dense.indexes.is_empty());
+    assert_eq!(dense.index_bitmap, [0b1110_1111]);
+    let sparse = wire::update_message(&[6], &[1.0]);
+    assert_eq!(sparse.indexes, [6]);
+    assert!(sparse.index_bitmap.is_empty());
+    assert_eq!(wire::indexes(&dense, 8).unwrap(), [0, 1, 2, 3, 5, 6, 7]);
+    assert_eq!(wire::indexes(&sparse, 8).unwrap(), [6]);
 }
 
 #[test]
@@ -808,7 +831,7 @@ fn deliver(
     received: &mut [f64; 8],
 ) -> Option<MirrorUpdate> {
     let update = in_flight(s, m, p)?;
-    let indexes = unpack_indexes(&update.indexes).unwrap();
+    let indexes = wire::indexes(&update, usize::MAX).unwrap();
     let deltas = wire::deltas(&update).unwrap();
     assert_eq!(indexes.len(), deltas.len());
     for (i, d) in indexes.into_iter().zip(deltas) {
@@ -840,7 +863,7 @@ fn compact_coding_carries_what_it_rounds_off_and_loses_nothing() {
             clock(&mut s, &mut m, c, false, &IDLE);
             for (p, got) in received.iter_mut().enumerate() {
                 if let Some(update) = deliver(&mut s, &mut m, p, got) {
-                    let sent = unpack_indexes(&update.indexes).unwrap().len();
+                    let sent = wire::indexes(&update, usize::MAX).unwrap().len();
                     assert_eq!(update.deltas.len(), width * sent, "{coding:?}");
                 }
                 carried += usize::from(!m.peers[p].outbox.carried.is_empty());

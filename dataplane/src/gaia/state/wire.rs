@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use geoml_crds::sync_policy::ValueCoding;
 use geoml_proto::rows::{
-    from_bf16, from_int8, int8_scale, pack_bf16, pack_indexes, pack_values, to_bf16, to_int8,
-    unpack_bf16, unpack_indexes, unpack_int8, unpack_values,
+    RowsError, from_bf16, from_int8, int8_scale, pack_bf16, pack_bitmap, pack_indexes, pack_values,
+    to_bf16, to_int8, unpack_bf16, unpack_bitmap, unpack_indexes, unpack_int8, unpack_values,
 };
 
 use super::{MirrorError, MirrorState, PeerUpdate};
@@ -18,7 +18,7 @@ use crate::ps::shard::Shard;
 
 /// An update of `deltas` at `indexes`, not yet addressed or numbered.
 pub(super) fn update_message(indexes: &[u32], deltas: &[f32]) -> MirrorUpdate {
-    MirrorUpdate {
+    let mut update = MirrorUpdate {
         datacenter: String::new(),
         seq: 0,
         indexes: pack_indexes(indexes),
@@ -28,6 +28,25 @@ pub(super) fn update_message(indexes: &[u32], deltas: &[f32]) -> MirrorUpdate {
         epoch: 0,
         coding: pb::mirror::ValueCoding::Float32.into(),
         scale: 0.0,
+        index_bitmap: Vec::new(),
+    };
+    let bitmap = pack_bitmap(indexes);
+    if bitmap.len() < update.indexes.len() {
+        update.indexes = Vec::new();
+        update.index_bitmap = bitmap;
+    }
+    update
+}
+
+/// The indexes of `update`, from whichever of its two forms it carries
+/// them in, for a shard of `elements` elements.
+pub(super) fn indexes(update: &MirrorUpdate, elements: usize) -> Result<Vec<u32>, MirrorError> {
+    if update.index_bitmap.is_empty() {
+        Ok(unpack_indexes(&update.indexes)?)
+    } else if update.indexes.is_empty() {
+        Ok(unpack_bitmap(&update.index_bitmap, elements)?)
+    } else {
+        Err(RowsError::IndexForms.into())
     }
 }
 
@@ -90,10 +109,10 @@ pub(super) fn deltas(update: &MirrorUpdate) -> Result<Vec<f32>, MirrorError> {
     }
 }
 
-fn decode(update: &MirrorUpdate) -> Result<PeerUpdate, MirrorError> {
+fn decode(update: &MirrorUpdate, shard: &Shard) -> Result<PeerUpdate, MirrorError> {
     Ok(PeerUpdate {
         stamp: (update.epoch, update.seq),
-        indexes: unpack_indexes(&update.indexes)?,
+        indexes: indexes(update, shard.values().len())?,
         deltas: deltas(update)?,
         announced: update.announced,
         round: update.round,
@@ -121,7 +140,7 @@ impl MirrorState {
         shard: &Shard,
     ) -> Result<Option<MirrorLogRecord>, MirrorError> {
         let p = self.peer(&update.datacenter)?;
-        let decoded = decode(update)?;
+        let decoded = decode(update, shard)?;
         Ok(self.accept(p, &decoded, shard)?.then(|| MirrorLogRecord {
             record: Some(Record::Applied(update.clone())),
         }))
@@ -151,14 +170,14 @@ impl MirrorState {
         match &record.record {
             Some(Record::Applied(update)) => {
                 let p = self.peer(&update.datacenter)?;
-                let decoded = decode(update)?;
+                let decoded = decode(update, shard)?;
                 if self.accept(p, &decoded, shard)? {
                     self.apply_update(p, &decoded, shard)?;
                 }
                 Ok(())
             }
             Some(Record::Queued(update)) => {
-                let indexes = unpack_indexes(&update.indexes)?;
+                let indexes = indexes(update, shard.values().len())?;
                 let deltas = deltas(update)?;
                 self.take(update.seq, update.round, &indexes, &deltas)
             }
