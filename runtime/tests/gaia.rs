@@ -87,7 +87,8 @@ impl Drop for Resume {
 }
 
 #[tokio::test]
-async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none_runs_ahead() {
+async fn every_datacenter_ends_with_the_initial_model_plus_every_contribution_and_none_runs_ahead()
+{
     let _one = ONE_RUN_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let bound = 1;
@@ -152,7 +153,7 @@ async fn every_datacenter_ends_with_the_initial_model_plus_every_update_and_none
 }
 
 #[tokio::test]
-async fn with_int8_value_coding_every_datacenter_still_ends_with_every_update() {
+async fn with_int8_value_coding_every_datacenter_still_ends_with_every_contribution() {
     let _one = ONE_RUN_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut docs = digits_gaia(10, 10, 2, 1);
@@ -179,7 +180,9 @@ async fn with_int8_value_coding_every_datacenter_still_ends_with_every_update() 
     }
 }
 
-/// Every shard's values and the updates its own workers generated.
+/// Every shard's values and what its datacenter contributed: the updates
+/// its own workers generated, less the peers' shares of what it held back
+/// when training stopped.
 async fn snapshots(addresses: &[String], transport: &Transport) -> Vec<(Vec<f32>, Vec<f32>)> {
     let mut snapshots = Vec::new();
     for address in addresses {
@@ -198,7 +201,9 @@ async fn snapshots(addresses: &[String], transport: &Transport) -> Vec<(Vec<f32>
 }
 
 /// Conservation: every datacenter's model (one shard each) is the initial
-/// model plus every update generated anywhere, within float tolerance.
+/// model plus every datacenter's contribution (every update it sent while
+/// training ran, and its share of what each held back when training
+/// stopped), within float tolerance.
 fn assert_conserved(
     job: &geoml_crds::manifest::ResolvedJob<'_>,
     snapshots: &[(Vec<f32>, Vec<f32>)],

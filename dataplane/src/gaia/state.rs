@@ -458,7 +458,7 @@ impl MirrorState {
                             outbox.announced = true;
                         }
                     }
-                    queued = Some(self.queued(0, &indexes, &deltas));
+                    queued = Some(self.queued(0, &indexes, &deltas, stopped));
                 }
             }
             Exchange::Rounds { round_clocks, .. } => {
@@ -469,7 +469,7 @@ impl MirrorState {
                     .map_or(self.completed_round, |r| r.0);
                 if !stopped && round > sent {
                     let (indexes, deltas) = nonzero(&self.changes.accumulated);
-                    queued = Some(self.queued(round, &indexes, &deltas));
+                    queued = Some(self.queued(round, &indexes, &deltas, false));
                 }
             }
         }
@@ -491,12 +491,20 @@ impl MirrorState {
         queued
     }
 
-    /// The record that queues `deltas` at `indexes` (of `round`) for every
-    /// peer; numbered, so that replaying it twice queues it once.
-    fn queued(&self, round: u64, indexes: &[u32], deltas: &[f32]) -> MirrorLogRecord {
+    /// The record that queues `deltas` at `indexes` (of `round`, or the
+    /// `remainder` when training stopped) for every peer; numbered, so that
+    /// replaying it twice queues it once.
+    fn queued(
+        &self,
+        round: u64,
+        indexes: &[u32],
+        deltas: &[f32],
+        remainder: bool,
+    ) -> MirrorLogRecord {
         use crate::pb::mirror::mirror_log_record::Record;
         let mut update = wire::update_message(indexes, deltas);
         update.round = round;
+        update.remainder = remainder;
         update.seq = self.queued_count + 1;
         MirrorLogRecord {
             record: Some(Record::Queued(update)),
@@ -572,16 +580,21 @@ impl MirrorState {
 
     /// Own deltas (record `seq`) taken from the accumulated changes and
     /// queued for every peer: ASP deltas are added into each link's queue, a
-    /// round waits as its own message and becomes our open round. A record
-    /// taken before (a log replayed over the checkpoint that already holds
-    /// it) changes nothing.
+    /// round waits as its own message and becomes our open round. A
+    /// `remainder` (what training left under the threshold when it stopped)
+    /// is shared: every peer is sent an equal share and `shard` keeps one,
+    /// so every datacenter ends with the same model, holding every update
+    /// sent while training ran and the mean of what each held back. A
+    /// record taken before (a log replayed over the checkpoint that already
+    /// holds it) changes nothing.
     fn take(
         &mut self,
-        seq: u64,
-        round: u64,
+        update: &MirrorUpdate,
         indexes: &[u32],
         deltas: &[f32],
+        shard: &mut Shard,
     ) -> Result<(), MirrorError> {
+        let (seq, round) = (update.seq, update.round);
         if seq <= self.queued_count {
             return Ok(());
         }
@@ -595,6 +608,21 @@ impl MirrorState {
         for (&i, &d) in indexes.iter().zip(deltas) {
             self.changes.accumulated[i as usize] -= d;
         }
+        let each;
+        let deltas = if update.remainder {
+            #[allow(clippy::cast_precision_loss)] // a handful of datacenters
+            let datacenters = (self.peers.len() + 1) as f32;
+            each = deltas.iter().map(|d| d / datacenters).collect::<Vec<_>>();
+            // What the peers get of it leaves our model and our account.
+            let given: Vec<f32> = deltas.iter().zip(&each).map(|(d, e)| e - d).collect();
+            shard.add(indexes, &given)?;
+            for (&i, &g) in indexes.iter().zip(&given) {
+                self.changes.generated[i as usize] += f64::from(g);
+            }
+            &each[..]
+        } else {
+            deltas
+        };
         if round == 0 {
             self.stats.elements_sent += indexes.len() as u64;
         } else {

@@ -113,7 +113,9 @@ pub enum ShardError {
 pub struct Changes {
     /// Changes not yet sent to the mirrors.
     pub accumulated: Vec<f32>,
-    /// Every change ever made, summed in f64 (for checking conservation).
+    /// Every change ever made, summed in f64, less the peers' shares of
+    /// what was held back when training stopped: what this datacenter
+    /// contributed to every model (for checking conservation).
     pub generated: Vec<f64>,
     /// Element changes made (non-zero ones).
     pub count: u64,

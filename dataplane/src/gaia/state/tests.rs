@@ -168,17 +168,26 @@ fn a_peer_update_that_shrinks_a_value_makes_what_we_hold_significant() {
 }
 
 #[test]
-fn flushes_everything_when_stopped_and_is_then_drained() {
+fn shares_what_it_held_back_when_stopped_and_is_then_drained() {
     let (mut s, mut m) = (shard(), mirror(ASP, 1, 1));
-    let c = push(&mut s, &mut m, &[0.01; 8]);
+    // A gradient of 0.03 (learning rate 1) moves each value 3%.
+    let c = push(&mut s, &mut m, &[0.03; 8]);
     assert!(clock(&mut s, &mut m, c, false, &IDLE).is_none());
     assert!(!m.drained());
+    // Held back at 10%: a, b and c each end with a third of it.
     clock(&mut s, &mut m, c, true, &IDLE);
     assert!(m.tick().stopped);
     let updates: Vec<MirrorUpdate> = (0..2)
         .map(|p| in_flight(&mut s, &mut m, p).unwrap())
         .collect();
-    assert_eq!(contents(&updates[0]).0.len(), 8);
+    for update in &updates {
+        let (indexes, deltas) = contents(update);
+        assert_eq!(indexes, (0..8).collect::<Vec<_>>());
+        assert!(deltas.iter().all(|d| (d + 0.01).abs() < 1e-6), "{deltas:?}");
+    }
+    assert!(s.values().iter().all(|v| (v - 0.99).abs() < 1e-6));
+    assert!(m.changes.generated.iter().all(|g| (g + 0.01).abs() < 1e-6));
+    assert_eq!(m.changes.accumulated, [0.0; 8]);
     assert!(!m.drained(), "updates are unacknowledged");
     ack(&mut m, 0, &updates[0]);
     assert!(!m.drained(), "one peer has not acknowledged");

@@ -29,6 +29,7 @@ pub(super) fn update_message(indexes: &[u32], deltas: &[f32]) -> MirrorUpdate {
         coding: pb::mirror::ValueCoding::Float32.into(),
         scale: 0.0,
         index_bitmap: Vec::new(),
+        remainder: false,
     };
     let bitmap = pack_bitmap(indexes);
     if bitmap.len() < update.indexes.len() {
@@ -179,7 +180,7 @@ impl MirrorState {
             Some(Record::Queued(update)) => {
                 let indexes = indexes(update, shard.values().len())?;
                 let deltas = deltas(update)?;
-                self.take(update.seq, update.round, &indexes, &deltas)
+                self.take(update, &indexes, &deltas, shard)
             }
             Some(Record::Formed(formed)) => self.formed(
                 formed.peer as usize,
