@@ -235,8 +235,8 @@ pub struct Report {
     pub wan_bytes_total: u64,
     /// Of those, the bytes on the wire by [`Self::time_to_target_seconds`]
     /// ([`bytes_at`]): what it took until every datacenter's model met the
-    /// target; the rest is what followed (Gaia's final flush, which makes
-    /// every datacenter end with every update).
+    /// target; the rest is what followed (Gaia's final flush of what each
+    /// datacenter held back).
     pub wan_bytes_to_target: Option<u64>,
     /// CPU seconds (user and system) of the run's processes: parameter
     /// servers, workers and the WAN emulator, not the launcher (collaborative
