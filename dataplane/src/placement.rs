@@ -15,6 +15,7 @@ use geoml_crds::sync_policy::InterDatacenterModel;
 use crate::gaia::significance::Filter;
 use crate::gaia::state::{Exchange, MirrorConfig};
 use crate::ps::shard::Consistency;
+use crate::worker::EvalSchedule;
 use geoml_crds::manifest::ResolvedJob;
 
 /// A manifest and topology that do not fit together.
@@ -83,6 +84,10 @@ pub struct RolePlace {
     pub worker_offset: usize,
     /// Workers in the whole job.
     pub total_workers: usize,
+    /// The datacenter's position among the job's datacenters.
+    pub index: usize,
+    /// Datacenters in the job.
+    pub datacenters: usize,
     /// Whether the datacenters form one parameter server.
     pub global: bool,
     /// Consistency among the workers a shard serves.
@@ -200,6 +205,8 @@ impl RolePlace {
             own_workers: dc.workers,
             worker_offset,
             total_workers: plan.total_workers(),
+            index: here,
+            datacenters: plan.datacenters.len(),
             global,
             consistency,
             exchange,
@@ -217,6 +224,22 @@ impl RolePlace {
             });
         }
         Ok(self.shard_offset + shard)
+    }
+
+    /// When the datacenter's evaluating worker evaluates, given the clocks
+    /// between evaluations: with mirrors, which tell the workers when a
+    /// peer met the target, the datacenters take turns.
+    #[must_use]
+    pub fn eval_schedule(&self, every: u64) -> EvalSchedule {
+        let to_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        match self.exchange {
+            Some(_) => EvalSchedule {
+                every,
+                turn: to_u64(self.index),
+                turns: to_u64(self.datacenters),
+            },
+            None => EvalSchedule::every(every),
+        }
     }
 
     /// The mirror addresses of the datacenter's shard `shard`, in peer order.

@@ -40,12 +40,51 @@ pub struct WorkerConfig {
     pub batch_size: usize,
     /// Seed of the batch order.
     pub seed: u64,
-    /// Evaluate every this many clocks (worker 0 only).
-    pub eval_every: u64,
+    /// When to evaluate (if this worker evaluates).
+    pub evaluation: EvalSchedule,
     /// How long to keep retrying an unreachable parameter server.
     pub retry_for: Duration,
     /// How to reach the parameter servers: mTLS or plaintext.
     pub transport: Transport,
+}
+
+/// When an evaluating worker evaluates: every `every` clocks, and when
+/// training stops. With mirrors the datacenters take turns (datacenter
+/// `turn` of `turns` evaluates at every `turns`-th of those clocks) until one
+/// met the target, which their shards tell the workers; from then on each
+/// evaluates every `every` clocks. Emulated datacenters share the machine's
+/// cores, so evaluations in turn cost what one model's evaluation costs; a
+/// datacenter's model that met the target is seen at most `turns × every`
+/// clocks late before any other met it, and `every` clocks late after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalSchedule {
+    /// Clocks between chances to evaluate.
+    pub every: u64,
+    /// This datacenter's turn, below `turns`.
+    pub turn: u64,
+    /// Datacenters taking turns (1: none).
+    pub turns: u64,
+}
+
+impl EvalSchedule {
+    /// Every `every` clocks, without turns.
+    #[must_use]
+    pub fn every(every: u64) -> Self {
+        Self {
+            every,
+            turn: 0,
+            turns: 1,
+        }
+    }
+
+    /// Whether to evaluate at `clock`, once `target_met` says whether any
+    /// datacenter met the target.
+    #[must_use]
+    pub fn due(&self, clock: u64, target_met: bool) -> bool {
+        let every = self.every.max(1);
+        clock.is_multiple_of(every)
+            && (target_met || (clock / every) % self.turns.max(1) == self.turn)
+    }
 }
 
 /// How a worker's training ended.
@@ -169,6 +208,8 @@ struct Session<'a> {
     rows: Vec<RowClient>,
     config: &'a WorkerConfig,
     params: Vec<f32>,
+    /// A shard said this datacenter or a peer met the target.
+    target_met: bool,
 }
 
 impl<'a> Session<'a> {
@@ -183,6 +224,7 @@ impl<'a> Session<'a> {
                 .collect(),
             config,
             params: vec![0.0; model.layout().len()],
+            target_met: false,
         })
     }
 
@@ -203,6 +245,7 @@ impl<'a> Session<'a> {
         let mut stop = false;
         for (shard, response) in responses.into_iter().enumerate() {
             stop |= response.stop;
+            self.target_met |= response.target_met;
             let rows = response.rows.unwrap_or_default();
             // Copied straight from the received buffer into the rows.
             let values = Values::new(&rows.values).map_err(|e| WorkerError::Rpc {
@@ -344,7 +387,7 @@ pub async fn final_model(
         parameter_servers: parameter_servers.to_vec(),
         batch_size: 1,
         seed: 0,
-        eval_every: 1,
+        evaluation: EvalSchedule::every(1),
         retry_for: Duration::ZERO,
         transport: transport.clone(),
     };
@@ -407,7 +450,7 @@ pub async fn run(
             .inc_by((started.elapsed().saturating_sub(computed) + pulled).as_secs_f64());
         metrics.clock.set(i64::try_from(clock).unwrap_or(i64::MAX));
 
-        if config.evaluates && (stop || clock % config.eval_every == 0) {
+        if config.evaluates && (stop || config.evaluation.due(clock, session.target_met)) {
             stop |= session.pull(clock, &WorkingSet::All).await?;
             let evaluating = Instant::now();
             let value = model.evaluate(&session.params, &data.test);
@@ -447,5 +490,37 @@ pub async fn run(
             session.leave().await;
             return Ok(WorkerSummary { clock, metric });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EvalSchedule;
+
+    fn due_clocks(schedule: EvalSchedule, target_met: bool) -> Vec<u64> {
+        (1..=140).filter(|&c| schedule.due(c, target_met)).collect()
+    }
+
+    #[test]
+    fn datacenters_take_turns_until_the_target_was_met_anywhere() {
+        let second_of_three = EvalSchedule {
+            every: 20,
+            turn: 1,
+            turns: 3,
+        };
+        assert_eq!(due_clocks(second_of_three, false), [20, 80, 140]);
+        assert_eq!(
+            due_clocks(second_of_three, true),
+            [20, 40, 60, 80, 100, 120, 140]
+        );
+        let first_of_three = EvalSchedule {
+            turn: 0,
+            ..second_of_three
+        };
+        assert_eq!(due_clocks(first_of_three, false), [60, 120]);
+        assert_eq!(
+            due_clocks(EvalSchedule::every(20), false),
+            [20, 40, 60, 80, 100, 120, 140]
+        );
     }
 }

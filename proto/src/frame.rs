@@ -122,6 +122,7 @@ pub struct Request {
 
 const ALL: u8 = 1;
 const STOP: u8 = 2;
+const TARGET_MET: u8 = 4;
 
 impl Request {
     /// The header's bytes.
@@ -163,7 +164,7 @@ impl Request {
 }
 
 /// A reply header: gRPC status code (2 bytes), flags (1: all rows, 2:
-/// training stopped), 1 reserved byte, the request's id, the shard's lowest
+/// training stopped, 4: the target was met), 1 reserved byte, the request's id, the shard's lowest
 /// clock (8 bytes), keys' bytes, values' bytes, the error message's bytes,
 /// 4 reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +177,8 @@ pub struct Reply {
     pub min_clock: u64,
     /// Training has stopped.
     pub stop: bool,
+    /// This datacenter or a peer met the target metric.
+    pub target_met: bool,
     /// The pulled rows are every row of the shard.
     pub all: bool,
     /// Bytes of keys following the header.
@@ -192,7 +195,8 @@ impl Reply {
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut out = [0; HEADER_BYTES];
         out[0..2].copy_from_slice(&self.code.to_le_bytes());
-        out[2] = if self.all { ALL } else { 0 } | if self.stop { STOP } else { 0 };
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
+        out[2] = flag(self.all, ALL) | flag(self.stop, STOP) | flag(self.target_met, TARGET_MET);
         out[4..8].copy_from_slice(&self.id.to_le_bytes());
         out[8..16].copy_from_slice(&self.min_clock.to_le_bytes());
         out[16..20].copy_from_slice(&self.keys_len.to_le_bytes());
@@ -203,7 +207,7 @@ impl Reply {
 
     /// A header from its bytes, checked (reserved bits, size).
     pub fn decode(bytes: &[u8; HEADER_BYTES]) -> Result<Self, FrameError> {
-        if bytes[2] & !(ALL | STOP) != 0 || bytes[3] != 0 || bytes[28..32] != [0; 4] {
+        if bytes[2] & !(ALL | STOP | TARGET_MET) != 0 || bytes[3] != 0 || bytes[28..32] != [0; 4] {
             return Err(FrameError::Reserved);
         }
         let reply = Self {
@@ -211,6 +215,7 @@ impl Reply {
             id: u32_at(bytes, 4),
             min_clock: u64_at(bytes, 8),
             stop: bytes[2] & STOP != 0,
+            target_met: bytes[2] & TARGET_MET != 0,
             all: bytes[2] & ALL != 0,
             keys_len: u32_at(bytes, 16),
             values_len: u32_at(bytes, 20),
@@ -229,6 +234,7 @@ impl Reply {
             id,
             min_clock: 0,
             stop: false,
+            target_met: false,
             all: false,
             keys_len: 0,
             values_len: 0,
@@ -264,6 +270,7 @@ mod tests {
             id: 7,
             min_clock: 12,
             stop: true,
+            target_met: true,
             all: false,
             keys_len: 8,
             values_len: 16,

@@ -347,6 +347,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = WorkerMetrics::new(&registry, index)?;
     serve_metrics(args.role.metrics_listen, &registry);
+    let evaluation = place.eval_schedule(args.eval_every);
     let config = WorkerConfig {
         index,
         // One evaluator per model: worker 0 of the job, or of each datacenter.
@@ -358,7 +359,7 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         parameter_servers: place.parameter_servers,
         batch_size: job.plan.batch_size,
         seed: args.role.seed,
-        eval_every: args.eval_every,
+        evaluation,
         retry_for: std::time::Duration::from_secs(120),
         transport: Transport::from_args(&args.role.tls)?,
     };

@@ -925,6 +925,49 @@ async fn compare_runs_every_mode_and_reports_wan_bytes_only_where_the_wan_is_use
     }
 }
 
+#[tokio::test]
+async fn datacenters_evaluate_in_turn_until_one_met_the_target_then_each_at_every_chance() {
+    let _one = ONE_RUN_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = 0.9;
+    let mut docs = digits_gaia(10, 10, 2, 1);
+    set(
+        doc(&mut docs, "TrainingJob"),
+        "spec.stopping",
+        geoml_crds::yaml::from_str(&format!("{{targetMetric: {target}, maxClocks: 2000}}"))
+            .unwrap(),
+    );
+    let run_options = options(write(dir.path(), &docs), dir.path());
+    let every = run_options.eval_every;
+    let report = geoml_launcher::run::run(run_options).await.unwrap();
+    assert!(report.time_to_target_seconds.is_some(), "{report:?}");
+    let turns = report.per_datacenter.len() as u64;
+    // The first clock at which some datacenter's model met the target.
+    let first = report
+        .per_datacenter
+        .iter()
+        .filter_map(|d| d.metric_history.iter().find(|s| s.metric >= target))
+        .map(|s| s.clock)
+        .min()
+        .unwrap();
+    let mut off_turn = 0;
+    for (turn, dc) in report.per_datacenter.iter().enumerate() {
+        for sample in &dc.metric_history {
+            let in_turn =
+                sample.clock % every == 0 && (sample.clock / every) % turns == turn as u64;
+            assert!(
+                in_turn || sample.clock > first,
+                "{} evaluated out of turn at clock {} before any met the target at {first}",
+                dc.name,
+                sample.clock
+            );
+            // After it, the shards said so and every chance is taken.
+            off_turn += usize::from(!in_turn && sample.clock % every == 0);
+        }
+    }
+    assert!(off_turn > 0, "{:?}", report.per_datacenter);
+}
+
 /// How far from its budget a link's settled rate may be: the issue's ±15%.
 const BUDGET_TOLERANCE: f64 = 0.15;
 

@@ -992,6 +992,12 @@ impl MirrorState {
                 .all(|(i, p)| self.peers_at_target.contains(&i) || p.stopped || !p.reachable)
     }
 
+    /// Whether this datacenter or a peer met the target metric.
+    #[must_use]
+    pub fn target_met_anywhere(&self) -> bool {
+        self.reached_target || !self.peers_at_target.is_empty()
+    }
+
     /// Peers that count for the mirror-clock bound: reachable and training.
     #[must_use]
     pub fn peers_reachable(&self) -> usize {

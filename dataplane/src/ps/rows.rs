@@ -144,6 +144,7 @@ async fn answer(
                 rows: None,
                 min_clock: response.min_clock,
                 stop: response.stop,
+                target_met: false,
             })
         }
         Op::Pull => {
@@ -181,6 +182,7 @@ async fn write_reply<W: AsyncWrite + Unpin>(
                 id,
                 min_clock: response.min_clock,
                 stop: response.stop,
+                target_met: response.target_met,
                 all: rows.all,
                 keys_len: length(rows.keys.len())?,
                 values_len: length(rows.values.len())?,
@@ -387,6 +389,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }),
         min_clock: reply.min_clock,
         stop: reply.stop,
+        target_met: reply.target_met,
     }))
 }
 
@@ -429,6 +432,7 @@ mod tests {
                 }),
                 min_clock: 3,
                 stop: false,
+                target_met: false,
             };
             write_reply(&mut shard, got.id, Ok(reply)).await.unwrap();
         };

@@ -18,6 +18,7 @@ use super::durability::Durability;
 use super::shard::{Consistency, ShardError};
 use super::stopping::StoppingRule;
 use crate::gaia::service::Links;
+use crate::gaia::state::MirrorState;
 use crate::metrics::PsMetrics;
 use crate::pb;
 use crate::pb::parameter_server_server::ParameterServer;
@@ -296,6 +297,10 @@ impl ShardService {
             }),
             min_clock: state.shard.min_clock(),
             stop: state.stopped.is_some(),
+            target_met: state
+                .mirror
+                .as_ref()
+                .is_some_and(MirrorState::target_met_anywhere),
         };
         let sent = wire.pull_reply_bytes(&response);
         self.count(&mut state, req.worker, received, sent);
