@@ -164,9 +164,9 @@ impl Request {
 }
 
 /// A reply header: gRPC status code (2 bytes), flags (1: all rows, 2:
-/// training stopped, 4: the target was met), 1 reserved byte, the request's id, the shard's lowest
-/// clock (8 bytes), keys' bytes, values' bytes, the error message's bytes,
-/// 4 reserved.
+/// training stopped, 4: the target was met), 1 reserved byte, the
+/// request's id, the shard's lowest clock (8 bytes), keys' bytes, values'
+/// bytes, the error message's bytes, 4 reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reply {
     /// The gRPC status code; 0 (OK) unless the request was refused.
@@ -278,6 +278,9 @@ mod tests {
         };
         assert_eq!(Reply::decode(&reply.encode()), Ok(reply));
         assert_eq!(reply.payload_len(), 24);
+        let mut unknown_flag = reply.encode();
+        unknown_flag[2] |= 8;
+        assert_eq!(Reply::decode(&unknown_flag), Err(FrameError::Reserved));
     }
 
     #[test]
