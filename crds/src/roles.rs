@@ -298,8 +298,8 @@ pub struct WorkerArgs {
     /// Index of this worker within its datacenter.
     #[arg(long)]
     pub index: u32,
-    /// Evaluate every this many clocks (worker 0; with mirrors the
-    /// datacenters take turns until one met the target).
+    /// Evaluate every this many clocks (worker 0; with mirrors and a target
+    /// the datacenters take turns until one met it).
     #[arg(long, default_value_t = DEFAULT_EVAL_EVERY, value_parser = clap::value_parser!(u64).range(1..))]
     pub eval_every: u64,
     /// The job, topology, seed, metrics and data of the role.

@@ -86,8 +86,10 @@ pub struct RolePlace {
     pub total_workers: usize,
     /// The datacenter's position among the job's datacenters.
     pub index: usize,
-    /// Datacenters in the job.
-    pub datacenters: usize,
+    /// Datacenters that take turns to evaluate: all of them with mirrors,
+    /// which tell the workers when one met the job's target, and a target
+    /// to meet; otherwise 1 (each evaluates at every chance).
+    pub eval_turns: usize,
     /// Whether the datacenters form one parameter server.
     pub global: bool,
     /// Consistency among the workers a shard serves.
@@ -206,7 +208,11 @@ impl RolePlace {
             worker_offset,
             total_workers: plan.total_workers(),
             index: here,
-            datacenters: plan.datacenters.len(),
+            eval_turns: if exchange.is_some() && job.job.spec.stopping.target_metric.is_some() {
+                plan.datacenters.len()
+            } else {
+                1
+            },
             global,
             consistency,
             exchange,
@@ -227,18 +233,14 @@ impl RolePlace {
     }
 
     /// When the datacenter's evaluating worker evaluates, given the clocks
-    /// between evaluations: with mirrors, which tell the workers when a
-    /// peer met the target, the datacenters take turns.
+    /// between evaluations.
     #[must_use]
     pub fn eval_schedule(&self, every: u64) -> EvalSchedule {
         let to_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        match self.exchange {
-            Some(_) => EvalSchedule {
-                every,
-                turn: to_u64(self.index),
-                turns: to_u64(self.datacenters),
-            },
-            None => EvalSchedule::every(every),
+        EvalSchedule {
+            every,
+            turn: to_u64(self.index % self.eval_turns),
+            turns: to_u64(self.eval_turns),
         }
     }
 

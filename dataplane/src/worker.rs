@@ -49,7 +49,8 @@ pub struct WorkerConfig {
 }
 
 /// When an evaluating worker evaluates: every `every` clocks, and when
-/// training stops. With mirrors the datacenters take turns (datacenter
+/// training stops. With mirrors and a target in the job the datacenters
+/// take turns ([`crate::placement::RolePlace::eval_turns`]; datacenter
 /// `turn` of `turns` evaluates at every `turns`-th of those clocks) until one
 /// met the target, which their shards tell the workers; from then on each
 /// evaluates every `every` clocks. Emulated datacenters share the machine's
