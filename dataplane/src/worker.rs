@@ -54,9 +54,8 @@ pub struct WorkerConfig {
 /// `turn` of `turns` evaluates at every `turns`-th of those clocks) until one
 /// met the target, which their shards tell the workers; from then on each
 /// evaluates every `every` clocks. Emulated datacenters share the machine's
-/// cores, so evaluations in turn cost what one model's evaluation costs; a
-/// datacenter's model that met the target is seen at most `turns × every`
-/// clocks late before any other met it, and `every` clocks late after.
+/// cores, so evaluations in turn cost what one model's evaluation costs; the
+/// first model to meet the target is seen up to `turns × every` clocks late.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EvalSchedule {
     /// Clocks between chances to evaluate.
