@@ -124,12 +124,16 @@ pub fn unpack_bitmap(bytes: &[u8], elements: usize) -> Result<Vec<u32>, RowsErro
             elements,
         });
     }
-    let mut out = Vec::new();
-    for (at, &byte) in (0_u32..).zip(bytes) {
-        for bit in 0..8 {
-            if byte & (1 << bit) != 0 {
-                out.push(at * 8 + bit);
-            }
+    let mut out = Vec::with_capacity(bytes.iter().map(|b| b.count_ones() as usize).sum());
+    // Eight bytes at a time, one step per set bit (sparse bitmaps are
+    // mostly zero words).
+    for (word, chunk) in (0_u32..).zip(bytes.chunks(8)) {
+        let mut le = [0; 8];
+        le[..chunk.len()].copy_from_slice(chunk);
+        let mut bits = u64::from_le_bytes(le);
+        while bits != 0 {
+            out.push(word * 64 + bits.trailing_zeros());
+            bits &= bits - 1;
         }
     }
     Ok(out)
@@ -378,6 +382,9 @@ mod tests {
                 elements: 128
             })
         );
+        // Across the eight-byte words the reader takes, and a short last one.
+        let indexes = [63, 64, 127, 128, 191, 192, 200];
+        assert_eq!(unpack_bitmap(&pack_bitmap(&indexes), 201).unwrap(), indexes);
         assert!(pack_bitmap(&[]).is_empty());
         assert!(unpack_bitmap(&[], 0).unwrap().is_empty());
     }
