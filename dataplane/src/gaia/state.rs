@@ -29,7 +29,10 @@ use crate::pb::mirror::{Announcement, ClockTick, MirrorLogRecord, MirrorUpdate};
 use crate::ps::shard::{Changes, Shard, ShardError};
 
 mod durable;
+mod elements;
 mod wire;
+
+use elements::ElementDeltas;
 
 /// An update's place in its link: the sender's epoch, then the seq.
 type Stamp = (u64, u64);
@@ -139,11 +142,11 @@ struct Outbox {
     /// The update on the wire, until the peer acknowledges it.
     in_flight: Option<MirrorUpdate>,
     /// ASP deltas waiting behind it, summed per element.
-    queued: BTreeMap<u32, f32>,
+    queued: ElementDeltas,
     /// What the value coding rounded off the updates sent before, per
     /// element: it goes with the element's next queued delta, or with the
     /// last updates once training stopped, never in an update of its own.
-    carried: BTreeMap<u32, f32>,
+    carried: ElementDeltas,
     /// Federated-averaging rounds waiting behind it (one message each).
     rounds: VecDeque<MirrorUpdate>,
     /// Announcements not yet sent: update seq → its elements (at most the
@@ -639,7 +642,7 @@ impl MirrorState {
                 peer.outbox.rounds.push_back(update);
             } else {
                 for (&i, &d) in indexes.iter().zip(deltas) {
-                    *peer.outbox.queued.entry(i).or_insert(0.0) += d;
+                    peer.outbox.queued.add(i, d);
                 }
             }
         }
@@ -680,8 +683,8 @@ impl MirrorState {
             let ranked = outbox
                 .queued
                 .iter()
-                .map(|(&i, &d)| {
-                    let pending = d + outbox.carried.get(&i).copied().unwrap_or(0.0);
+                .map(|(i, d)| {
+                    let pending = d + outbox.carried.get(i).unwrap_or(0.0);
                     let value = values.get(i as usize).copied().unwrap_or(0.0);
                     (filter.significance(pending, value), i)
                 })
@@ -765,27 +768,32 @@ impl MirrorState {
         let mut update = if let Some(round) = outbox.rounds.pop_front() {
             round
         } else {
-            let mut queued = std::mem::take(&mut outbox.queued);
-            for i in held {
-                if let Some(d) = queued.remove(i) {
-                    outbox.queued.insert(*i, d);
-                }
-            }
+            let held: Vec<(u32, f32)> = held
+                .iter()
+                .filter_map(|&i| outbox.queued.remove(i).map(|d| (i, d)))
+                .collect();
             // What earlier updates rounded off goes with its element's next
             // delta; once stopped, all of it goes.
             if exact {
-                for (i, c) in std::mem::take(&mut outbox.carried) {
-                    *queued.entry(i).or_insert(0.0) += c;
-                }
-            } else {
-                for (&i, d) in &mut queued {
-                    *d += outbox.carried.remove(&i).unwrap_or(0.0);
+                let (indexes, carried) = outbox.carried.drain();
+                for (i, c) in indexes.into_iter().zip(carried) {
+                    outbox.queued.add(i, c);
                 }
             }
-            let (indexes, deltas): (Vec<u32>, Vec<f32>) = queued.into_iter().unzip();
+            let (indexes, mut deltas) = outbox.queued.drain();
+            if !exact {
+                for (&i, d) in indexes.iter().zip(&mut deltas) {
+                    *d += outbox.carried.remove(i).unwrap_or(0.0);
+                }
+            }
+            for (i, d) in held {
+                outbox.queued.insert(i, d);
+            }
             // What the coding rounds off stays with this peer's link.
             let (mut update, kept) = wire::coded_update(&indexes, &deltas, coding);
-            outbox.carried.extend(kept);
+            for (i, c) in kept {
+                outbox.carried.insert(i, c);
+            }
             update.announced = announced;
             update
         };

@@ -59,10 +59,9 @@ impl MirrorState {
                 .peers
                 .iter()
                 .map(|p| {
-                    let (indexes, deltas): (Vec<u32>, Vec<f32>) =
-                        p.outbox.queued.iter().map(|(&i, &d)| (i, d)).unzip();
+                    let (indexes, deltas): (Vec<u32>, Vec<f32>) = p.outbox.queued.iter().unzip();
                     let (carried_indexes, carried): (Vec<u32>, Vec<f32>) =
-                        p.outbox.carried.iter().map(|(&i, &d)| (i, d)).unzip();
+                        p.outbox.carried.iter().unzip();
                     PeerCheckpoint {
                         datacenter: p.name.clone(),
                         next_seq: p.outbox.next_seq,
@@ -122,7 +121,7 @@ impl MirrorState {
             }
             peer.outbox.next_seq = saved.next_seq.max(1);
             peer.outbox.in_flight.clone_from(&saved.in_flight);
-            peer.outbox.queued = indexes.into_iter().zip(deltas).collect::<BTreeMap<_, _>>();
+            peer.outbox.queued = indexes.into_iter().zip(deltas).collect();
             let carried_indexes = unpack_indexes(&saved.carried_indexes)?;
             let carried = unpack_values(&saved.carried_deltas)?;
             if carried_indexes.len() != carried.len()

@@ -882,8 +882,8 @@ fn compact_coding_carries_what_it_rounds_off_and_loses_nothing() {
                 let outbox = &m.peers[p].outbox;
                 for (i, &sent) in got.iter().enumerate() {
                     let index = u32::try_from(i).unwrap();
-                    let waiting = outbox.queued.get(&index).copied().unwrap_or(0.0)
-                        + outbox.carried.get(&index).copied().unwrap_or(0.0);
+                    let waiting = outbox.queued.get(index).unwrap_or(0.0)
+                        + outbox.carried.get(index).unwrap_or(0.0);
                     let total = sent + f64::from(waiting) + f64::from(m.changes.accumulated[i]);
                     let made = m.changes.generated[i];
                     assert!(
