@@ -571,13 +571,12 @@ impl MirrorState {
         }
         let mut indexes = Vec::new();
         let mut deltas = Vec::new();
-        for i in self.changes.take_touched() {
-            let acc = self.changes.accumulated[i];
+        self.changes.drain_touched(|i, acc| {
             if acc != 0.0 && (flush || filter.significant(acc, values[i])) {
                 indexes.push(u32::try_from(i).unwrap_or(u32::MAX));
                 deltas.push(acc);
             }
-        }
+        });
         (indexes, deltas)
     }
 

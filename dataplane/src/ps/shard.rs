@@ -119,7 +119,7 @@ pub struct Changes {
     pub generated: Vec<f64>,
     /// Element changes made (non-zero ones).
     pub count: u64,
-    /// Elements whose change or value moved since [`Self::take_touched`],
+    /// Elements whose change or value moved since [`Self::drain_touched`],
     /// one bit each: only these can have become significant.
     touched: Vec<u64>,
 }
@@ -136,15 +136,27 @@ impl Changes {
         }
     }
 
+    /// Records the change of the elements from `start` on, `before` to
+    /// `after`, and marks them (in one pass the compiler can vectorise).
     fn add(&mut self, start: usize, before: &[f32], after: &[f32]) {
-        for (j, (old, new)) in before.iter().zip(after).enumerate() {
+        let end = start + before.len();
+        let mut changed = 0;
+        for (((acc, generated), old), new) in self.accumulated[start..end]
+            .iter_mut()
+            .zip(&mut self.generated[start..end])
+            .zip(before)
+            .zip(after)
+        {
             let delta = new - old;
-            if delta != 0.0 {
-                self.accumulated[start + j] += delta;
-                self.generated[start + j] += f64::from(delta);
-                self.count += 1;
-                self.touch(start + j);
-            }
+            *acc += delta;
+            *generated += f64::from(delta);
+            changed += u64::from(delta != 0.0);
+        }
+        self.count += changed;
+        if changed > 0 {
+            // Marking the unchanged elements among them too only has the
+            // next check look at them again, and find what it found before.
+            self.touch_range(start, end);
         }
     }
 
@@ -153,26 +165,35 @@ impl Changes {
         self.touched[i / 64] |= 1 << (i % 64);
     }
 
+    /// Marks the elements `start..end`, a word at a time.
+    fn touch_range(&mut self, mut start: usize, end: usize) {
+        while start < end {
+            let bit = start % 64;
+            let n = (64 - bit).min(end - start);
+            self.touched[start / 64] |= (u64::MAX >> (64 - n)) << bit;
+            start += n;
+        }
+    }
+
     /// Marks every element as moved: the next check looks at all of them.
     pub fn touch_all(&mut self) {
         self.touched.fill(u64::MAX);
     }
 
-    /// The elements marked since the last call, ascending; clears the marks.
-    pub fn take_touched(&mut self) -> Vec<usize> {
+    /// Calls `f` with every element marked since the last call, ascending,
+    /// and its accumulated change; clears the marks.
+    pub fn drain_touched(&mut self, mut f: impl FnMut(usize, f32)) {
         let len = self.accumulated.len();
-        let mut out = Vec::new();
         for (w, word) in self.touched.iter_mut().enumerate() {
             let mut bits = std::mem::take(word);
             while bits != 0 {
                 let i = w * 64 + bits.trailing_zeros() as usize;
                 if i < len {
-                    out.push(i);
+                    f(i, self.accumulated[i]);
                 }
                 bits &= bits - 1;
             }
         }
-        out
     }
 }
 
@@ -667,6 +688,36 @@ mod tests {
             (s.row_of(0), s.row_of(1), s.row_of(2), s.row_of(6)),
             (0, 0, 1, 2)
         );
+    }
+
+    #[test]
+    fn marks_the_changed_rows_across_words_and_drains_them_once() {
+        let mut changes = Changes::new(200);
+        let touched = |changes: &mut Changes| {
+            let mut seen = Vec::new();
+            changes.drain_touched(|i, acc| seen.push((i, acc)));
+            seen
+        };
+        assert_eq!(touched(&mut changes).len(), 200, "new: every element");
+        assert!(touched(&mut changes).is_empty(), "drained");
+        // A row from 60 to 130 (across two word boundaries), one element
+        // unchanged: all of it is marked, nothing else.
+        let before = vec![1.0; 70];
+        let mut after = vec![1.5; 70];
+        after[10] = 1.0;
+        changes.add(60, &before, &after);
+        let seen = touched(&mut changes);
+        assert_eq!(
+            seen.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
+            (60..130).collect::<Vec<_>>()
+        );
+        assert_eq!((seen[0].1, seen[10].1), (0.5, 0.0));
+        assert_eq!(changes.count, 69);
+        // A row that did not change marks nothing.
+        changes.add(0, &[2.0; 64], &[2.0; 64]);
+        assert!(touched(&mut changes).is_empty());
+        changes.add(192, &[0.0; 8], &[1.0; 8]);
+        assert_eq!(touched(&mut changes).len(), 8, "the last, partial word");
     }
 
     #[test]
