@@ -29,6 +29,10 @@ pub const CACHE_DIR: &str = "fashion-mnist";
 /// Number of classes.
 pub const CLASSES: usize = 10;
 
+/// Most room reserved up front for an unzipped file (the largest, the
+/// training images, is 47 MB).
+const MAX_UNZIPPED: usize = 64 << 20;
+
 /// Training images, training labels, test images, test labels (as shipped
 /// in the package: gzipped IDX), with their SHA-256.
 pub const FILES: [ExpectedFile; 4] = [
@@ -147,11 +151,16 @@ fn read_split(
 fn read_idx(dir: &Path, file: ExpectedFile) -> Result<idx::IdxArray, DataError> {
     let path = dir.join(file.name);
     let gz = fetch::read_verified(&path, file.sha256)?;
-    let mut raw = Vec::new();
+    // A gzip file ends with its uncompressed size (mod 2^32): room for it
+    // up front spares the buffer's doublings, each a copy of the whole.
+    let size = gz
+        .last_chunk::<4>()
+        .map_or(0, |&isize| u32::from_le_bytes(isize) as usize);
+    let mut raw = Vec::with_capacity(size.min(MAX_UNZIPPED));
     GzDecoder::new(&gz[..])
         .read_to_end(&mut raw)
         .map_err(|source| io_error("decompressing", &path, source))?;
-    idx::parse(&raw, file.name)
+    idx::parse(raw, file.name)
 }
 
 /// Turns parsed images (n x rows x cols) and labels (n) into examples with
