@@ -344,18 +344,31 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         .into_iter()
         .nth(global_index)
         .context("the data set has fewer partitions than workers")?;
+    // One evaluator per model: worker 0 of the job, or of each datacenter.
+    let evaluates = if place.global {
+        global_index == 0
+    } else {
+        args.index == 0
+    };
+    // Only what this worker uses stays in memory: its partition (a tenth
+    // of Fashion-MNIST's 188 MB of training images with ten workers), and
+    // the test set if it evaluates. Its examples keep their order, so the
+    // batches are the same.
+    let data = {
+        let data::DataSet { train, test } = data;
+        data::DataSet {
+            train: train.select(&partition),
+            test: if evaluates { test } else { test.select(&[]) },
+        }
+    };
+    let partition = (0..data.train.len()).collect();
     let registry = Registry::new();
     let metrics = WorkerMetrics::new(&registry, index)?;
     serve_metrics(args.role.metrics_listen, &registry);
     let evaluation = place.eval_schedule(args.eval_every);
     let config = WorkerConfig {
         index,
-        // One evaluator per model: worker 0 of the job, or of each datacenter.
-        evaluates: if place.global {
-            global_index == 0
-        } else {
-            args.index == 0
-        },
+        evaluates,
         parameter_servers: place.parameter_servers,
         batch_size: job.plan.batch_size,
         seed: args.role.seed,
